@@ -1,0 +1,185 @@
+"""pytest hooks and fixtures of pytest-kvperf; the logic lives in the modules they call."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from . import report
+from .baselines import BaselineError, compare_metrics
+from .hardware import UnknownProfileError, named_profile
+from .markers import HARDWARE_MARKERS, marker_lines, skip_reasons
+from .recorder import MetricRecorder
+from .session import PROP_GPU, PROP_METRICS, PROP_SKIP, KvperfSession
+
+_recorder_key = pytest.StashKey[MetricRecorder]()
+_session_key = pytest.StashKey[KvperfSession]()
+
+
+def _hw_profile_option(value: str) -> str:
+    try:
+        named_profile(value)
+    except UnknownProfileError as exc:
+        import argparse
+
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("kvperf", "pytest-kvperf: KV-cache kernel correctness and speed")
+    group.addoption(
+        "--kvperf-hw", type=_hw_profile_option, default=None, metavar="PROFILE",
+        help="make skip decisions for a named hardware profile (h100, b200, gb10, cpu, ...; "
+        "h100x2 for two GPUs). Never runs a test on hardware that is not there.",
+    )
+    group.addoption(
+        "--update-baselines", action="store_true", default=False,
+        help="rewrite the baseline entries of tests that ran and passed (others are kept)",
+    )
+    group.addoption(
+        "--kvperf-baselines", default=None, metavar="DIR",
+        help="baseline directory (default: <rootdir>/baselines)",
+    )
+    group.addoption(
+        "--kvperf-speed", choices=("warn", "fail"), default="warn",
+        help="what a speed regression does: warn (report it) or fail the test (default warn)",
+    )
+    group.addoption(
+        "--kvperf-json", default=None, metavar="PATH",
+        help="write every test's outcome, verdict, metrics and hw_skip_reason as JSON",
+    )
+
+
+def pytest_configure(config):
+    for line in marker_lines():
+        config.addinivalue_line("markers", line)
+    session = KvperfSession(config)
+    try:
+        session.load_all()
+    except BaselineError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_session_key] = session
+    config.pluginmanager.register(_ReportCollector(session), "kvperf-reports")
+
+
+def _session(config) -> KvperfSession:
+    return config.stash[_session_key]
+
+
+def _is_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    session = _session(config)
+    hardware_names = set(HARDWARE_MARKERS) | {"multi_gpu", "requires"}
+    for item in items:
+        item.user_properties.append((PROP_GPU, session.real_hw.key))
+        marks = [
+            (m.name, tuple(m.args), dict(m.kwargs))
+            for m in item.iter_markers()
+            if m.name in hardware_names
+        ]
+        if not marks:
+            continue
+        try:
+            reasons = skip_reasons(marks, session.decision_hw, session.real_hw)
+        except ValueError as exc:
+            raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
+        if reasons:
+            reason = "; ".join(reasons)
+            item.user_properties.append((PROP_SKIP, reason))
+            item.add_marker(pytest.mark.skip(reason=f"hw_skip_reason: {reason}"))
+
+
+@pytest.fixture
+def kvperf(request) -> MetricRecorder:
+    """Records accuracy and speed metrics that are compared with the stored baseline."""
+    recorder = MetricRecorder(request.node)
+    request.node.stash[_recorder_key] = recorder
+    return recorder
+
+
+def _speed_judge():
+    try:
+        from .verdict import judge_speed_metric
+    except ImportError:
+        return None
+    return judge_speed_metric
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    finally:
+        recorder = item.stash.get(_recorder_key, None)
+        if recorder is not None and (recorder.metrics or recorder.info_values):
+            _compare_and_attach(item, recorder)
+
+
+def _compare_and_attach(item, recorder: MetricRecorder) -> None:
+    """Compare recorded metrics with the baseline; fail on accuracy (and, if asked, speed)."""
+    session = _session(item.config)
+    entry = session.entry(session.real_hw.key, item.nodeid)
+    verdict = compare_metrics(entry, recorder.metrics, _speed_judge())
+    payload = {
+        "metrics": recorder.metrics,
+        "info": recorder.info_values,
+        "verdict": verdict.status,
+        "changes": [vars(c) for c in verdict.changes],
+    }
+    item.user_properties.append((PROP_METRICS, json.dumps(payload)))
+    if session.update:
+        return  # the point of an update run is to accept new numbers after review
+    failures = verdict.regressed("accuracy")
+    if session.speed_policy == "fail":
+        failures += verdict.regressed("speed")
+    if failures:
+        lines = [report.change_line(c) for c in failures]
+        raise AssertionError(
+            f"regressed against baseline {session.baseline_file(session.real_hw.key)}:\n  "
+            + "\n  ".join(lines)
+        )
+
+
+class _ReportCollector:
+    """Feeds every test report to the session; under xdist this runs in the controller."""
+
+    def __init__(self, session: KvperfSession):
+        self.session = session
+
+    def pytest_runtest_logreport(self, report):
+        self.session.on_report(report)
+
+
+def pytest_report_header(config):
+    session = _session(config)
+    hw = session.real_hw
+    lines = [f"kvperf: {hw.describe()}; baselines {session.baseline_file(hw.key)}"]
+    if session.hw_spec:
+        lines.append(f"kvperf: skip decisions for profile {session.decision_hw.describe()}")
+    return lines
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    if _is_worker(config):
+        return
+    kv = _session(config)
+    kv.classify()
+    if kv.update:
+        kv.write_baselines()
+    if kv.json_path:
+        kv.write_json(kv.json_path)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _is_worker(config):
+        return
+    report.terminal_summary(terminalreporter, _session(config))
+

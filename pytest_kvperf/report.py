@@ -1,0 +1,76 @@
+"""Terminal summary: what ran, how it compares with the baseline, what skipped and why."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+STATUS_ORDER = (
+    "regressed", "failed", "error", "lost coverage", "improved", "new", "ok", "passed",
+    "n/a", "skipped",
+)
+
+
+def change_line(change) -> str:
+    """'cosine 0.9991 -> 0.9712 (-2.8%) [accuracy, higher is better]' from a MetricChange/dict."""
+    c = change if isinstance(change, dict) else vars(change)
+    base = c.get("base")
+    text = f"{c['name']} "
+    if base is None:
+        text += f"{c['value']:.6g} (new)"
+    else:
+        pct = f" ({c['value'] / base - 1:+.1%})" if base else ""
+        text += f"{base:.6g} -> {c['value']:.6g}{pct}"
+    text += f" [{c['kind']}, {c['better']} is better]"
+    if c.get("detail"):
+        text += f" {c['detail']}"
+    return text
+
+
+def key_metric(result) -> dict | None:
+    """The one change to show per test: a regressed one first, else the first speed metric."""
+    if not result.changes:
+        return None
+    for change in result.changes:
+        if change["status"] == "regressed":
+            return change
+    speed = [c for c in result.changes if c["kind"] == "speed"]
+    return (speed or result.changes)[0]
+
+
+def terminal_summary(tr, session) -> None:
+    if not session.results:
+        return
+    tr.write_sep("=", "kvperf summary")
+    hw = session.real_hw
+    tr.write_line(f"hardware: {hw.describe()}   baseline file: {session.baseline_file(hw.key)}")
+    counts = Counter(r.status for r in session.results.values())
+    tr.write_line(
+        "verdicts: "
+        + ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s])
+    )
+    compared = [r for r in session.results.values() if r.changes]
+    if compared:
+        tr.write_line("")
+        tr.write_line(f"{'verdict':<10} {'test':<60} key metric: baseline -> now")
+        rank = {s: i for i, s in enumerate(STATUS_ORDER)}
+        for r in sorted(compared, key=lambda r: (rank.get(r.status, 99), r.nodeid)):
+            change = key_metric(r)
+            tr.write_line(f"{r.status:<10} {r.nodeid:<60} {change_line(change)}")
+    lost = [r.nodeid for r in session.results.values() if r.status == "lost coverage"]
+    if lost:
+        tr.write_line("")
+        tr.write_line(f"lost coverage: {len(lost)} tests have baseline numbers but did not run:")
+        for nodeid in sorted(lost):
+            r = session.results[nodeid]
+            tr.write_line(f"  {nodeid}: {r.hw_skip_reason or r.skip_reason}")
+    groups = session.skip_groups()
+    if groups:
+        tr.write_line("")
+        tr.write_line("skipped, grouped by reason:")
+        for reason, nodeids in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            tr.write_line(f"  {len(nodeids):4d} x {reason}")
+    if session.update_lines:
+        tr.write_line("")
+        tr.write_line("baselines updated (old -> new):")
+        for line in session.update_lines:
+            tr.write_line(f"  {line}")

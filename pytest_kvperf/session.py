@@ -1,0 +1,182 @@
+"""One object per pytest run: hardware, baselines, every test's outcome and verdict.
+
+Workers (xdist) and a plain run feed it the same way, from test reports; only the
+controller (or the single process) classifies, writes results and updates baselines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import baselines
+from .hardware import HardwareProfile, detect, named_profile
+
+# user_properties names: they travel from xdist workers and land in JUnit XML.
+PROP_SKIP = "hw_skip_reason"
+PROP_GPU = "kvperf_gpu"
+PROP_METRICS = "kvperf_metrics"
+
+
+@dataclass
+class TestResult:
+    nodeid: str
+    outcome: str = "passed"  # passed | failed | error | skipped
+    skip_reason: str = ""
+    hw_skip_reason: str = ""
+    gpu_key: str = ""
+    metrics: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    verdict: str = ""  # new | ok | regressed | improved (from the comparison)
+    changes: list = field(default_factory=list)
+    status: str = ""  # final classification, see classify()
+
+
+class KvperfSession:
+    def __init__(self, config):
+        self.config = config
+        opt = config.getoption
+        self.baseline_dir = Path(opt("kvperf_baselines") or Path(config.rootpath) / "baselines")
+        self.update = bool(opt("update_baselines"))
+        self.speed_policy = opt("kvperf_speed")
+        self.json_path = opt("kvperf_json")
+        self.hw_spec = opt("kvperf_hw")
+        self.results: dict[str, TestResult] = {}
+        self.update_lines: list[str] = []
+        self._real: HardwareProfile | None = None
+        self._decision: HardwareProfile | None = None
+        self._files: dict[str, dict] = {}
+
+    # -------------------------------------------------------------- hardware
+    @property
+    def real_hw(self) -> HardwareProfile:
+        if self._real is None:
+            self._real = detect()
+        return self._real
+
+    @property
+    def decision_hw(self) -> HardwareProfile:
+        """The profile skip decisions are made for: --kvperf-hw's, else the real one."""
+        if self._decision is None:
+            self._decision = named_profile(self.hw_spec) if self.hw_spec else self.real_hw
+        return self._decision
+
+    # -------------------------------------------------------------- baselines
+    def load_all(self) -> None:
+        """Validate every baseline file up front (raises BaselineError)."""
+        self._files = baselines.validate_directory(self.baseline_dir)
+
+    def baseline_file(self, key: str) -> Path:
+        return self.baseline_dir / f"{key}.json"
+
+    def entry(self, key: str, nodeid: str) -> dict | None:
+        if key not in self._files:
+            self._files[key] = baselines.load(self.baseline_file(key))
+        return self._files[key]["entries"].get(nodeid)
+
+    # -------------------------------------------------------------- reports
+    def on_report(self, report) -> None:
+        result = self.results.setdefault(report.nodeid, TestResult(report.nodeid))
+        props = dict(report.user_properties)
+        result.gpu_key = props.get(PROP_GPU, result.gpu_key)
+        if PROP_SKIP in props:
+            result.hw_skip_reason = props[PROP_SKIP]
+        if PROP_METRICS in props:
+            payload = json.loads(props[PROP_METRICS])
+            result.metrics = payload["metrics"]
+            result.info = payload.get("info", {})
+            result.verdict = payload.get("verdict", "")
+            result.changes = payload.get("changes", [])
+        if report.skipped:
+            result.outcome = "skipped"
+            longrepr = report.longrepr
+            result.skip_reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        elif report.failed:
+            result.outcome = "failed" if report.when == "call" else "error"
+        elif report.when == "call" and result.outcome not in ("failed", "error"):
+            result.outcome = "passed"
+
+    def classify(self) -> None:
+        """ok / regressed / improved / new / n/a / lost coverage / skipped / failed, per test."""
+        for result in self.results.values():
+            entry = self.entry(result.gpu_key, result.nodeid) if result.gpu_key else None
+            measured_before = bool(entry and entry["status"] == "measured")
+            if result.outcome == "skipped":
+                if measured_before:
+                    result.status = "lost coverage"
+                elif result.hw_skip_reason:
+                    result.status = "n/a"
+                else:
+                    result.status = "skipped"
+            elif result.outcome in ("failed", "error"):
+                result.status = "regressed" if result.verdict == "regressed" else result.outcome
+            elif result.metrics:
+                result.status = result.verdict or "new"
+            else:
+                result.status = "passed"
+
+    # -------------------------------------------------------------- update
+    def baseline_updates(self) -> dict[str, dict[str, dict]]:
+        """{gpu key: {node id: new entry}}: passed tests' metrics, and n/a for hw skips."""
+        versions = self.real_hw.versions
+        updates: dict[str, dict[str, dict]] = defaultdict(dict)
+        for r in self.results.values():
+            if not r.gpu_key:
+                continue
+            if r.outcome == "passed" and r.metrics:
+                updates[r.gpu_key][r.nodeid] = baselines.measured_entry(r.metrics, versions)
+            elif r.outcome == "skipped" and r.hw_skip_reason and not self.hw_spec:
+                # (an injected profile's reasons describe another machine: never stored)
+                entry = self.entry(r.gpu_key, r.nodeid)
+                # A test that was measured before and now skips keeps its numbers:
+                # that is lost coverage to look at, not a fact to record.
+                if entry is None or entry["status"] == "n/a":
+                    updates[r.gpu_key][r.nodeid] = baselines.not_applicable_entry(
+                        r.hw_skip_reason, versions
+                    )
+        return updates
+
+    def write_baselines(self) -> None:
+        for key, updates in sorted(self.baseline_updates().items()):
+            gpu = {"key": key}
+            if key == self.real_hw.key:
+                gpu.update(name=self.real_hw.name, sm=self.real_hw.sm)
+            path = self.baseline_file(key)
+            changed = baselines.apply_updates(path, gpu, updates)
+            self.update_lines.append(f"{path}: {len(changed)} entries written")
+            for nodeid, (old, new) in sorted(changed.items()):
+                self.update_lines.extend(baselines.describe_change(nodeid, old, new))
+
+    # -------------------------------------------------------------- output
+    def results_document(self) -> dict:
+        counts = Counter(r.status for r in self.results.values())
+        return {
+            "hardware": self.real_hw.as_dict(),
+            "decision_profile": self.decision_hw.as_dict() if self.hw_spec else None,
+            "summary": dict(sorted(counts.items())),
+            "tests": {
+                r.nodeid: {
+                    "outcome": r.outcome,
+                    "status": r.status,
+                    "hw_skip_reason": r.hw_skip_reason or None,
+                    "skip_reason": r.skip_reason or None,
+                    "gpu_key": r.gpu_key or None,
+                    "metrics": r.metrics,
+                    "changes": r.changes,
+                    "info": r.info,
+                }
+                for r in sorted(self.results.values(), key=lambda r: r.nodeid)
+            },
+        }
+
+    def write_json(self, path: str) -> None:
+        baselines.write_atomic(Path(path), self.results_document())
+
+    def skip_groups(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for r in self.results.values():
+            if r.outcome == "skipped":
+                groups[r.hw_skip_reason or f"(not hardware) {r.skip_reason}"].append(r.nodeid)
+        return dict(groups)
