@@ -149,8 +149,10 @@ class UnknownProfileError(ValueError):
 
 def named_profile(spec: str) -> HardwareProfile:
     """Profile for '--kvperf-hw': a name from PROFILES, optionally 'xN' for N GPUs (b200x8)."""
-    match = re.fullmatch(r"([a-z0-9]+?)(?:x(\d+))?", spec.strip().lower())
-    name, count = (match.group(1), match.group(2)) if match else (spec, None)
+    name, count = spec.strip().lower(), None
+    match = re.fullmatch(r"([a-z0-9]+)x(\d+)", name)
+    if name not in PROFILES and match:  # 'rtx5090' is a name, 'h100x2' a count
+        name, count = match.groups()
     if name not in PROFILES:
         raise UnknownProfileError(
             f"unknown hardware profile {spec!r}; known: {', '.join(sorted(PROFILES))} "

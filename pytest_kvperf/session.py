@@ -92,7 +92,8 @@ class KvperfSession:
         if report.skipped:
             result.outcome = "skipped"
             longrepr = report.longrepr
-            result.skip_reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+            text = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+            result.skip_reason = text.removeprefix("Skipped: ")
         elif report.failed:
             result.outcome = "failed" if report.when == "call" else "error"
         elif report.when == "call" and result.outcome not in ("failed", "error"):
