@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from . import report
+from . import report, xdist_gpus
 from .baselines import BaselineError, compare_metrics
 from .hardware import UnknownProfileError, named_profile
 from .markers import HARDWARE_MARKERS, marker_lines, skip_reasons
@@ -47,12 +48,36 @@ def pytest_addoption(parser):
         help="what a speed regression does: warn (report it) or fail the test (default warn)",
     )
     group.addoption(
+        "--kvperf-share-gpus", action="store_true", default=False,
+        help="under xdist, allow more workers than GPUs (shared round-robin; speed metrics "
+        "are then informational only)",
+    )
+    group.addoption(
         "--kvperf-json", default=None, metavar="PATH",
         help="write every test's outcome, verdict, metrics and hw_skip_reason as JSON",
     )
 
 
+def pytest_load_initial_conftests(early_config, parser, args):
+    # Before any conftest can import torch and initialise CUDA.
+    xdist_gpus.pin_this_worker()
+
+
+def _plan_worker_gpus(config) -> None:
+    workers = config.getoption("numprocesses", None)
+    if _is_worker(config) or not workers or config.getoption("dist", "no") == "no":
+        return
+    try:
+        env = xdist_gpus.plan_for_workers(
+            int(workers), xdist_gpus.visible_gpus(), config.getoption("kvperf_share_gpus")
+        )
+    except xdist_gpus.GpuSharingError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    os.environ.update(env)  # the workers inherit the controller's environment
+
+
 def pytest_configure(config):
+    _plan_worker_gpus(config)
     for line in marker_lines():
         config.addinivalue_line("markers", line)
     session = KvperfSession(config)
