@@ -200,6 +200,17 @@ def compare_metrics(entry: dict | None, metrics: dict[str, dict], speed_judge=No
 # ---------------------------------------------------------------- update
 
 
+def without_samples(metrics: dict[str, dict]) -> dict[str, dict]:
+    """Stored speed spreads keep quartiles and n; raw samples stay in the run's results."""
+    stored = {}
+    for name, metric in metrics.items():
+        metric = dict(metric)
+        if "spread" in metric:
+            metric["spread"] = {k: v for k, v in metric["spread"].items() if k != "samples"}
+        stored[name] = metric
+    return stored
+
+
 def measured_entry(metrics: dict[str, dict], versions: dict) -> dict:
     return {
         "status": "measured",

@@ -9,6 +9,7 @@ import pytest
 
 from . import report, xdist_gpus
 from .baselines import BaselineError, compare_metrics
+from .bench_fixture import PROP_BENCH, KvBench, add_benchmark_record
 from .hardware import UnknownProfileError, named_profile
 from .markers import HARDWARE_MARKERS, marker_lines, skip_reasons
 from .recorder import MetricRecorder
@@ -86,7 +87,7 @@ def pytest_configure(config):
     except BaselineError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_session_key] = session
-    config.pluginmanager.register(_ReportCollector(session), "kvperf-reports")
+    config.pluginmanager.register(_ReportCollector(session, config), "kvperf-reports")
 
 
 def _session(config) -> KvperfSession:
@@ -126,6 +127,12 @@ def kvperf(request) -> MetricRecorder:
     recorder = MetricRecorder(request.node)
     request.node.stash[_recorder_key] = recorder
     return recorder
+
+
+@pytest.fixture
+def kv_bench(request, kvperf) -> KvBench:
+    """Times GPU (or CPU) work device-accurately; see pytest_kvperf.bench_fixture."""
+    return KvBench(request, kvperf, _session(request.config).peaks)
 
 
 def _speed_judge():
@@ -174,11 +181,23 @@ def _compare_and_attach(item, recorder: MetricRecorder) -> None:
 class _ReportCollector:
     """Feeds every test report to the session; under xdist this runs in the controller."""
 
-    def __init__(self, session: KvperfSession):
+    def __init__(self, session: KvperfSession, config):
         self.session = session
+        self.config = config
 
     def pytest_runtest_logreport(self, report):
         self.session.on_report(report)
+        for name, value in report.user_properties:
+            if name == PROP_BENCH and report.when == "call" and not _is_worker(self.config):
+                # a worker's measurement joins the controller's one benchmark JSON
+                add_benchmark_record(self.config, json.loads(value))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_benchmark_update_machine_info(self, config, machine_info):
+        machine_info["kvperf"] = {
+            "gpu": self.session.real_hw.as_dict(),
+            "peaks": self.session.peaks_record(),
+        }
 
 
 def pytest_report_header(config):

@@ -48,6 +48,28 @@ class KvperfSession:
         self._real: HardwareProfile | None = None
         self._decision: HardwareProfile | None = None
         self._files: dict[str, dict] = {}
+        self._peaks = None
+        self._peaks_measured = False
+
+    def peaks(self):
+        """Measured copy bandwidth and bf16 rate of this GPU, once per session (None on CPU)."""
+        if not self._peaks_measured:
+            from .peaks import get_peaks
+
+            self._peaks = get_peaks()
+            self._peaks_measured = True
+        return self._peaks
+
+    def peaks_record(self) -> dict | None:
+        """For the run's metadata; under xdist the workers measured and cached them."""
+        from dataclasses import asdict
+
+        from .peaks import default_cache_path, load_cached
+
+        peaks = self._peaks
+        if peaks is None and self.real_hw.has_gpu:
+            peaks = load_cached(default_cache_path(), self.real_hw.name)
+        return asdict(peaks) if peaks is not None else None
 
     # -------------------------------------------------------------- hardware
     @property
@@ -127,7 +149,9 @@ class KvperfSession:
             if not r.gpu_key:
                 continue
             if r.outcome == "passed" and r.metrics:
-                updates[r.gpu_key][r.nodeid] = baselines.measured_entry(r.metrics, versions)
+                updates[r.gpu_key][r.nodeid] = baselines.measured_entry(
+                    baselines.without_samples(r.metrics), versions
+                )
             elif r.outcome == "skipped" and r.hw_skip_reason and not self.hw_spec:
                 # (an injected profile's reasons describe another machine: never stored)
                 entry = self.entry(r.gpu_key, r.nodeid)
@@ -156,6 +180,7 @@ class KvperfSession:
         return {
             "hardware": self.real_hw.as_dict(),
             "decision_profile": self.decision_hw.as_dict() if self.hw_spec else None,
+            "peaks": self.peaks_record(),
             "summary": dict(sorted(counts.items())),
             "tests": {
                 r.nodeid: {

@@ -1,0 +1,175 @@
+"""The `kv_bench` fixture: device-accurate timing recorded for the baseline and pytest-benchmark.
+
+A call measures with `timing.measure` (CUDA events / graph replay on a GPU, host clock
+on a CPU), records speed metrics with the test's `kvperf` recorder (each with its spread,
+for the noise-aware verdict), and adds a pytest-benchmark entry whose samples are the
+device times, so --benchmark-json/--benchmark-autosave/--benchmark-compare see them.
+
+With --benchmark-disable (or -p no:benchmark) the function runs once, untimed, so every
+correctness check of the test still runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from . import timing as timing_mod
+from .derived import derive
+from .xdist_gpus import gpu_shared
+
+PROP_BENCH = "kvperf_benchmark"
+_MAX_SPREAD_SAMPLES = 400  # enough for the bootstrap; keeps reports and JUnit small
+
+
+@dataclass
+class BenchResult:
+    """What one kv_bench call measured; rates are None where not computable."""
+
+    value: Any  # what fn returned on its last call
+    timing: timing_mod.Timing | None
+    median_us: float | None = None
+    gbps: float | None = None
+    frac_of_peak: float | None = None
+    tflops: float | None = None
+    tokens_per_s: float | None = None
+
+
+def _thin(samples: list[float]) -> list[float]:
+    """Evenly spaced order statistics: the same distribution with fewer points."""
+    xs = sorted(samples)
+    if len(xs) <= _MAX_SPREAD_SAMPLES:
+        return xs
+    step = (len(xs) - 1) / (_MAX_SPREAD_SAMPLES - 1)
+    return [xs[round(i * step)] for i in range(_MAX_SPREAD_SAMPLES)]
+
+
+def _spread(samples: list[float]) -> dict:
+    xs = sorted(samples)
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"median": q[1], "q1": q[0], "q3": q[2], "n": len(xs), "samples": _thin(xs)}
+
+
+def benchmarks_disabled(config) -> bool:
+    if getattr(config, "_benchmarksession", None) is None:  # -p no:benchmark
+        return True
+    return bool(config.getoption("benchmark_disable")) and not config.getoption(
+        "benchmark_enable"
+    )
+
+
+class KvBench:
+    def __init__(self, request, recorder, peaks_for):
+        self.request = request
+        self.recorder = recorder
+        self.peaks_for = peaks_for  # callable(device) -> Peaks | None, cached per session
+        self.labels: set[str] = set()
+
+    def __call__(self, fn, *args, bytes_moved=None, flops=None, tokens=None, args_sets=None,
+                 flush_l2=False, label: str = "", max_time_s: float = 1.0, **kwargs) -> BenchResult:
+        """Time fn(*args, **kwargs); bytes_moved (read + written), flops, tokens give rates.
+
+        args_sets rotates among several argument tuples (instead of args) so that caches
+        are not what is measured; label names the metrics when a test times several things.
+        """
+        if label in self.labels:
+            raise ValueError(f"kv_bench label {label!r} used twice in one test")
+        self.labels.add(label)
+        if args_sets is not None and args:
+            raise ValueError("pass either positional args or args_sets, not both")
+        sets = [tuple(a) for a in args_sets] if args_sets is not None else [args]
+        last = {}
+
+        def call(*a):
+            last["value"] = fn(*a, **kwargs)
+
+        if benchmarks_disabled(self.request.config):
+            call(*sets[0])
+            return BenchResult(last["value"], None)
+        timing = timing_mod.measure(call, args_sets=sets, flush_l2=flush_l2,
+                                    max_time_s=max_time_s)
+        peaks = self.peaks_for() if timing.method != "host-clock" else None
+        derived = derive(timing, bytes_moved=bytes_moved, flops=flops, tokens=tokens,
+                         peaks=peaks)
+        result = BenchResult(
+            last["value"], timing, timing.median_us, derived.gbps, derived.frac_of_peak_bw,
+            derived.tflops, derived.tokens_per_s,
+        )
+        self._record(label, timing, derived, peaks)
+        self._add_to_pytest_benchmark(label, timing, derived)
+        return result
+
+    def _record(self, label, timing, derived, peaks) -> None:
+        prefix = f"{label}." if label else ""
+        rec = self.recorder
+        rec.info(f"{prefix}method", timing.method)
+        if timing.peak_mem_bytes is not None:
+            rec.info(f"{prefix}peak_mem_bytes", timing.peak_mem_bytes)
+        if peaks is not None:
+            rec.info("peak_copy_gbps", round(peaks.copy_gbps, 1))
+        rates = {"median_us": (1.0, "us", "lower")}
+        if derived.gbps is not None:
+            rates["gbps"] = (derived.gbps * timing.median_us, "GB/s", "higher")
+            if derived.frac_of_peak_bw is not None:
+                rates["frac_of_peak_bw"] = (
+                    derived.frac_of_peak_bw * timing.median_us, "", "higher")
+        if derived.tflops is not None:
+            rates["tflops"] = (derived.tflops * timing.median_us, "TFLOP/s", "higher")
+        if derived.tokens_per_s is not None:
+            rates["tok_per_s"] = (derived.tokens_per_s * timing.median_us, "tok/s", "higher")
+        for name, (numerator, unit, better) in rates.items():
+            # time metrics are the samples; a rate metric is numerator / time, sample by sample
+            samples = [s if better == "lower" else numerator / s for s in timing.samples_us]
+            value = timing.median_us if better == "lower" else numerator / timing.median_us
+            if gpu_shared():
+                rec.info(f"{prefix}{name} (GPU shared, not compared)", value)
+            else:
+                rec.speed(f"{prefix}{name}", value, better=better, unit=unit,
+                          spread=_spread(samples))
+
+    def _add_to_pytest_benchmark(self, label, timing, derived) -> None:
+        config = self.request.config
+        node = self.request.node
+        suffix = f"[{label}]" if label else ""
+        callspec = getattr(node, "callspec", None)
+        marker = node.get_closest_marker("benchmark")
+        record = {
+            "name": node.name + suffix,
+            "fullname": node.nodeid + suffix,
+            "group": (marker.kwargs.get("group") if marker else None),
+            "param": callspec.id if callspec else None,
+            "params": {k: str(v) for k, v in callspec.params.items()} if callspec else None,
+            "extra_info": {"timing_method": timing.method,
+                           "inner_iterations": timing.inner_iterations,
+                           **derived.as_dict()},
+            "samples_s": [s * 1e-6 for s in timing.samples_us],
+        }
+        if hasattr(config, "workerinput"):
+            # xdist worker: the controller adds it to the one benchmark JSON.
+            node.user_properties.append((PROP_BENCH, json.dumps(record)))
+        else:
+            add_benchmark_record(config, record)
+
+
+def add_benchmark_record(config, record: dict) -> None:
+    """Append a measured record to pytest-benchmark's session as one of its own benchmarks."""
+    from pytest_benchmark.stats import Metadata
+
+    session = getattr(config, "_benchmarksession", None)
+    if session is None:
+        return
+    fixture = SimpleNamespace(
+        name=record["name"], fullname=record["fullname"], group=record["group"],
+        param=record["param"], params=record["params"], extra_info=record["extra_info"],
+        cprofile_stats=None, has_error=False,
+    )
+    meta = Metadata(fixture, iterations=1, options={
+        "timer": record["extra_info"]["timing_method"], "min_rounds": None,
+        "max_time": None, "min_time": None, "warmup": True, "disable_gc": False,
+    })
+    for seconds in record["samples_s"]:
+        meta.update(seconds)
+    session.benchmarks.append(meta)
