@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from . import report, xdist_gpus
+from . import html_report, report, xdist_gpus
 from .baselines import BaselineError, compare_metrics
 from .bench_fixture import PROP_BENCH, KvBench, add_benchmark_record
 from .hardware import UnknownProfileError, named_profile
@@ -52,6 +52,11 @@ def pytest_addoption(parser):
         "--kvperf-share-gpus", action="store_true", default=False,
         help="under xdist, allow more workers than GPUs (shared round-robin; speed metrics "
         "are then informational only)",
+    )
+    group.addoption(
+        "--kvperf-report", default=None, metavar="PATH.html",
+        help="write a self-contained HTML report (plots against the baselines) and "
+        "PATH.json beside it",
     )
     group.addoption(
         "--kvperf-json", default=None, metavar="PATH",
@@ -220,6 +225,8 @@ def pytest_sessionfinish(session, exitstatus):
         kv.write_baselines()
     if kv.json_path:
         kv.write_json(kv.json_path)
+    if kv.report_path:
+        html_report.write(kv, kv.report_path)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

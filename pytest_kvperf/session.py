@@ -42,6 +42,7 @@ class KvperfSession:
         self.update = bool(opt("update_baselines"))
         self.speed_policy = opt("kvperf_speed")
         self.json_path = opt("kvperf_json")
+        self.report_path = opt("kvperf_report")
         self.hw_spec = opt("kvperf_hw")
         self.results: dict[str, TestResult] = {}
         self.update_lines: list[str] = []
