@@ -48,7 +48,10 @@ def terminal_summary(tr, session) -> None:
         "verdicts: "
         + ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s])
     )
+    verbose = tr.config.getoption("verbose") > 0
     compared = [r for r in session.results.values() if r.changes]
+    if not verbose:  # an unchanged test is a count above; -v lists it too
+        compared = [r for r in compared if r.status != "ok"]
     if compared:
         tr.write_line("")
         tr.write_line(f"{'verdict':<10} {'test':<60} key metric: baseline -> now")

@@ -67,7 +67,8 @@ def test_stored_baseline_keeps_quartiles_not_samples(pytester):
 
 def test_xdist_workers_land_in_one_benchmark_json_and_one_update(pytester):
     tests = BENCH_TESTS + "\n".join(
-        f"\ndef test_extra_{i}(kv_bench):\n    kv_bench(work, 1000, max_time_s=0.05)\n"
+        f"\ndef test_extra_{i}(kv_bench, kvperf):\n    kv_bench(work, 1000, max_time_s=0.05)\n"
+        "    kvperf.info('worker', __import__('os').environ['PYTEST_XDIST_WORKER'])\n"
         for i in range(6)
     )
     pytester.makepyfile(tests)
@@ -79,8 +80,9 @@ def test_xdist_workers_land_in_one_benchmark_json_and_one_update(pytester):
     assert len(bench) == 8 and len({b["fullname"] for b in bench}) == 8
     (path,) = (pytester.path / "baselines").glob("*.json")
     assert len(json.loads(path.read_text())["entries"]) == 8
-    workers = {t["info"].get("method") for t in load_json(pytester, "r.json")["tests"].values()}
-    assert workers == {"host-clock"}
+    tests = load_json(pytester, "r.json")["tests"].values()
+    assert {t["info"].get("method") for t in tests} == {"host-clock"}
+    assert {t["info"]["worker"] for t in tests if "worker" in t["info"]} == {"gw0", "gw1"}
 
 
 def test_autosave_and_compare_use_the_measured_times(pytester):
