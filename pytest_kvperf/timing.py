@@ -14,6 +14,9 @@ numbers), then collects per-call samples until the median is known to ``rel_ci_t
   calls shorter than ~10 us are timed in groups (``inner_iterations``) to amortise the
   clock read.
 
+With a CUDA GPU the default device is the GPU and only device time counts (host-side
+Python in fn is hidden by the run-ahead); pass ``device="cpu"`` to time host code.
+Not handled: clock throttling (samples are not filtered by SM clock, unlike nvbench).
 Torch is imported lazily so the plugin (and this module) work without it.
 """
 
@@ -163,6 +166,11 @@ def measure(
         sampling has passed (the first min_rounds are always taken).
     device: None (the current CUDA device if torch sees one, else the CPU), "cpu",
         "cuda", "cuda:N" or a torch.device.
+
+    Returns per-call samples in microseconds (graph replays and CPU groups divided by
+    their call count). peak_mem_bytes is the extra device memory one call needs
+    (torch.cuda.max_memory_allocated over one call; this resets torch's peak-memory
+    statistics), None on the CPU.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -233,7 +241,10 @@ def _resolve_device(device: Any) -> tuple[Any, int | None]:
             if not torch.cuda.is_available():
                 return torch, None
             return torch, torch.cuda.current_device()
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"device {device!r} is not a device name: {exc}") from None
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU")
         index = torch.cuda.current_device() if dev.index is None else dev.index
@@ -419,12 +430,13 @@ class _CudaRunner:
         n = math.ceil(_GRAPH_REPLAY_TARGET_US / max(per_call_us, 0.1))
         n = max(1, min(_GRAPH_MAX_UNROLL, n))
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
         try:
             with torch.cuda.stream(side):  # allocator/lazy init on the capture stream
                 for _ in range(3):
                     self._call()
-            torch.cuda.current_stream().wait_stream(side)
+            main.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=side):
                 for _ in range(n):
@@ -432,6 +444,8 @@ class _CudaRunner:
             graph.replay()  # first replay uploads the graph
             torch.cuda.synchronize()
         except Exception as exc:  # capture-unsafe fn (host sync, .item(), ...)
+            # torch.cuda.graph leaves the side stream current when capture_end raises.
+            torch.cuda.set_stream(main)
             torch.cuda.synchronize()
             if self.use_cuda_graph is True:
                 raise RuntimeError(f"CUDA graph capture of fn failed: {exc}") from exc

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 import random
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,17 +87,19 @@ def speed_verdict(
         status = "improved" if worse_up else "regressed"
         return Verdict(status, ratio, ci_low, ci_high, f"{ci} entirely below {lo_bound:.4f}")
     return Verdict("ok", ratio, ci_low, ci_high,
-                   f"{ci} overlaps the tolerance band [{lo_bound:.4f}, {hi_bound:.4f}]")
+                   f"{ci} not entirely outside the tolerance band "
+                   f"[{lo_bound:.4f}, {hi_bound:.4f}]")
 
 
 def _check_samples(values: Any, what: str) -> list[float]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise TypeError(f"{what} must be a sequence of numbers, got {type(values).__name__}")
+    values = list(values)  # numpy arrays and other iterables too
     if len(values) == 0:
         raise ValueError(f"{what} is empty")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise TypeError(f"{what} must hold numbers, got {type(v).__name__}")
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"{what} must be finite and > 0, got {v!r}")
@@ -109,7 +112,7 @@ def _baseline_distribution(base: Mapping[str, Any]):
     if not isinstance(base, Mapping):
         raise TypeError(f"base must be a mapping {{median, q1, q3, n[, samples]}}, "
                         f"got {type(base).__name__}")
-    if base.get("samples"):
+    if base.get("samples") is not None and len(base["samples"]) > 0:
         xs = _check_samples(base["samples"], "base['samples']")
         n = _thinned_count(base, xs)
         if n == len(xs):
@@ -248,7 +251,8 @@ def judge_speed_metric(base_metric: Mapping[str, Any],
         status = compare_value(value, base_value, better, rtol, atol)
         return status, f"no spread recorded on both sides: plain tolerance rtol={rtol}"
     samples = cur_spread.get("samples")
-    if not samples:  # rebuild the current run's samples from its quartiles, as for a base
+    if samples is None or len(samples) == 0:
+        # rebuild the current run's samples from its quartiles, as for a baseline
         med, q1, q3, n = _summary(cur_spread, "current spread")
         samples = [_split_normal_sample(med, q1, q3, n)(j) for j in range(1, n + 1)]
     else:  # thinned samples stand for n rounds: expand them back to n quantiles

@@ -53,14 +53,16 @@ def test_busy_loop_of_1ms_measures_1ms():
     # Each call spins until 1000 us have passed, so no sample can be shorter; the median
     # stays close even on a shared, loaded machine.
     assert min(t.samples_us) >= 1000.0
-    assert 1000.0 <= t.median_us <= 1300.0
+    assert 1000.0 <= t.median_us <= 1500.0
     assert t.q1_us <= t.median_us <= t.q3_us and t.iqr_us == pytest.approx(t.q3_us - t.q1_us)
     assert all(math.isfinite(s) for s in t.samples_us)
 
 
 def test_sleep_of_2ms_measures_2ms():
     t = measure(time.sleep, args_sets=[(0.002,)], device="cpu", max_time_s=0.5)
-    assert 2000.0 <= t.median_us <= 5000.0  # sleep overshoots, never undershoots
+    # Sleep overshoots, never undershoots; on a loaded machine the wake-up waits for a
+    # scheduler time slice (seen: 6 ms), so the upper bound only catches unit errors.
+    assert 2000.0 <= t.median_us <= 25_000.0
 
 
 def test_default_device_is_the_host_clock_without_cuda():
@@ -319,3 +321,12 @@ def test_rotation_on_cuda_events_calls_every_set():
     t = measure(fn, args_sets=[(0,), (1,), (2,)], use_cuda_graph=False, max_time_s=0.2)
     assert set(seen) == {0, 1, 2} and seen == [i % 3 for i in range(len(seen))]
     assert sum(b[0].item() for b in bufs) == len(seen) >= t.rounds
+
+
+def test_works_without_torch(monkeypatch):
+    """Torch is optional: with it unimportable, the default device is the host clock."""
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # import torch -> ImportError
+    t = measure(busy_us, args_sets=[(100.0,)], max_time_s=0.1)
+    assert t.method == "host-clock" and 100.0 <= t.median_us <= 400.0
+    with pytest.raises(ValueError, match="needs torch"):
+        measure(busy_us, args_sets=[(1.0,)], device="cuda")
