@@ -1,0 +1,358 @@
+"""FP8 E4M3 (``float8_e4m3fn``) quantisation: per-token, per-tensor and 1xB-block scales.
+
+Rule, identical in kernels and references (bit-exact):
+  amax  = max |x| over the scale's group, in float32 (bf16/fp16 widen exactly)
+  scale = amax / 448 (IEEE division, round-to-nearest-even); amax == 0 -> scale = 1
+  q     = e4m3( clamp(x / scale, -448, 448) )  IEEE division; the cast rounds to nearest
+          even; the clamp is the saturation, so the cast never overflows.
+  x_hat = float(q) * scale                               (``dequantize``)
+The stored scale is the *decode* scale (x ~ q * scale), float32.
+
+Non-finite input is never hidden: a NaN anywhere in a group makes its amax, hence its
+scale, NaN, so the whole group dequantises to NaN (the same rule as the MXFP8 and NVFP4
+modules: a NaN poisons its scale group). fmaxf-style max and min/max clamps would turn NaN
+into a plausible finite value; the kernels use a NaN-propagating integer max instead.
++-Inf makes the scale Inf (finite neighbours become 0, the Inf itself NaN).
+
+Groups: per-token = the last dim (any leading dims, flattened); per-tensor = everything;
+per-block = ``block`` consecutive elements of the last dim (DeepSeek-style 1x128).
+Inputs: bfloat16 / float16 / float32, last dim contiguous, leading dims collapsible into
+one row stride (e.g. a contiguous tensor or a slice of its last dim); anything else is
+refused rather than silently copied (a copy would double the traffic of this memory-bound
+kernel). On an FP8 GPU the cast is the hardware ``cvt.rn.satfinite.e4m3x2.f32``; elsewhere
+(and in Triton's CPU interpreter, whose own fp8 cast is wrong) it is the bit-exact integer
+encoder of ``fp_formats``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from kvperf_kernels.fp_formats import (
+    E4M3_MAX,
+    MAX_ROW_ELEMENTS,
+    as_rows,
+    cast_out,
+    check_device,
+    check_float_input,
+    check_out_dtype,
+    decode_e4m3,
+    e4m3_encode_ref,
+    encode_e4m3,
+    hw_cast_default,
+    saturate,
+)
+
+__all__ = [
+    "E4M3_MAX", "quantize_per_token", "quantize_per_tensor", "quantize_per_block", "dequantize",
+    "quantize_per_token_ref", "quantize_per_tensor_ref", "quantize_per_block_ref",
+    "dequantize_ref",
+]
+
+_TILE_BYTES = 16384  # input bytes per program: enough loads in flight per SM to stream HBM
+
+
+def check_group(group: int, what: str) -> None:
+    if group > MAX_ROW_ELEMENTS:
+        raise ValueError(
+            f"{what} = {group} exceeds {MAX_ROW_ELEMENTS}, the largest group one program "
+            "holds in registers"
+        )
+
+
+def tile_config(n_groups: int, group: int, elem_bytes: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps): one program streams about _TILE_BYTES of input."""
+    block_d = triton.next_power_of_2(group)
+    block_m = max(1, min(triton.next_power_of_2(max(n_groups, 1)),
+                         (_TILE_BYTES // elem_bytes) // block_d))
+    tile = block_m * block_d
+    num_warps = 4 if tile <= 4096 else (8 if tile <= 8192 else 16)
+    return block_m, block_d, num_warps
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def amax_propagate_nan(x, axis: tl.constexpr):
+    """max |x| along axis, NaN if any element is NaN (fp32 in, fp32 out).
+
+    For non-negative floats the int32 bit patterns order like the values and every NaN
+    pattern of |x| lies above +Inf (0x7F800000), so an integer max is a NaN-propagating
+    float max: one plain reduction on the GPU and in the interpreter alike.
+    """
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.max(bits, axis=axis).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def group_offsets(g, x_row_stride, GROUP: tl.constexpr, GROUPS_PER_ROW: tl.constexpr):
+    # group g = (row g // GROUPS_PER_ROW, block g % GROUPS_PER_ROW) of the strided input;
+    # int64: row * stride passes 2^31 elements for large caches
+    g64 = g.to(tl.int64)
+    return (g64 // GROUPS_PER_ROW) * x_row_stride + (g64 % GROUPS_PER_ROW) * GROUP
+
+
+@triton.jit
+def _quantize_groups_kernel(
+    x_ptr, q_ptr, scale_ptr, n_groups, x_row_stride,
+    GROUP: tl.constexpr, GROUPS_PER_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HW_CAST: tl.constexpr,
+):
+    """One scale per group of GROUP elements; BLOCK_M groups per program, one pass over x."""
+    g = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    g_ok = g < n_groups
+    mask = g_ok[:, None] & (cols < GROUP)[None, :]
+    x_offs = group_offsets(g, x_row_stride, GROUP, GROUPS_PER_ROW)
+    x = tl.load(x_ptr + x_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = amax_propagate_nan(x, 1)  # masked lanes are 0: they never win
+    scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 448.0))
+    y = saturate(tl.math.div_rn(x, scale[:, None]), 448.0)
+    code = encode_e4m3(y, HW_CAST)
+    q_offs = g.to(tl.int64)[:, None] * GROUP + cols[None, :]  # q is contiguous
+    tl.store(q_ptr + q_offs, code.to(tl.uint8), mask=mask)
+    tl.store(scale_ptr + g, scale, mask=g_ok)
+
+
+@triton.jit
+def _amax_partial_kernel(
+    x_ptr, partial_ptr, n_rows, x_row_stride,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per-program amax of a [BLOCK_M, GROUP] tile (first pass of per-tensor scaling)."""
+    pid = tl.program_id(0)
+    r = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (r < n_rows)[:, None] & (cols < GROUP)[None, :]
+    offs = r.to(tl.int64)[:, None] * x_row_stride + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = amax_propagate_nan(x, None)  # None: over the whole tile
+    tl.store(partial_ptr + pid, amax)
+
+
+@triton.jit
+def _quantize_tensor_scale_kernel(
+    x_ptr, q_ptr, scale_ptr, n_rows, x_row_stride,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HW_CAST: tl.constexpr,
+):
+    """q = e4m3(sat(x / scale)) with the one scale read from device memory (second pass)."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (r < n_rows)[:, None] & (cols < GROUP)[None, :]
+    r64 = r.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
+    scale = tl.load(scale_ptr)
+    code = encode_e4m3(saturate(tl.math.div_rn(x.to(tl.float32), scale), 448.0), HW_CAST)
+    tl.store(q_ptr + r64[:, None] * GROUP + cols[None, :], code.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _dequantize_kernel(
+    q_ptr, scale_ptr, out_ptr, n_groups, scale_stride,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HW_CAST: tl.constexpr,
+):
+    """out[g, :] = float(q[g, :]) * scale[g * scale_stride] (stride 0: one scale for all)."""
+    g = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    g_ok = g < n_groups
+    mask = g_ok[:, None] & (cols < GROUP)[None, :]
+    g64 = g.to(tl.int64)
+    offs = g64[:, None] * GROUP + cols[None, :]
+    code = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
+    scale = tl.load(scale_ptr + g64 * scale_stride, mask=g_ok, other=1.0)
+    out = decode_e4m3(code, HW_CAST) * scale[:, None]
+    tl.store(out_ptr + offs, cast_out(out, out_ptr.dtype.element_ty, HW_CAST), mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+def _quantize_groups(x: torch.Tensor, group: int, hw_cast: bool | None):
+    rows, row_stride = as_rows(x, "x", block=group)
+    d = x.shape[-1]
+    groups_per_row = d // group
+    n_groups = rows.shape[0] * groups_per_row
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(n_groups, dtype=torch.float32, device=x.device)
+    if n_groups:
+        hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
+        block_m, block_d, num_warps = tile_config(n_groups, group, x.element_size())
+        _quantize_groups_kernel[(triton.cdiv(n_groups, block_m),)](
+            rows, q.view(torch.uint8), scale, n_groups, row_stride,
+            GROUP=group, GROUPS_PER_ROW=groups_per_row, BLOCK_M=block_m, BLOCK_D=block_d,
+            HW_CAST=hw, num_warps=num_warps,
+        )
+    return q, scale
+
+
+def _check_x(x) -> None:
+    check_float_input(x, "x")
+    check_device(x, "x")
+
+
+def quantize_per_token(x: torch.Tensor, *, hw_cast: bool | None = None):
+    """One scale per vector along the last dim.
+
+    Returns (q float8_e4m3fn x.shape, scale float32 x.shape[:-1] + (1,)).
+    ``hw_cast`` picks the hardware fp8 conversion (default: on an FP8 GPU) or the integer
+    encoder; both give the same bytes.
+    """
+    _check_x(x)
+    d = x.shape[-1] if x.dim() else 0
+    check_group(d, "last dim")
+    q, scale = _quantize_groups(x, d, hw_cast)
+    return q, scale.view(*x.shape[:-1], 1)
+
+
+def quantize_per_block(x: torch.Tensor, block: int = 128, *, hw_cast: bool | None = None):
+    """One scale per ``block`` consecutive elements of the last dim (1 x block tiles).
+
+    Returns (q float8_e4m3fn x.shape, scale float32 x.shape[:-1] + (D // block,)).
+    """
+    _check_x(x)
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    check_group(block, "block")
+    q, scale = _quantize_groups(x, block, hw_cast)
+    return q, scale.view(*x.shape[:-1], x.shape[-1] // block)
+
+
+def tensor_amax(rows: torch.Tensor, row_stride: int) -> torch.Tensor:
+    """max |x| over a [rows, D] view as float32 (1,), NaN if any element is NaN.
+
+    Per-program partials, then their max in torch (deterministic, NaN-propagating):
+    one read of x, no temporary copy of it, no host sync.
+    """
+    n_rows, d = rows.shape
+    if n_rows == 0:
+        return torch.zeros(1, dtype=torch.float32, device=rows.device)
+    block_m, block_d, num_warps = tile_config(n_rows, d, rows.element_size())
+    grid = (triton.cdiv(n_rows, block_m),)
+    partial = torch.empty(grid[0], dtype=torch.float32, device=rows.device)
+    _amax_partial_kernel[grid](rows, partial, n_rows, row_stride, GROUP=d,
+                               BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
+    return partial.amax().reshape(1)
+
+
+def quantize_per_tensor(x: torch.Tensor, *, hw_cast: bool | None = None):
+    """One scale for the whole tensor: (q float8_e4m3fn x.shape, scale float32 (1,)).
+
+    Two passes: ``tensor_amax``, then the quantise pass reading the scale from device
+    memory (no host sync).
+    """
+    _check_x(x)
+    rows, row_stride = as_rows(x, "x")
+    n_rows, d = rows.shape
+    check_group(d, "last dim")
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    amax = tensor_amax(rows, row_stride)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX)
+    if n_rows:
+        hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
+        block_m, block_d, num_warps = tile_config(n_rows, d, x.element_size())
+        _quantize_tensor_scale_kernel[(triton.cdiv(n_rows, block_m),)](
+            rows, q.view(torch.uint8), scale, n_rows, row_stride, GROUP=d, BLOCK_M=block_m,
+            BLOCK_D=block_d, HW_CAST=hw, num_warps=num_warps,
+        )
+    return q, scale
+
+
+def _scale_layout(q: torch.Tensor, scale: torch.Tensor) -> tuple[int, int]:
+    """(group length along the last dim, scale stride per group) read from the scale's shape."""
+    d = q.shape[-1]
+    lead = tuple(q.shape[:-1])
+    if scale.dim() <= 1 and scale.numel() == 1:
+        return d, 0  # per-tensor
+    if tuple(scale.shape) in (lead + (1,), lead):
+        return d, 1  # per-token (trailing 1 kept or squeezed)
+    if scale.dim() == q.dim() and tuple(scale.shape[:-1]) == lead:
+        nb = scale.shape[-1]
+        if nb > 0 and d % nb == 0:
+            return d // nb, 1  # per-block
+    raise ValueError(
+        f"scale shape {tuple(scale.shape)} fits no scaling of q with shape {tuple(q.shape)}: "
+        f"expected (1,) per-tensor, {lead + (1,)} per-token or {lead + ('D // block',)} per-block"
+    )
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, *,
+               hw_cast: bool | None = None) -> torch.Tensor:
+    """x_hat = float(q) * scale in ``dtype``: per-tensor / per-token broadcast, per-block expanded.
+
+    The scaling is read from the scale's shape (see ``_scale_layout``). The product is
+    formed in float32 and rounded once to ``dtype`` (nearest even).
+    """
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"q: expected a float8_e4m3fn tensor, got {getattr(q, 'dtype', type(q))}")
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+        raise TypeError(
+            f"scale: expected a float32 tensor, got {getattr(scale, 'dtype', type(scale))}"
+        )
+    check_out_dtype(dtype, "dequantize")
+    if q.dim() == 0 or q.shape[-1] == 0:
+        raise ValueError(f"q: expected a non-empty last dim, got shape {tuple(q.shape)}")
+    if not q.is_contiguous():
+        raise ValueError(f"q must be contiguous, got shape {tuple(q.shape)} stride {q.stride()}")
+    if not scale.is_contiguous():
+        raise ValueError(f"scale must be contiguous, got stride {scale.stride()}")
+    check_device(q, "q")
+    check_device(scale, "scale")
+    if scale.device != q.device:
+        raise ValueError(f"scale is on {scale.device} but q is on {q.device}")
+    group, scale_stride = _scale_layout(q, scale)
+    check_group(group, "scale group")
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    n_groups = q.numel() // group
+    if n_groups:
+        hw = hw_cast_default(q.device) if hw_cast is None else hw_cast
+        block_m, block_d, num_warps = tile_config(n_groups, group, 4)
+        _dequantize_kernel[(triton.cdiv(n_groups, block_m),)](
+            q.view(torch.uint8), scale, out, n_groups, scale_stride,
+            GROUP=group, BLOCK_M=block_m, BLOCK_D=block_d, HW_CAST=hw, num_warps=num_warps,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Torch references: the rule above with torch ops (bit-exact on any device)
+# --------------------------------------------------------------------------------------
+
+def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    return torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX)
+
+
+def _encode(xf: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return e4m3_encode_ref(xf / scale)  # clamp to +-448 (NaN kept), then RNE cast
+
+
+def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    scale = _scale_from_amax(xf.abs().amax(dim=-1, keepdim=True))
+    return _encode(xf, scale), scale
+
+
+def quantize_per_tensor_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    scale = _scale_from_amax(xf.abs().amax().reshape(1))
+    return _encode(xf, scale), scale
+
+
+def quantize_per_block_ref(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    d = x.shape[-1]
+    if d % block:
+        raise ValueError(f"x: last dim {d} is not a multiple of the block size {block}")
+    xb = x.float().reshape(*x.shape[:-1], d // block, block)
+    scale = _scale_from_amax(xb.abs().amax(dim=-1, keepdim=True))
+    return _encode(xb, scale).reshape(x.shape), scale.squeeze(-1)
+
+
+def dequantize_ref(q: torch.Tensor, scale: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    group, scale_stride = _scale_layout(q, scale)
+    qf = q.float().reshape(-1, group)
+    s = scale.reshape(-1, 1) if scale_stride else scale.reshape(1, 1)
+    return (qf * s).to(dtype).reshape(q.shape)

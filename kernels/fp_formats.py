@@ -1,0 +1,360 @@
+"""Bit-level rules of the low-precision formats shared by the quantisers.
+
+FP8 E4M3 ("fn": no Inf, NaN = S.1111.111, max 448, subnormals down to 2^-9),
+E8M0 (OCP MX power-of-two scale: code c means 2^(c-127), 0xFF = NaN) and
+E2M1 (FP4: 0, 0.5, 1, 1.5, 2, 3, 4, 6 with a sign bit, no NaN/Inf).
+
+Each rule exists twice: as a torch reference written from the format's definition
+(``*_ref``) and as a ``@triton.jit`` helper that the kernels call. The Triton helpers
+have two paths selected by the constexpr ``HW_CAST``:
+
+* ``HW_CAST=True``: the hardware conversion (``cvt.rn.satfinite.e4m3x2.f32`` on
+  sm89+), the fast path on an FP8-capable GPU;
+* ``HW_CAST=False``: the same round-to-nearest-even written with integer ops. It is
+  bit-exact everywhere, so it runs on GPUs without FP8 conversions and in Triton's CPU
+  interpreter, whose own fp32->fp8 and fp32->bf16 conversions are wrong (they round
+  half away from zero and do not carry a mantissa overflow into the exponent:
+  31.6 becomes 16 instead of 32).
+
+The module also holds the input contract the three quantisers share (dtype, layout,
+block divisibility), so their error messages read the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._device import interpreted
+
+E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+FP32_MAX = float(torch.finfo(torch.float32).max)
+FP32_MIN_NORMAL = 2.0**-126
+E8M0_NAN = 0xFF
+E8M0_BIAS = 127
+
+
+def fp32_reciprocal(v: float) -> float:
+    """The fp32 value of 1/v rounded to nearest (exact as a Python float).
+
+    TE multiplies by these rounded reciprocals instead of dividing; using the same
+    constants keeps the references and kernels bit-exact with it.
+    """
+    return float(torch.tensor(1.0 / v, dtype=torch.float32))
+
+
+RCP_E4M3_MAX = fp32_reciprocal(E4M3_MAX)
+RCP_E2M1_MAX = fp32_reciprocal(E2M1_MAX)
+
+# E2M1 magnitudes by 3-bit code; bit 3 of a nibble is the sign.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+# --------------------------------------------------------------------------------------
+# Input contract shared by the quantisers' launchers
+# --------------------------------------------------------------------------------------
+
+QUANT_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DEQUANT_OUTPUT_DTYPES = QUANT_INPUT_DTYPES
+MAX_ROW_ELEMENTS = 16384  # per-row kernels keep a whole row in one program
+
+
+def check_float_input(x, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in QUANT_INPUT_DTYPES:
+        raise TypeError(
+            f"{what}: unsupported dtype {x.dtype}; expected one of bfloat16, float16, float32"
+        )
+
+
+def check_out_dtype(dtype, what: str) -> None:
+    if dtype not in DEQUANT_OUTPUT_DTYPES:
+        raise TypeError(
+            f"{what}: unsupported output dtype {dtype}; expected one of bfloat16, float16, "
+            "float32"
+        )
+
+
+def check_device(x: torch.Tensor, what: str) -> None:
+    """Triton kernels need CUDA tensors, except in the CPU interpreter."""
+    if x.device.type != "cuda" and not interpreted():
+        raise ValueError(
+            f"{what}: tensor is on {x.device}, the Triton kernel needs a CUDA tensor "
+            "(CPU tensors only run with TRITON_INTERPRET=1)"
+        )
+
+
+def as_rows(x: torch.Tensor, what: str, *, block: int | None = None) -> tuple[torch.Tensor, int]:
+    """View x as (rows, D) without copying; returns the view and its row stride.
+
+    The last dim must be contiguous and the leading dims collapsible into one row
+    index with a single stride (any contiguous tensor, or a slice of its last dim).
+    Anything else is refused instead of silently copied: a hidden copy would double
+    the memory traffic of a bandwidth-bound kernel.
+    """
+    if x.dim() == 0:
+        raise ValueError(f"{what}: expected at least 1 dimension, got a 0-dim tensor")
+    d = x.shape[-1]
+    if d == 0:
+        raise ValueError(f"{what}: last dim is 0, nothing to quantise along it")
+    if block is not None and d % block != 0:
+        raise ValueError(
+            f"{what}: last dim {d} is not a multiple of the block size {block}"
+        )
+    if x.stride(-1) != 1 and d > 1:
+        raise ValueError(
+            f"{what}: last dim must be contiguous (stride 1), got stride {x.stride(-1)}; "
+            "call .contiguous() first"
+        )
+    try:
+        rows = x.view(-1, d)
+    except RuntimeError:
+        raise ValueError(
+            f"{what}: leading dims of shape {tuple(x.shape)} with strides {x.stride()} cannot "
+            "be flattened into rows without a copy; call .contiguous() first"
+        ) from None
+    row_stride = rows.stride(0) if rows.shape[0] > 1 else d
+    return rows, row_stride
+
+
+def hw_cast_default(device: torch.device) -> bool:
+    """Use the hardware FP8 conversion where there is one (CUDA, compute capability >= 8.9)."""
+    if interpreted() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def row_tile(rows: int, row_elements: int, target: int = 4096) -> tuple[int, int]:
+    """(BLOCK_R, num_warps) for tiles of about `target` elements: one program per row block.
+
+    ~4K elements per program (8 KB of bf16) keeps enough loads in flight per SM to
+    saturate HBM while leaving several programs resident per SM.
+    """
+    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), target // row_elements))
+    tile = block_r * row_elements
+    num_warps = 4 if tile <= 4096 else (8 if tile <= 8192 else 16)
+    return block_r, num_warps
+
+
+# --------------------------------------------------------------------------------------
+# Torch references, written from the format definitions
+# --------------------------------------------------------------------------------------
+
+
+def e4m3_encode_ref(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> E4M3 with saturation to +-448 (NaN stays NaN), round to nearest even."""
+    x = x.float()
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def e8m0_encode_ref(v: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= v as an E8M0 code (uint8), for v >= 0.
+
+    ceil(log2 v) from frexp (v = m * 2^E, m in [0.5, 1): exact power iff m == 0.5),
+    clamped to the code range [0, 254] (2^-127 .. 2^127): values at or below 2^-127,
+    0 included, give 0x00; values above 2^127 and +Inf saturate to 0xFE (TE's rule);
+    NaN gives 0xFF.
+    """
+    v = v.float()
+    m, e = torch.frexp(v)
+    ceil_log2 = torch.where(m == 0.5, e - 1, e)
+    code = (ceil_log2 + E8M0_BIAS).clamp(0, 254)
+    code = torch.where(v == 0, torch.zeros_like(code), code)
+    code = torch.where(torch.isinf(v), torch.full_like(code, 254), code)
+    code = torch.where(torch.isnan(v), torch.full_like(code, E8M0_NAN), code)
+    return code.to(torch.uint8)
+
+
+def e8m0_decode_ref(code: torch.Tensor) -> torch.Tensor:
+    """E8M0 code -> fp32 2^(code-127) (0x00 is the fp32 subnormal 2^-127), 0xFF -> NaN."""
+    c = code.to(torch.int32)
+    value = torch.pow(2.0, (c - E8M0_BIAS).double()).float()  # exact: fp64 power, fp32 cast
+    return torch.where(c == E8M0_NAN, torch.full_like(value, math.nan), value)
+
+
+def e8m0_reciprocal_ref(code: torch.Tensor) -> torch.Tensor:
+    """1 / decode(code) = 2^(127-code), exact in fp32 for every code; 0xFF -> NaN."""
+    c = code.to(torch.int32)
+    value = torch.pow(2.0, (E8M0_BIAS - c).double()).float()
+    return torch.where(c == E8M0_NAN, torch.full_like(value, math.nan), value)
+
+
+def e2m1_encode_ref(y: torch.Tensor) -> torch.Tensor:
+    """fp32 (already clamped to +-6) -> E2M1 nibble codes (uint8 0..15), nearest, ties even.
+
+    Picks the nearest grid value; on a tie the even code (mantissa bit 0) wins, which
+    gives TE's thresholds (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4).
+    The sign bit is set for y < 0 only: -0.0 encodes as +0 (code 0) as in TE's
+    reference, and NaN (no E2M1 encoding) gives code 0, like TE.
+    """
+    y = y.float()
+    grid = torch.tensor(E2M1_VALUES, device=y.device, dtype=torch.float32)
+    dist = (y.abs().unsqueeze(-1) - grid).abs()
+    best = dist.min(dim=-1, keepdim=True).values
+    tied = dist == best
+    # among tied candidates prefer an even code: weight odd codes down by a half step
+    codes = torch.arange(8, device=y.device)
+    preference = tied.to(torch.int32) * (2 + (codes % 2 == 0).to(torch.int32))
+    mag = preference.argmax(dim=-1).to(torch.uint8)
+    mag = torch.where(torch.isnan(y), torch.zeros_like(mag), mag)
+    sign = (y < 0).to(torch.uint8) << 3
+    return mag | sign
+
+
+def e2m1_decode_ref(codes: torch.Tensor) -> torch.Tensor:
+    """E2M1 nibble codes (0..15) -> fp32 values (code 8 is -0.0)."""
+    table = torch.tensor(E2M1_VALUES, device=codes.device, dtype=torch.float32)
+    c = codes.to(torch.int64)
+    mag = table[c & 7]
+    return torch.where((c & 8) != 0, -mag, mag)
+
+
+def pack_nibbles_ref(codes: torch.Tensor) -> torch.Tensor:
+    """[..., D] codes -> [..., D/2] bytes, element 2k in the low nibble, 2k+1 in the high."""
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_nibbles_ref(packed: torch.Tensor) -> torch.Tensor:
+    """[..., D/2] bytes -> [..., D] codes (inverse of pack_nibbles_ref)."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+# --------------------------------------------------------------------------------------
+# Triton helpers (called from the kernels; fp32 in, int32 codes out)
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def max_propagate_nan(a, b):
+    """Combine fn for tl.reduce: a NaN anywhere makes the max NaN.
+
+    tl.max follows fmaxf on the GPU and drops NaN, which would turn a NaN input into a
+    finite scale; max.NaN keeps it, so a poisoned block dequantises to NaN.
+    """
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def saturate(x, limit):
+    """Clamp to [-limit, limit]; NaN stays NaN (fminf/fmaxf would replace it)."""
+    y = tl.where(x > limit, limit, x)
+    return tl.where(y < -limit, -limit, y)
+
+
+@triton.jit
+def encode_e4m3(x, HW_CAST: tl.constexpr):
+    """fp32 in [-448, 448] or NaN -> E4M3 code (int32 0..255), round to nearest even."""
+    if HW_CAST:
+        return x.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        sign = (bits >> 24) & 0x80
+        a = bits & 0x7FFFFFFF
+        # normal E4M3 (|x| >= 2^-6): keep 3 of 23 mantissa bits, RNE on the 20 dropped
+        # bits, then rebias the exponent from 127 to 7 (120 << 3 = 960 in code units)
+        rounded = a + 0x7FFFF + ((a >> 20) & 1)
+        normal = (rounded >> 20) - 960
+        # subnormal E4M3 (|x| < 2^-6): code = RNE(|x| / 2^-9), an integer 0..8
+        exp = a >> 23
+        mant = (a & 0x7FFFFF) | tl.where(exp > 0, 0x800000, 0)
+        shift = tl.minimum(141 - tl.maximum(exp, 1), 30)  # |x| / 2^-9 = mant >> shift
+        q = mant >> shift
+        rem = mant & ((1 << shift) - 1)
+        half = 1 << (shift - 1)
+        q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
+        code = tl.where(a >= (121 << 23), normal, q)
+        code = tl.where(a > 0x7F800000, 0x7F, code)
+        return code | sign
+
+
+@triton.jit
+def decode_e4m3(code, HW_CAST: tl.constexpr):
+    """E4M3 code (int32 0..255) -> fp32, NaN codes -> NaN."""
+    if HW_CAST:
+        return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        exp = (code >> 3) & 0xF
+        mant = code & 7
+        normal = (((exp + 120) << 23) | (mant << 20)).to(tl.float32, bitcast=True)
+        value = tl.where(exp == 0, mant.to(tl.float32) * 0.001953125, normal)  # 2^-9 units
+        value = tl.where((code & 0x7F) == 0x7F, float("nan"), value)
+        return tl.where((code & 0x80) != 0, -value, value)
+
+
+@triton.jit
+def encode_e8m0(v):
+    """fp32 v >= 0 (or NaN/Inf) -> E8M0 code of the smallest power of two >= v.
+
+    Integer form of ceil(log2 v): bump the fp32 exponent field when any mantissa bit
+    is set; fp32 subnormals at or below 2^-127 (mantissa <= 0x400000) stay at code 0;
+    saturate at 0xFE; +Inf -> 0xFE and NaN -> 0xFF, as TE's float_to_e8m0.
+    """
+    bits = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    exp = bits >> 23
+    mant = bits & 0x7FFFFF
+    bump = (mant > 0) & (exp != 0xFE) & ~((exp == 0) & (mant <= 0x400000))
+    code = exp + bump.to(tl.int32)
+    return tl.where(exp == 0xFF, tl.where(mant == 0, 0xFE, 0xFF), code)
+
+
+@triton.jit
+def e8m0_pow2(e):
+    """fp32 2^e for integer e in [-127, 127] (2^-127 is the fp32 subnormal 0x00400000)."""
+    normal = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(e == -127, (0x00400000 + 0 * e).to(tl.float32, bitcast=True), normal)
+
+
+@triton.jit
+def encode_e2m1(y):
+    """fp32 (already within +-6) -> E2M1 code (int32 0..15), nearest, ties to even.
+
+    Each threshold is a midpoint between neighbours; a tie goes to the even code,
+    hence `>` where the lower neighbour is even and `>=` where it is odd. -0.0 and NaN
+    give code 0, as TE's reference.
+    """
+    a = tl.abs(y)
+    mag = (
+        (a > 0.25).to(tl.int32)
+        + (a >= 0.75).to(tl.int32)
+        + (a > 1.25).to(tl.int32)
+        + (a >= 1.75).to(tl.int32)
+        + (a > 2.5).to(tl.int32)
+        + (a >= 3.5).to(tl.int32)
+        + (a > 5.0).to(tl.int32)
+    )
+    return mag | tl.where(y < 0, 8, 0)
+
+
+@triton.jit
+def decode_e2m1(code):
+    """E2M1 code (int32 0..15) -> fp32: 2^(e-1) * (1 + m/2) for e > 0, m/2 for e == 0."""
+    mag = code & 7
+    e = mag >> 1
+    m = (mag & 1).to(tl.float32)
+    normal = (1.0 + 0.5 * m) * tl.where(e == 3, 4.0, tl.where(e == 2, 2.0, 1.0))
+    value = tl.where(e == 0, 0.5 * m, normal)
+    return tl.where((code & 8) != 0, -value, value)
+
+
+@triton.jit
+def cast_out(x, OUT_DTYPE: tl.constexpr, HW_CAST: tl.constexpr):
+    """fp32 -> OUT_DTYPE with round to nearest even (bf16 by integer ops off the fast path)."""
+    if OUT_DTYPE == tl.bfloat16:
+        if HW_CAST:
+            return x.to(tl.bfloat16)
+        else:
+            bits = x.to(tl.int32, bitcast=True)
+            a = bits & 0x7FFFFFFF
+            r = (a + 0x7FFF + ((a >> 16) & 1)) >> 16
+            r = tl.where(a > 0x7F800000, 0x7FC0, r) | ((bits >> 16) & 0x8000)
+            return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(OUT_DTYPE)

@@ -1,0 +1,293 @@
+"""Paged KV-cache layout for decode attention (NHD pages, the layout FlashInfer and vLLM use).
+
+K and V each live in a cache tensor ``[num_pages, page_size, num_kv_heads, head_dim]``.
+Sequence ``b`` owns the pages ``block_tables[b, :cdiv(seq_lens[b], page_size)]``; its token
+``t`` sits at page ``block_tables[b, t // page_size]``, slot ``t % page_size``.
+
+Cache dtypes: bfloat16 / float16, or FP8 with a float32 dequantisation scale:
+- per-tensor: one scale for the whole K (or V) cache, a tensor of shape ``(1,)`` here (the
+  attention launcher also takes a Python float);
+- per-token: one scale per (page, slot, kv head), float32 ``[num_pages, page_size, Hkv]``,
+  i.e. one scale per token vector over head_dim, exactly what
+  ``kvperf_kernels.fp8_quant.quantize_per_token`` returns (its trailing 1 squeezed).
+``float8_e4m3fn`` goes through ``kvperf_kernels.fp8_quant`` (its torch references in the
+CPU interpreter, bit-exact with the kernels by that module's contract); ``float8_e4m3fnuz`` (bias 8,
+max 240, one NaN code 0x80) is quantised here with the same rule and its own max.
+
+Pages are handed out in a shuffled order so that sequences are not contiguous in memory,
+and every block-table entry a sequence does not own points at a spare page: filled with
+NaN (``poison=True``), any read of it (or of a slot past ``seq_len``) shows in the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from kvperf_kernels._device import interpreted
+from kvperf_kernels.fp8_quant import (
+    quantize_per_tensor,
+    quantize_per_tensor_ref,
+    quantize_per_token,
+    quantize_per_token_ref,
+)
+
+E4M3FNUZ_MAX = 240.0  # largest finite float8_e4m3fnuz (exponent bias 8, no infinities)
+FP8_KV_DTYPES = tuple(
+    dt for dt in (torch.float8_e4m3fn, getattr(torch, "float8_e4m3fnuz", None)) if dt is not None
+)
+KV_DTYPES = (torch.bfloat16, torch.float16, *FP8_KV_DTYPES)
+SCALE_GRANULARITIES = ("per_tensor", "per_token")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class PagedKV:
+    """One paged K/V cache with its page table; scales are None for 16-bit caches."""
+
+    k_cache: torch.Tensor  # [num_pages, page_size, Hkv, D]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # int32 [B, max_pages_per_seq]
+    seq_lens: torch.Tensor  # int32 [B]
+    page_size: int
+    k_scale: torch.Tensor | None = None  # float32 (1,) per-tensor or [num_pages, page_size, Hkv]
+    v_scale: torch.Tensor | None = None
+    poison_page: int = -1  # the spare page unused block-table entries point at (-1: none)
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_tables.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k_cache.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_cache.shape[3]
+
+    def kv_bytes_read(self) -> int:
+        """Bytes of K+V (and their per-token scales) that one decode step must read."""
+        tokens = int(self.seq_lens.sum())
+        per_token = 2 * self.num_kv_heads * self.head_dim * self.k_cache.element_size()
+        if self.k_scale is not None and self.k_scale.dim() == 3:
+            per_token += 2 * self.num_kv_heads * 4
+        return tokens * per_token
+
+
+def build_page_table(
+    seq_lens: Sequence[int] | torch.Tensor,
+    page_size: int,
+    *,
+    spare_pages: int = 1,
+    shuffle: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Page table for ragged lengths: (block_tables int32 [B, max_pages], seq_lens int32 [B],
+    num_pages, poison_page).
+
+    Sequence b gets cdiv(len_b, page_size) pages; ``shuffle`` hands pages out in a random order
+    (from ``generator``) so that no sequence is contiguous. The last of ``spare_pages`` (>= 1)
+    extra pages is the poison page that every unused block-table entry points at.
+    """
+    lens = [int(n) for n in (seq_lens.tolist() if torch.is_tensor(seq_lens) else seq_lens)]
+    if not lens:
+        raise ValueError("seq_lens is empty: need at least one sequence")
+    if min(lens) < 1:
+        raise ValueError(f"every sequence needs >= 1 token (decode reads the current one): {lens}")
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
+    if spare_pages < 1:
+        raise ValueError(f"spare_pages must be >= 1 (one is the poison page), got {spare_pages}")
+    pages_per_seq = [cdiv(n, page_size) for n in lens]
+    used = sum(pages_per_seq)
+    num_pages = used + spare_pages
+    order = (
+        torch.randperm(used, generator=generator) if shuffle else torch.arange(used)
+    ).tolist()
+    poison_page = num_pages - 1
+    table = torch.full((len(lens), max(pages_per_seq)), poison_page, dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(pages_per_seq):
+        table[b, :n] = torch.tensor(order[start : start + n], dtype=torch.int32)
+        start += n
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    return table.to(device), lens_t.to(device), num_pages, poison_page
+
+
+def slot_mapping(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+) -> torch.Tensor:
+    """Flat slot (page * page_size + slot) of every valid token, sequences concatenated: int64."""
+    lens = seq_lens.tolist()
+    max_len = max(lens)
+    pos = torch.arange(max_len, device=block_tables.device)
+    pages = block_tables[:, pos // page_size].long()  # [B, max_len]
+    flat = pages * page_size + pos % page_size
+    valid = pos[None, :] < seq_lens[:, None].to(pos.device)
+    return flat[valid]
+
+
+def write_paged(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """cache[page, slot] = values for the flat ``slots`` (from slot_mapping), any dtype.
+
+    FP8 tensors lack index_put on some builds: copy their bytes instead.
+    """
+    if values.dtype != cache.dtype:
+        raise TypeError(f"values dtype {values.dtype} != cache dtype {cache.dtype}")
+    flat = cache.view(-1, *cache.shape[2:])
+    if cache.element_size() == 1:
+        flat.view(torch.uint8)[slots] = values.reshape(-1, *cache.shape[2:]).view(torch.uint8)
+    else:
+        flat[slots] = values.reshape(-1, *cache.shape[2:])
+
+
+def gather_paged(
+    cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+) -> list[torch.Tensor]:
+    """Each sequence's tokens back out of the pages: a list of [len_b, *cache.shape[2:]]."""
+    flat = cache.reshape(-1, *cache.shape[2:])
+    slots = slot_mapping(block_tables, seq_lens, page_size)
+    if cache.element_size() == 1 and cache.dtype.is_floating_point:
+        tokens = flat.view(torch.uint8)[slots].view(cache.dtype)
+    else:
+        tokens = flat[slots]
+    return list(tokens.split(seq_lens.tolist()))
+
+
+def quantize_fp8_tokens(
+    x: torch.Tensor, granularity: str, fp8_dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8-quantise token vectors x [..., D]: (q, scale), scale (1,) or x.shape[:-1].
+
+    e4m3fn uses the project quantisers; e4m3fnuz applies the same rule
+    (scale = amax / max, amax 0 -> 1, saturate, RNE cast) with max 240.
+    """
+    if granularity not in SCALE_GRANULARITIES:
+        raise ValueError(f"granularity must be one of {SCALE_GRANULARITIES}, got {granularity!r}")
+    if fp8_dtype == torch.float8_e4m3fn:
+        # The Triton quantisers and their torch references are bit-exact by fp8_quant's
+        # contract; in the CPU interpreter the kernels take ~10 s per 32K tokens.
+        per_tensor, per_token = (
+            (quantize_per_tensor_ref, quantize_per_token_ref) if interpreted()
+            else (quantize_per_tensor, quantize_per_token)
+        )
+        if granularity == "per_tensor":
+            return per_tensor(x)
+        q, scale = per_token(x)
+        return q, scale.squeeze(-1)
+    if fp8_dtype not in FP8_KV_DTYPES:
+        raise NotImplementedError(f"FP8 KV dtype {fp8_dtype} is not supported; use {FP8_KV_DTYPES}")
+    xf = x.float()
+    if granularity == "per_tensor":
+        amax = xf.abs().amax().reshape(1)
+        scale = torch.where(amax > 0, amax / E4M3FNUZ_MAX, torch.ones_like(amax))
+        q = (xf / scale).clamp(-E4M3FNUZ_MAX, E4M3FNUZ_MAX).to(fp8_dtype)
+        return q, scale
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / E4M3FNUZ_MAX, torch.ones_like(amax))
+    q = (xf / scale[..., None]).clamp(-E4M3FNUZ_MAX, E4M3FNUZ_MAX).to(fp8_dtype)
+    return q, scale
+
+
+_NAN_BYTE = {torch.float8_e4m3fn: 0x7F}  # e4m3fn has NaN at S.1111.111; fnuz only at 0x80
+if hasattr(torch, "float8_e4m3fnuz"):
+    _NAN_BYTE[torch.float8_e4m3fnuz] = 0x80
+
+
+def _nan_fill(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A tensor of NaN in ``dtype``, without a float32 temporary of the cache's size."""
+    if dtype in _NAN_BYTE:
+        return torch.full(shape, _NAN_BYTE[dtype], dtype=torch.uint8, device=device).view(dtype)
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def pack_paged_kv(
+    k_tokens: torch.Tensor,
+    v_tokens: torch.Tensor,
+    seq_lens: Sequence[int] | torch.Tensor,
+    page_size: int,
+    *,
+    kv_dtype: torch.dtype = torch.bfloat16,
+    scale_granularity: str | None = None,
+    spare_pages: int = 1,
+    shuffle: bool = True,
+    poison: bool = True,
+    generator: torch.Generator | None = None,
+) -> PagedKV:
+    """Pack ragged K/V tokens into a fresh paged cache.
+
+    k_tokens, v_tokens: [sum(seq_lens), Hkv, D] (sequences concatenated), any float dtype.
+    kv_dtype: bf16/fp16 (cast) or an FP8 type, quantised over the valid tokens only with
+    ``scale_granularity`` "per_tensor" or "per_token". With ``poison`` every slot no sequence
+    owns (tail of last pages, spare pages) and its per-token scale hold NaN.
+    """
+    if k_tokens.shape != v_tokens.shape or k_tokens.dim() != 3:
+        raise ValueError(
+            f"k_tokens/v_tokens must both be [tokens, Hkv, D]: {tuple(k_tokens.shape)} vs "
+            f"{tuple(v_tokens.shape)}"
+        )
+    if kv_dtype not in KV_DTYPES:
+        raise NotImplementedError(f"KV dtype {kv_dtype} is not supported; use one of {KV_DTYPES}")
+    is_fp8 = kv_dtype in FP8_KV_DTYPES
+    if is_fp8 and scale_granularity not in SCALE_GRANULARITIES:
+        raise ValueError(
+            f"FP8 KV needs scale_granularity in {SCALE_GRANULARITIES}, got {scale_granularity!r}"
+        )
+    if not is_fp8 and scale_granularity is not None:
+        raise ValueError(
+            f"{kv_dtype} KV takes no scales; got scale_granularity={scale_granularity!r}"
+        )
+    device = k_tokens.device
+    block_tables, lens, num_pages, poison_page = build_page_table(
+        seq_lens, page_size, spare_pages=spare_pages, shuffle=shuffle, generator=generator,
+        device=device,
+    )
+    total = int(lens.sum())
+    if k_tokens.shape[0] != total:
+        raise ValueError(f"k_tokens has {k_tokens.shape[0]} tokens, seq_lens sum to {total}")
+    _, hkv, dim = k_tokens.shape
+    shape = (num_pages, page_size, hkv, dim)
+    slots = slot_mapping(block_tables, lens, page_size)
+    caches, scales = [], []
+    for tokens in (k_tokens, v_tokens):
+        cache = _nan_fill(shape, kv_dtype, device) if poison else torch.zeros(
+            shape, dtype=kv_dtype, device=device)
+        scale = None
+        if is_fp8:
+            q, tok_scale = quantize_fp8_tokens(tokens, scale_granularity, kv_dtype)
+            write_paged(cache, slots, q)
+            if scale_granularity == "per_token":
+                fill = float("nan") if poison else 1.0
+                scale = torch.full(shape[:3], fill, dtype=torch.float32, device=device)
+                write_paged(scale, slots, tok_scale.float())
+            else:
+                scale = tok_scale.float().reshape(1)
+        else:
+            write_paged(cache, slots, tokens.to(kv_dtype))
+        caches.append(cache)
+        scales.append(scale)
+    return PagedKV(
+        k_cache=caches[0], v_cache=caches[1], block_tables=block_tables, seq_lens=lens,
+        page_size=page_size, k_scale=scales[0], v_scale=scales[1],
+        poison_page=poison_page,
+    )
+
+
+def to_flashinfer_indices(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same page table as FlashInfer's CSR form: (kv_indptr, kv_indices, kv_last_page_len),
+    all int32 on block_tables' device."""
+    pages = (seq_lens.long() + page_size - 1) // page_size
+    indptr = torch.zeros(len(pages) + 1, dtype=torch.int32, device=block_tables.device)
+    indptr[1:] = torch.cumsum(pages, 0).to(torch.int32)
+    cols = torch.arange(block_tables.shape[1], device=block_tables.device)
+    indices = block_tables[cols[None, :] < pages[:, None]].to(torch.int32)
+    last = (seq_lens.long() - 1) % page_size + 1
+    return indptr, indices.contiguous(), last.to(torch.int32)

@@ -1,0 +1,235 @@
+"""Our Triton paged decode kernel with sinks against the float64 reference on the same KV.
+
+FP8 cases dequantise the same stored bytes in both, so the comparison is tight (about one
+ulp of the 16-bit output); FP8 rounding itself is measured in test_fp8_drift.py. Every
+cache slot no sequence owns holds NaN: any read past seq_len shows as NaN in the output.
+The CPU interpreter runs the small cases; the long, lab-sized ones need the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from kvperf_kernels._device import interpreted
+from kvperf_kernels.decode_attention import MAX_SPLITS, choose_num_splits, paged_decode_attention
+from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref
+
+E4M3FNUZ = getattr(torch, "float8_e4m3fnuz", None)
+
+
+@dataclass(frozen=True)
+class Spec:
+    lens: tuple[int, ...]
+    hq: int
+    hkv: int
+    head_dim: int
+    page_size: int
+    kv_dtype: torch.dtype
+    granularity: str | None = None
+    sinks: bool = True
+    window_left: int = -1
+    num_splits: int | None = 1
+    q_dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def id(self) -> str:
+        kv = str(self.kv_dtype).removeprefix("torch.")
+        gran = f"-{self.granularity}" if self.granularity else ""
+        q = "" if self.q_dtype == torch.bfloat16 else f"-q{str(self.q_dtype)[6:]}"
+        return (
+            f"{kv}{gran}{q}-d{self.head_dim}-p{self.page_size}-h{self.hq}x{self.hkv}"
+            f"-{'sinks' if self.sinks else 'nosinks'}"
+            f"{f'-win{self.window_left}' if self.window_left >= 0 else ''}-split{self.num_splits}"
+        )
+
+
+RAGGED = (1, 17, 100)  # one token, a page and a bit, several pages with a ragged tail
+RAGGED_D128 = (3, 70, 129)
+BF16, FP16, E4M3 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
+
+CPU_SPECS = [
+    Spec(RAGGED, 8, 2, 64, 16, BF16),
+    Spec(RAGGED, 8, 2, 64, 16, BF16, num_splits=3),
+    Spec(RAGGED, 8, 2, 64, 16, BF16, sinks=False, window_left=24, num_splits=2),
+    Spec(RAGGED, 8, 2, 64, 16, BF16, window_left=0, num_splits=2),  # current token only
+    Spec(RAGGED_D128, 4, 2, 128, 64, BF16, window_left=24),
+    Spec(RAGGED_D128, 2, 2, 128, 64, FP16, sinks=False, num_splits=3, q_dtype=FP16),
+    Spec(RAGGED, 16, 2, 64, 16, E4M3, "per_tensor"),
+    Spec(RAGGED, 16, 2, 64, 16, E4M3, "per_tensor", window_left=24, num_splits=4),
+    Spec(RAGGED, 16, 2, 64, 64, E4M3, "per_token", sinks=False, num_splits=2),
+    Spec(RAGGED_D128, 8, 2, 128, 16, E4M3, "per_token", window_left=24, num_splits=3),
+    Spec(RAGGED, 8, 2, 64, 16, E4M3, "per_token", q_dtype=FP16),
+]
+if E4M3FNUZ is not None:
+    CPU_SPECS += [
+        Spec(RAGGED, 8, 2, 64, 16, E4M3FNUZ, "per_tensor", num_splits=2),
+        Spec(RAGGED, 8, 2, 64, 16, E4M3FNUZ, "per_token", window_left=24),
+    ]
+
+# gpt-oss decode: Hq 64, Hkv 8, D 64, page 16, full attention and the 128-token window.
+_GPT_OSS = dict(hq=64, hkv=8, head_dim=64, page_size=16)
+_LONG_RAGGED = (32768, 1, 20001, 4097)
+_BATCH64 = tuple(8192 - 97 * i for i in range(64))
+GPU_SPECS = [
+    Spec((128, 1024, 77, 1000), **_GPT_OSS, kv_dtype=BF16, num_splits=None),
+    Spec((128, 1024, 77, 1000), **_GPT_OSS, kv_dtype=E4M3, granularity="per_tensor",
+         num_splits=None),
+    Spec(_LONG_RAGGED, **_GPT_OSS, kv_dtype=E4M3, granularity="per_token", num_splits=None),
+    Spec(_LONG_RAGGED, **_GPT_OSS, kv_dtype=E4M3, granularity="per_tensor", window_left=127,
+         num_splits=None),
+    Spec(_LONG_RAGGED, **_GPT_OSS, kv_dtype=BF16, num_splits=MAX_SPLITS),
+    Spec(_BATCH64, **_GPT_OSS, kv_dtype=E4M3, granularity="per_tensor", num_splits=None),
+    Spec(_BATCH64, **_GPT_OSS, kv_dtype=BF16, window_left=127, num_splits=3),
+    Spec((4000, 9000, 1), 32, 4, 128, 64, E4M3, "per_token", num_splits=None),
+]
+
+
+def _block_n():
+    # Small tiles in the interpreter so that short sequences still span several tiles;
+    # on the GPU the launcher's own choice is what we test.
+    return 16 if interpreted() else None
+
+
+def _run_and_check(spec: Spec, decode_case, matches_reference, kvperf):
+    case = decode_case(spec.lens, hq=spec.hq, hkv=spec.hkv, head_dim=spec.head_dim,
+                       page_size=spec.page_size, q_dtype=spec.q_dtype)
+    kv = case.pack(spec.kv_dtype, spec.granularity)
+    sinks = case.sinks if spec.sinks else None
+    out = paged_decode_attention(
+        case.q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
+        k_scale=kv.k_scale, v_scale=kv.v_scale, sinks=sinks, window_left=spec.window_left,
+        num_splits=spec.num_splits, block_n=_block_n(),
+    )
+    ref = paged_decode_attention_ref(
+        case.q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
+        k_scale=kv.k_scale, v_scale=kv.v_scale, sinks=sinks, window_left=spec.window_left,
+    )
+    kvperf.info("kv_dtype", str(spec.kv_dtype))
+    m = kvperf.errors(out, ref)
+    matches_reference(out, ref, spec.id)
+    assert m["cosine"] >= 0.9999, f"{spec.id}: cosine {m['cosine']:.6f}"
+
+
+@pytest.mark.parametrize("spec", CPU_SPECS, ids=lambda s: s.id)
+def test_kernel_matches_reference(spec, decode_case, matches_reference, kvperf):
+    _run_and_check(spec, decode_case, matches_reference, kvperf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", GPU_SPECS, ids=lambda s: s.id)
+def test_kernel_matches_reference_long(spec, decode_case, matches_reference, kvperf):
+    _run_and_check(spec, decode_case, matches_reference, kvperf)
+
+
+def _launch(case, kv, **kwargs):
+    kwargs.setdefault("block_n", _block_n())
+    return paged_decode_attention(
+        case.q, kv.k_cache, kv.v_cache, kv.block_tables, kwargs.pop("seq_lens", kv.seq_lens),
+        k_scale=kv.k_scale, v_scale=kv.v_scale, **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    "kv_dtype, granularity, num_splits",
+    [(BF16, None, 3), (E4M3, "per_token", 1)],  # the sink in the merge / in the decode kernel
+    ids=["bf16-split3", "e4m3-per_token-split1"],
+)
+def test_sink_limits(kv_dtype, granularity, num_splits, decode_case, matches_reference):
+    """A +30 sink takes (nearly) all the probability mass; -inf and -1e4 sinks change nothing."""
+    case = decode_case((9, 40), hq=8, hkv=2, head_dim=64, page_size=16)
+    kv = case.pack(kv_dtype, granularity)
+    hq = case.q.shape[1]
+    no_sink = _launch(case, kv, num_splits=num_splits)
+    ref = paged_decode_attention_ref(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
+                                     kv.seq_lens, k_scale=kv.k_scale, v_scale=kv.v_scale)
+    matches_reference(no_sink, ref, "no sink")
+
+    big = torch.full((hq,), 30.0, device=case.q.device)
+    swamped = _launch(case, kv, sinks=big, num_splits=num_splits)
+    assert torch.isfinite(swamped).all()
+    # Scores here are O(5): the sink leaves each output a weight below ~e^-25 * len.
+    assert swamped.abs().max().item() <= 1e-6, swamped.abs().max().item()
+    assert no_sink.abs().max().item() > 0.1  # the shrink is the sink's doing
+
+    for value in (float("-inf"), -1e4):
+        silent = _launch(case, kv, sinks=torch.full((hq,), value, device=case.q.device),
+                         num_splits=num_splits)
+        # Same arithmetic up to one fp32 rounding of 1/denominator: at most one output ulp.
+        torch.testing.assert_close(silent, no_sink, rtol=2 ** -7, atol=0.0,
+                                   msg=lambda m, v=value: f"sink {v}: {m}")
+
+
+def test_split_merge_matches_single_pass(decode_case, matches_reference, kvperf):
+    """Split-KV with the sink merged once equals the single-pass result, including splits
+    that are empty for short sequences (1 and 17 tokens over 5 splits)."""
+    case = decode_case(RAGGED, hq=8, hkv=2, head_dim=64, page_size=16, seed=3)
+    kv = case.pack(BF16)
+    ref = paged_decode_attention_ref(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
+                                     kv.seq_lens, sinks=case.sinks)
+    single = _launch(case, kv, sinks=case.sinks, num_splits=1)
+    matches_reference(single, ref, "1 split vs reference")
+    for num_splits in (2, 5):
+        out = _launch(case, kv, sinks=case.sinks, num_splits=num_splits)
+        kvperf.errors(out, ref, prefix=f"split{num_splits}_")
+        matches_reference(out, ref, f"{num_splits} splits vs reference")
+        # Split and single pass differ only in fp32 summation order.
+        torch.testing.assert_close(out, single, rtol=2 ** -7, atol=1e-3)
+
+
+def test_reading_past_seq_len_would_show(decode_case):
+    """Control for the NaN poisoning: claim one token more than each sequence owns and the
+    kernel reads a poisoned slot, so every output of that sequence turns NaN."""
+    case = decode_case((5, 17), hq=4, hkv=2, head_dim=64, page_size=16)
+    kv = case.pack(BF16)
+    good = _launch(case, kv, sinks=case.sinks)
+    assert torch.isfinite(good).all()
+    too_long = _launch(case, kv, sinks=case.sinks, seq_lens=kv.seq_lens + 1)
+    assert torch.isnan(too_long.float()).flatten(1).all(dim=1).all(), (
+        "an over-long seq_len read a slot that was not NaN: the poisoning is not effective"
+    )
+
+
+def test_strided_views_and_out(decode_case, matches_reference):
+    """q sliced from a fused qkv tensor, K/V as views of one [pages, 2, page, Hkv, D]
+    cache (FlashInfer's combined layout), output into a NaN-filled preallocated tensor."""
+    case = decode_case((33, 7), hq=8, hkv=2, head_dim=64, page_size=16, seed=5)
+    kv = case.pack(BF16)
+    fused_kv = torch.stack([kv.k_cache, kv.v_cache], dim=1)
+    k_view, v_view = fused_kv[:, 0], fused_kv[:, 1]
+    b, hq, d = case.q.shape
+    qkv = torch.full((b, hq + 4, d), float("nan"), dtype=case.q.dtype, device=case.q.device)
+    qkv[:, :hq] = case.q
+    q_view = qkv[:, :hq]
+    assert not q_view.is_contiguous() and not k_view.is_contiguous()
+    out = torch.full_like(case.q, float("nan"))
+    got = paged_decode_attention(q_view, k_view, v_view, kv.block_tables, kv.seq_lens,
+                                 sinks=case.sinks, num_splits=2, out=out, block_n=_block_n())
+    assert got is out
+    ref = paged_decode_attention_ref(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
+                                     kv.seq_lens, sinks=case.sinks)
+    matches_reference(out, ref, "strided views")
+
+
+def test_no_sync_path_matches_checked_path(decode_case):
+    """max_seq_len given (no device sync, graph-capturable) launches the same kernel."""
+    case = decode_case(RAGGED, hq=8, hkv=2, head_dim=64, page_size=16, seed=7)
+    kv = case.pack(E4M3, "per_tensor")
+    checked = _launch(case, kv, sinks=case.sinks, num_splits=2)
+    unchecked = _launch(case, kv, sinks=case.sinks, num_splits=2, max_seq_len=max(RAGGED))
+    assert torch.isfinite(checked).all()
+    assert torch.equal(checked, unchecked)
+
+
+@pytest.mark.parametrize("batch, hkv, kv_len", [(64, 8, 8192), (1, 8, 32768), (4, 8, 1024),
+                                                (1, 1, 300), (2, 8, 128)])
+def test_split_heuristic(batch, hkv, kv_len):
+    """The heuristic fills >= 2 waves of an H100 (132 SMs) when the length allows it and
+    never gives a split fewer than 256 tokens (the merge would cost more than it saves)."""
+    sms = 132
+    splits = choose_num_splits(batch, hkv, kv_len, sms)
+    assert 1 <= splits <= MAX_SPLITS
+    assert splits == 1 or kv_len // splits >= 256
+    assert batch * hkv * splits >= 2 * sms or splits == min(MAX_SPLITS, max(1, kv_len // 256))
+

@@ -1,0 +1,151 @@
+"""FlashInfer's entry points that accept attention sinks, on BF16 and FP8 E4M3 KV, against our
+float64 reference (lab items 1 and 3, the issue's FlashInfer part).
+
+Each test runs one entry point / backend in a child process (flashinfer_child.py) for both
+KV dtypes in one order, BF16 then FP8 or FP8 then BF16, and checks for every step:
+- the output against the reference with sinks (FlashInfer's own tolerances: 1e-2 for a
+  16-bit P, 1e-1 for XQA's FP8-math Hopper kernel); when it fails, whether the output
+  instead matches the no-sink reference (the sink was silently ignored);
+- the sink's limits: +30 drives the output to ~0, -1e4 equals the no-sink reference;
+- the path: a JIT module named for this entry point and KV dtype is mapped into the
+  process (/proc/self/maps), it is the file now on disk (not a stale build replaced since),
+  and its generated config declares the KV dtype (DTypeKV) and, for the sink wrapper,
+  the AttentionSink variant.
+A wrong result is a failing test whose message names entry point, backend, dtype and
+order; nothing here skips on a wrong answer. The children share FlashInfer's JIT cache,
+so the second order's first step also reuses another process's build.
+
+JIT cost: one head_dim (64), one page size (16), gpt-oss heads (64/8), window only in the
+two `*-window` cases. The sink wrapper's module name lacks the KV dtype, so each dtype
+switch recompiles it (15-80 s on an H100): expect several minutes on a cold cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+CHILD = Path(__file__).with_name("flashinfer_child.py")
+RESULT_TAG = "KVPERF_RESULT "
+CHILD_TIMEOUT_S = 1500  # two cold JIT builds plus imports
+
+# FlashInfer's own tolerances: sink tests with BF16 (P rounded to 16 bits once), and its
+# XQA FP8-KV tests (the Hopper FP8 kernel rounds Q and P to E4M3 for FP8 tensor cores).
+TOL_16BIT_P = (1e-2, 1e-2)
+TOL_XQA_FP8 = (1e-1, 1e-1)
+BIG_SINK_MAX_ABS = 1e-3  # with a +30 sink the softmax weight of every token is < e^-20
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    entry: str  # decode | sink_wrapper | xqa
+    backend: str
+    tensor_cores: bool = False
+    window_left: int = -1
+    orders: tuple = (("bf16", "fp8"), ("fp8", "bf16"))
+    tolerance: dict = field(default_factory=lambda: {"bf16": TOL_16BIT_P, "fp8": TOL_16BIT_P})
+
+
+ROUTES = [
+    Route("decode-fa2-cudacore", "decode", "fa2", tensor_cores=False),
+    Route("decode-fa2-tensorcore", "decode", "fa2", tensor_cores=True),
+    Route("sinkwrapper-fa2", "sink_wrapper", "fa2"),
+    Route("sinkwrapper-fa3", "sink_wrapper", "fa3"),
+    Route("xqa", "xqa", "xqa", tolerance={"bf16": TOL_16BIT_P, "fp8": TOL_XQA_FP8}),
+    # gpt-oss alternates full attention with a 128-token window (window_left = 127).
+    Route("sinkwrapper-fa2-window", "sink_wrapper", "fa2", window_left=127,
+          orders=(("bf16", "fp8"),)),
+    Route("xqa-window", "xqa", "xqa", window_left=127, orders=(("bf16", "fp8"),),
+          tolerance={"bf16": TOL_16BIT_P, "fp8": TOL_XQA_FP8}),
+]
+CASES = [
+    pytest.param(route, order, id=f"{route.name}-{'-then-'.join(order)}")
+    for route in ROUTES for order in route.orders
+]
+# Lengths: one token, a page boundary, and longer than the 128-token window.
+SPEC = dict(lens=[1, 17, 300, 1000], hq=64, hkv=8, head_dim=64, page_size=16, seed=5)
+
+
+def _run_child(route: Route, order: tuple) -> tuple[dict | None, str]:
+    spec = dict(SPEC, entry=route.entry, backend=route.backend,
+                tensor_cores=route.tensor_cores, window_left=route.window_left,
+                order=list(order), tolerance=route.tolerance)
+    proc = subprocess.run(
+        [sys.executable, str(CHILD), json.dumps(spec)], capture_output=True, text=True,
+        timeout=CHILD_TIMEOUT_S, env=dict(os.environ),
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    log = f"exit code {proc.returncode}; stderr tail:\n{proc.stderr[-3000:]}"
+    if proc.returncode != 0 or not lines:
+        return None, log
+    return json.loads(lines[-1][len(RESULT_TAG):]), log
+
+
+def _step_problems(route: Route, step: dict) -> list[str]:
+    """Everything wrong with one step; empty when the step is right."""
+    if "error" in step:
+        return [f"raised {step['error']}\n{step.get('traceback', '')}"]
+    problems = []
+    vs_ref, vs_plain = step["vs_reference"], step["vs_no_sink_reference"]
+    if not vs_ref["within_tol"]:
+        why = ("NaN/Inf in the output" if not vs_ref["finite"] else
+               f"{vs_ref['n_bad']}/{vs_ref['numel']} outputs off, rel L2 "
+               f"{vs_ref['rel_l2_err']:.3g}, worst {vs_ref['worst']}")
+        if vs_plain["within_tol"]:
+            why += " -- the output equals the NO-SINK reference: the sinks were ignored"
+        problems.append(f"wrong vs reference with sinks: {why}")
+    if step["sink_plus30_max_abs"] > BIG_SINK_MAX_ABS:
+        problems.append(f"sink +30 left max |out| = {step['sink_plus30_max_abs']:.3g} "
+                        f"(> {BIG_SINK_MAX_ABS}): the sink is not in the denominator")
+    if not step["sink_minus1e4_vs_no_sink"]["within_tol"]:
+        problems.append("sink -1e4 differs from the no-sink reference: "
+                        f"{step['sink_minus1e4_vs_no_sink']['worst']}")
+    path = step["path"]
+    if not path["mapped"]:
+        problems.append(f"no JIT module named {path['expected_prefix']}* is mapped: another "
+                        "kernel (a fallback) ran")
+    for lib, info in path["mapped"].items():
+        if info["deleted"] or info["replaced_on_disk"]:
+            problems.append(f"stale JIT module: {lib} mapped here was replaced on disk "
+                            "since it was loaded (built for another configuration)")
+    for uri, config in path["configs"].items():
+        for inc, decl in config.items():
+            if inc == "dir":
+                continue
+            if decl["DTypeKV"] is None or path["expected_dtype_kv"] not in decl["DTypeKV"]:
+                problems.append(f"{uri}/{inc} declares DTypeKV {decl['DTypeKV']}, expected "
+                                f"{path['expected_dtype_kv']}")
+            if route.entry == "sink_wrapper" and decl["AttentionVariant"] != "AttentionSink":
+                problems.append(f"{uri}/{inc} declares AttentionVariant "
+                                f"{decl['AttentionVariant']}, expected AttentionSink")
+    return problems
+
+
+@pytest.mark.gpu
+@pytest.mark.requires("flashinfer", "0.7")
+@pytest.mark.parametrize("route, order", CASES)
+def test_flashinfer_sink_entry_point(route, order, kvperf):
+    result, log = _run_child(route, order)
+    where = (f"entry point {route.entry} (case {route.name}), backend {route.backend}, "
+             f"order {' then '.join(order)}")
+    assert result is not None, f"{where}: the child process died or printed no result; {log}"
+    kvperf.info("flashinfer", result["flashinfer"])
+    assert [s["kv"] for s in result["steps"]] == list(order), result["steps"]
+    failures = []
+    for position, step in enumerate(result["steps"], start=1):
+        kvperf.info(f"{step['kv']}.wrapper", json.dumps(step.get("wrapper", {})))
+        if "vs_reference" in step and step["vs_reference"]["finite"]:
+            for metric in ("rel_l2_err", "max_abs_err"):
+                kvperf.accuracy(f"{step['kv']}.{metric}", step["vs_reference"][metric],
+                                better="lower", rtol=0.25)
+        for problem in _step_problems(route, step):
+            failures.append(f"{where}, KV {step['kv']} (step {position} of {len(order)}): "
+                            f"{problem}")
+    assert not failures, f"FlashInfer {result['flashinfer']}:\n" + "\n".join(failures)
