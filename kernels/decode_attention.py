@@ -13,9 +13,11 @@ Sliding window as FlashInfer: ``window_left = w >= 0`` attends to the last w+1 t
 Design:
 - one program per (sequence, KV head, split) handles all Hq/Hkv query heads of that KV
   head, so each KV byte is read from memory once (the kernel is bandwidth bound);
-- FP8 KV is dequantised in registers to the query's 16-bit type (exact for e4m3) and fed
-  to the tensor cores; per-tensor scales fold into the score / output multipliers,
-  per-token scales scale score columns (K) and probability columns (V);
+- FP8 KV (float8_e4m3fn; float8_e4m3fnuz decoded from its bits, max 240) is dequantised
+  in registers to the query's 16-bit type (exact for E4M3) and fed to the tensor cores;
+  per-tensor scales fold into the score / output multipliers, per-token scales scale
+  score columns (K) and probability columns (V); P enters the P.V product as a 16-bit
+  value plus its 16-bit rounding residue (see ``precise_pv``);
 - split-KV: a sequence's (windowed) range is cut into ``num_splits`` chunks; each writes
   an unnormalised partial (acc, running max, running sum) and a merge kernel combines
   them by log-sum-exp, adding the sink there, once. With one split the decode kernel

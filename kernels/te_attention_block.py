@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from kvperf_kernels.compressed_attention import CompressedKV, compress, decompress
 from kvperf_kernels.te_recipes import (
     KV_FORMAT_FOR_RECIPE,
@@ -180,15 +179,17 @@ def attention_block_ref(w: BlockWeights, dims: BlockDims, x_past: torch.Tensor,
 # --------------------------------------------------------------------------------------
 
 def _cat_compressed(a: CompressedKV, b: CompressedKV) -> CompressedKV:
-    """Append b's tokens (dim 1) to a; row-local formats only, same global scale."""
+    """Append b's tokens (dim 1) to a; row-local formats only.
+
+    NVFP4 rows of a and b must come from the same global amax (the block passes its one
+    ``kv_amax`` to every call), so a's global scale stands for both; comparing them here
+    would cost a device sync per decode step.
+    """
+    if a.fmt != b.fmt:
+        raise ValueError(f"cannot append {b.fmt} rows to a {a.fmt} cache")
     tensors = {}
     for name, t in a.tensors.items():
-        if name == "global_scale":
-            if not torch.equal(t, b.tensors[name]):
-                raise ValueError("cannot append NVFP4 rows stored with another global scale")
-            tensors[name] = t
-        else:
-            tensors[name] = torch.cat([t, b.tensors[name]], dim=1)
+        tensors[name] = t if name == "global_scale" else torch.cat([t, b.tensors[name]], dim=1)
     shape = (a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:])
     return CompressedKV(a.fmt, shape, tensors)
 

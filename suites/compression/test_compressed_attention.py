@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from kvperf_kernels._device import default_device
 from kvperf_kernels.compressed_attention import (
     attend_compressed,
@@ -150,7 +149,9 @@ def test_unfused_bf16_attention_matches_reference():
     out = decode_attention(q, k, v).double().cpu()
     ref = decode_attention_ref(q, k, v).cpu()
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2**-7)
+    # FlashAttention-style kernels (the GPU's SDPA) round the softmax weights to BF16 before
+    # P @ V: up to 2^-9 relative per weight on outputs of |v| ~ 3, so atol 1e-2, rtol 2^-6.
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=2**-6)
     # a wrong GQA grouping (head h -> another kv head) would be far off: prove it is tested
     wrong = decode_attention_ref(q, k.roll(1, dims=2), v.roll(1, dims=2)).cpu()
     assert (wrong - ref).abs().max() > 0.1
@@ -160,31 +161,45 @@ def test_unfused_bf16_attention_matches_reference():
 # Block scaling vs per-tensor on outlier data
 # --------------------------------------------------------------------------------------
 
-def test_block_scaling_beats_per_tensor_on_outliers(kvperf):
-    """Two real effects, both asserted:
-
-    * keys with outlier channels: a per-row (1x128 block) scale puts each row's largest
-      element, an outlier that dominates the row's norm, exactly on 448; one scale for the
-      whole tensor cannot, so the block's rel-L2 is clearly lower;
-    * values of the sink token are ~1000x smaller than the rest: under one tensor scale
-      they fall into E4M3's subnormals and lose most bits; every block-scaled format
-      (1x128 fp32, MXFP8's 1x32 E8M0) keeps them at full relative precision.
-    """
+def test_block_scaling_beats_per_tensor_on_outlier_keys(kvperf):
+    """Keys with outlier channels: a per-row (1x128 block) fp32 scale puts each row's
+    largest element, an outlier that dominates the row's norm, exactly on 448 (exact in
+    E4M3); one scale for the whole tensor cannot, so per-tensor's rel-L2 is ~1.6x higher
+    (0.60-0.68x measured over seeds). MXFP8's power-of-two scales lose that advantage:
+    recorded, not asserted."""
     dev = default_device()
     g = torch.Generator().manual_seed(21)
-    k, v = realistic_kv(2, 96, 2, 128, generator=g)
-    k, v = k.to(dev, torch.bfloat16), v.to(dev, torch.bfloat16)
-    rel = {}
-    worst_v = {}
-    for fmt in ("fp8_per_tensor", "fp8_per_block128", "mxfp8"):
-        mk = kvperf.errors(decompress(compress(k, fmt)), k, prefix=f"{fmt}.k.")
-        rel[fmt] = mk["rel_l2_err"]
-        worst_v[fmt] = worst_token_rel_error(decompress(compress(v, fmt)), v)
-        kvperf.accuracy(f"{fmt}.v.worst_token_rel_err", worst_v[fmt], better="lower")
+    k, _ = realistic_kv(2, 96, 2, 128, generator=g, device=dev)
+    k = k.to(torch.bfloat16)
+    rel = {fmt: kvperf.errors(decompress(compress(k, fmt)), k, prefix=f"{fmt}.")["rel_l2_err"]
+           for fmt in ("fp8_per_tensor", "fp8_per_block128", "mxfp8")}
     assert rel["fp8_per_block128"] <= 0.8 * rel["fp8_per_tensor"], rel
+
+
+@pytest.mark.parametrize("sink_value_scale", [1e-2, 1e-4])
+def test_block_scaling_keeps_small_tokens_per_tensor_loses_them(sink_value_scale, kvperf):
+    """Values of the sink token scaled by 1e-2 or 1e-4 of the others (sink tokens carry
+    near-zero values). One tensor scale is set by the largest value (~20x a typical one),
+    so at 1e-4 the sink's values sit ~2e-6 below the max, past E4M3's normal range
+    (2^-6 .. 448, a ratio of 2^-14.8) into its subnormals, and its row loses most bits;
+    every block-scaled format rescales that row. At 1e-2 all formats serve every row at
+    E4M3's precision (the worst row's relative error stays near 2^-5)."""
+    dev = default_device()
+    g = torch.Generator().manual_seed(21)
+    _, v = realistic_kv(2, 96, 2, 128, generator=g, sink_value_scale=sink_value_scale,
+                        device=dev)
+    v = v.to(torch.bfloat16)
+    worst = {}
+    for fmt in ("fp8_per_tensor", "fp8_per_block128", "mxfp8"):
+        worst[fmt] = worst_token_rel_error(decompress(compress(v, fmt)), v)
+        kvperf.accuracy(f"{fmt}.worst_token_rel_err", worst[fmt], better="lower")
     for fmt in ("fp8_per_block128", "mxfp8"):
-        assert worst_v[fmt] <= 0.5 * worst_v["fp8_per_tensor"], worst_v
-        assert worst_v[fmt] <= 2**-4, worst_v  # E4M3's 3 mantissa bits, rows near 2^-5
+        assert worst[fmt] <= 2**-4, worst  # E4M3: 3 mantissa bits, <= 2^-4 per element
+    if sink_value_scale <= 1e-4:
+        assert worst["fp8_per_tensor"] >= 4 * max(worst["fp8_per_block128"], worst["mxfp8"]), \
+            worst
+    else:
+        assert worst["fp8_per_tensor"] <= 2**-4, worst
 
 
 # --------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import logging
 
 import pytest
 import torch
-
 from kvperf_kernels.te_attention_block import (
     BlockDims,
     TEAttentionBlock,

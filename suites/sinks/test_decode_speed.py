@@ -33,9 +33,9 @@ TOL_16BIT_P = (1e-2, 1e-2)  # FlashInfer's own tolerance for a kernel rounding P
 TOL_XQA_FP8 = (1e-1, 1e-1)  # XQA's Hopper FP8 kernel rounds Q and P to E4M3
 
 
-def _build(batch: int, kv_len: int) -> dict:
-    """q, sinks and the same random K/V packed as every variant (CUDA-side randoms)."""
-    dev = torch.device("cuda")
+def _build(batch: int, kv_len: int, device: str = "cuda") -> dict:
+    """q, sinks and the same random K/V packed as every variant (device-side randoms)."""
+    dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(batch * 100003 + kv_len)
     tokens = batch * kv_len
     q = torch.randn(batch, HQ, D, device=dev, generator=gen).to(torch.bfloat16)
