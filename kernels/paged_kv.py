@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from kvperf_kernels._device import interpreted
 from kvperf_kernels.fp8_quant import (
     quantize_per_tensor,
@@ -172,9 +173,11 @@ def quantize_fp8_tokens(
         raise ValueError(f"granularity must be one of {SCALE_GRANULARITIES}, got {granularity!r}")
     if fp8_dtype == torch.float8_e4m3fn:
         # The Triton quantisers and their torch references are bit-exact by fp8_quant's
-        # contract; in the CPU interpreter the kernels take ~10 s per 32K tokens.
+        # contract; CPU tensors take the reference (in the CPU interpreter the kernels
+        # take ~10 s per 32K tokens, and on a GPU machine the kernels want CUDA tensors).
         per_tensor, per_token = (
-            (quantize_per_tensor_ref, quantize_per_token_ref) if interpreted()
+            (quantize_per_tensor_ref, quantize_per_token_ref)
+            if interpreted() or x.device.type != "cuda"
             else (quantize_per_tensor, quantize_per_token)
         )
         if granularity == "per_tensor":

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from kvperf_kernels._device import default_device
 from kvperf_kernels.fp8_quant import quantize_per_tensor, quantize_per_token
 from kvperf_kernels.paged_kv import (
     E4M3FNUZ_MAX,
@@ -65,8 +67,9 @@ def test_fp8_pack_uses_project_quantisers(granularity):
     v = torch.randn(sum(LENS), 2, 64, generator=gen)
     kv = pack_paged_kv(k, v, LENS, 16, kv_dtype=torch.float8_e4m3fn,
                        scale_granularity=granularity, generator=gen)
-    expect_q, expect_scale = (quantize_per_tensor if granularity == "per_tensor"
-                              else quantize_per_token)(k)
+    # the project's quantiser kernel, where it runs (a GPU, or the CPU interpreter)
+    quantise = quantize_per_tensor if granularity == "per_tensor" else quantize_per_token
+    expect_q, expect_scale = (t.cpu() for t in quantise(k.to(default_device())))
     stored = torch.cat(gather_paged(kv.k_cache, kv.block_tables, kv.seq_lens, 16))
     assert torch.equal(stored.view(torch.uint8), expect_q.view(torch.uint8))
     if granularity == "per_tensor":
