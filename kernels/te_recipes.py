@@ -26,6 +26,8 @@ import importlib
 import logging
 from collections.abc import Mapping
 
+from pytest_kvperf.hardware import TransformerEngineSupport
+
 LOG = logging.getLogger("kvperf.te")
 
 LADDER = ("nvfp4", "mxfp8", "fp8_block", "fp8_current", "bf16")
@@ -48,16 +50,7 @@ REL_L2_POLICY = {
     "bf16": 2.0**-4,
 }
 
-# TE's availability checks per rung: new API name (TE >= 2.8, ``quantization.py``), and the
-# older ``transformer_engine.pytorch.fp8`` function that returns (ok, reason).
-_TE_CHECKS = {
-    "nvfp4": ("is_nvfp4_available", "check_nvfp4_support"),
-    "mxfp8": ("is_mxfp8_available", "check_mxfp8_support"),
-    "fp8_block": ("is_fp8_block_scaling_available", "check_fp8_block_scaling_support"),
-    "fp8_current": ("is_fp8_available", "check_fp8_support"),
-}
-
-TE_NOT_INSTALLED = "transformer_engine not installed"
+TE_NOT_INSTALLED = TransformerEngineSupport.NOT_INSTALLED
 
 
 class TERecipeUnavailable(RuntimeError):
@@ -82,34 +75,17 @@ def _check_pair(value, rung: str) -> tuple[bool, str]:
     return value
 
 
-def te_availability(te=None) -> dict[str, tuple[bool, str]]:
+def te_availability() -> dict[str, tuple[bool, str]]:
     """``{rung: (ok, reason)}`` for this machine, from TE's own checks.
 
-    Without TE every rung is ``(False, "transformer_engine not installed (...)")``. A check
-    that raises (e.g. no CUDA device) is reported as not available with its exception text.
+    The quantised rungs come from the plugin's hardware model (TE's own reason strings;
+    "transformer_engine not installed (...)" without TE); bf16 needs only a CUDA GPU.
     """
-    if te is None:
-        try:
-            te = import_te()
-        except ImportError as exc:
-            return {rung: (False, str(exc)) for rung in LADDER}
-    table: dict[str, tuple[bool, str]] = {}
-    legacy = None
-    for rung, (new_name, old_name) in _TE_CHECKS.items():
-        try:
-            if hasattr(te, new_name):
-                ok, reason = getattr(te, new_name)(return_reason=True)
-            else:  # TE 2.0 - 2.7: transformer_engine.pytorch.fp8.check_*_support()
-                legacy = legacy or importlib.import_module("transformer_engine.pytorch.fp8")
-                if not hasattr(legacy, old_name):
-                    version = getattr(importlib.import_module("transformer_engine"),
-                                      "__version__", "?")
-                    table[rung] = (False, f"transformer_engine {version} has no {rung} recipe")
-                    continue
-                ok, reason = getattr(legacy, old_name)()
-        except Exception as exc:  # noqa: BLE001 - any failure of a check means "not here"
-            ok, reason = False, f"{new_name} failed: {type(exc).__name__}: {exc}"
-        table[rung] = (bool(ok), str(reason))
+    support = TransformerEngineSupport()
+    table = support.availability()
+    if support.import_error:  # the BF16 rung still runs TE's modules
+        table["bf16"] = (False, support.import_error)
+        return table
     try:
         import torch
 

@@ -208,35 +208,51 @@ def detect() -> HardwareProfile:
 
 
 class TransformerEngineSupport:
-    """TE's own answers on this machine, with TE's reason strings; never guessed."""
+    """TE's own answers on this machine, with TE's reason strings; never guessed.
 
-    RECIPES = {
-        "fp8": "is_fp8_available",
-        "fp8_block_scaling": "is_fp8_block_scaling_available",
-        "mxfp8": "is_mxfp8_available",
-        "nvfp4": "is_nvfp4_available",
+    Keys are the recipe ladder's rungs. TE >= 2.8 answers through
+    ``transformer_engine.pytorch.is_*_available(return_reason=True)``; TE 2.0-2.7 through
+    ``transformer_engine.pytorch.fp8.check_*_support()``.
+    """
+
+    CHECKS = {
+        "nvfp4": ("is_nvfp4_available", "check_nvfp4_support"),
+        "mxfp8": ("is_mxfp8_available", "check_mxfp8_support"),
+        "fp8_block": ("is_fp8_block_scaling_available", "check_fp8_block_scaling_support"),
+        "fp8_current": ("is_fp8_available", "check_fp8_support"),
     }
+    NOT_INSTALLED = "transformer_engine not installed"
 
     @cached_property
     def import_error(self) -> str | None:
         try:
             import transformer_engine.pytorch  # noqa: F401
-        except Exception as exc:  # TE raises more than ImportError when its .so is broken
-            return f"transformer_engine.pytorch cannot be imported: {exc}"
+        except ImportError as exc:
+            return f"{self.NOT_INSTALLED} ({exc})"
+        except (OSError, RuntimeError) as exc:  # installed, but its CUDA libraries do not load
+            return f"transformer_engine failed to import: {type(exc).__name__}: {exc}"
         return None
 
     def availability(self) -> dict[str, tuple[bool, str]]:
-        """{recipe: (available, reason)}; every recipe unavailable if TE does not import."""
+        """{rung: (available, reason)}; every rung unavailable, with why, if TE does not import."""
         if self.import_error:
-            return {recipe: (False, self.import_error) for recipe in self.RECIPES}
+            return {rung: (False, self.import_error) for rung in self.CHECKS}
+        import importlib
+
         import transformer_engine.pytorch as te
 
-        answers = {}
-        for recipe, check in self.RECIPES.items():
-            func = getattr(te, check, None)
-            if func is None:
-                answers[recipe] = (False, f"transformer_engine has no {check}()")
-                continue
-            ok, reason = func(return_reason=True)
-            answers[recipe] = (bool(ok), reason or "")
+        answers: dict[str, tuple[bool, str]] = {}
+        for rung, (new_name, old_name) in self.CHECKS.items():
+            try:
+                if hasattr(te, new_name):
+                    ok, reason = getattr(te, new_name)(return_reason=True)
+                else:
+                    legacy = importlib.import_module("transformer_engine.pytorch.fp8")
+                    if not hasattr(legacy, old_name):
+                        answers[rung] = (False, f"this transformer_engine has no {rung} recipe")
+                        continue
+                    ok, reason = getattr(legacy, old_name)()
+            except Exception as exc:  # a check that raises (no GPU, say) means "not here"
+                ok, reason = False, f"{new_name} failed: {type(exc).__name__}: {exc}"
+            answers[rung] = (bool(ok), str(reason or ""))
         return answers

@@ -151,15 +151,20 @@ def _speed_judge():
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     try:
-        return (yield)
-    finally:
-        recorder = item.stash.get(_recorder_key, None)
-        if recorder is not None and (recorder.metrics or recorder.info_values):
-            _compare_and_attach(item, recorder)
+        result = yield
+    except BaseException:
+        # The test's own failure is the story: record its numbers, add no second error.
+        _compare_and_attach(item, may_fail=False)
+        raise
+    _compare_and_attach(item, may_fail=True)
+    return result
 
 
-def _compare_and_attach(item, recorder: MetricRecorder) -> None:
+def _compare_and_attach(item, may_fail: bool) -> None:
     """Compare recorded metrics with the baseline; fail on accuracy (and, if asked, speed)."""
+    recorder = item.stash.get(_recorder_key, None)
+    if recorder is None or not (recorder.metrics or recorder.info_values):
+        return
     session = _session(item.config)
     entry = session.entry(session.real_hw.key, item.nodeid)
     verdict = compare_metrics(entry, recorder.metrics, _speed_judge())
@@ -170,7 +175,7 @@ def _compare_and_attach(item, recorder: MetricRecorder) -> None:
         "changes": [vars(c) for c in verdict.changes],
     }
     item.user_properties.append((PROP_METRICS, json.dumps(payload)))
-    if session.update:
+    if session.update or not may_fail:
         return  # the point of an update run is to accept new numbers after review
     failures = verdict.regressed("accuracy")
     if session.speed_policy == "fail":

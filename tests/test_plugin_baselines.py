@@ -191,3 +191,13 @@ def test_nan_metric_fails_the_test(pytester):
     result = pytester.runpytest()
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*metric 'err' is nan: NaN or Inf never pass*"])
+
+
+def test_failing_test_keeps_its_own_error_and_metrics(pytester, monkeypatch, recorded):
+    result = run(pytester, monkeypatch, fail=1, fail_err=0.9)
+    result.assert_outcomes(passed=4, failed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*AssertionError: lab threshold broken*"])
+    result.stdout.no_fnmatch_line("*regressed against baseline*")
+    doc = json.loads((pytester.path / "r.json").read_text())["tests"]
+    failed = doc["test_lab.py::test_fails_when_asked"]
+    assert failed["status"] == "regressed" and failed["metrics"]["max_abs_err"]["value"] == 0.9
