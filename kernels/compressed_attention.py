@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from kvperf_kernels import fp8_quant, mxfp8, nvfp4
 from kvperf_kernels.kv_memory import FORMATS, tensor_bytes
 

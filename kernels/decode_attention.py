@@ -11,17 +11,27 @@ Sliding window as FlashInfer: ``window_left = w >= 0`` attends to the last w+1 t
 (the current one included); -1 attends to all.
 
 Design:
-- one program per (sequence, KV head, split) handles all Hq/Hkv query heads of that KV
-  head, so each KV byte is read from memory once (the kernel is bandwidth bound);
-- FP8 KV (float8_e4m3fn; float8_e4m3fnuz decoded from its bits, max 240) is dequantised
-  in registers to the query's 16-bit type (exact for E4M3) and fed to the tensor cores;
-  per-tensor scales fold into the score / output multipliers, per-token scales scale
-  score columns (K) and probability columns (V); P enters the P.V product as a 16-bit
-  value plus its 16-bit rounding residue (see ``precise_pv``);
+- one program per (sequence, HP KV heads, split) handles all Hq/Hkv query heads of its KV
+  heads, so each KV byte is read from memory once (the kernel is bandwidth bound); HP
+  KV heads side by side (2 at D 64) make a token's tile whole 128-byte lines in FP8, and
+  heads vary fastest in the grid, so the programs reading one token's row run together;
+- FP8 KV (float8_e4m3fn; float8_e4m3fnuz decoded from its bits, max 240) is decoded in
+  registers to float16 (exact for E4M3; one packed convert per two bytes, where bfloat16
+  needs a second convert per element) and fed to the tensor cores with a bf16 query
+  rescaled per head into float16 range by a power of two (exact); per-tensor scales fold
+  into the score / output multipliers, per-token scales scale score columns (K) and
+  probability columns (V, relative to a running power of two so p * scale fits float16);
+- P enters the P.V product as a 16-bit value, plus its 16-bit rounding residue where one
+  rounding would show in the output (``precise_pv``: bf16 P, or a float16 output);
 - split-KV: a sequence's (windowed) range is cut into ``num_splits`` chunks; each writes
   an unnormalised partial (acc, running max, running sum) and a merge kernel combines
   them by log-sum-exp, adding the sink there, once. With one split the decode kernel
-  normalises and adds the sink itself.
+  normalises and adds the sink itself. The default split count fills the SMs with one
+  wave of resident programs.
+
+H100 (gpt-oss shapes, batch 64, Hq 64, Hkv 8, D 64, page 16): FP8 KV with sinks at kv 8192
+reads 537 MB in ~205 us (2.6 TB/s, 0.87 of the 3.0 TB/s copy bandwidth), BF16 1074 MB
+in ~368 us; see suites/sinks/tune_decode.py for the sweep.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from kvperf_kernels._device import interpreted
 
 LOG2E = 1.4426950408889634
@@ -50,18 +61,63 @@ _SCALE_SCALAR, _SCALE_TENSOR1, _SCALE_PER_TOKEN = 0, 1, 2
 
 
 @triton.jit
-def _load_kv_tile(ptr, offs, mask, KV_FORMAT: tl.constexpr, COMPUTE: tl.constexpr):
-    """Load a [BLOCK_N, D] KV tile and return it as COMPUTE (the query's 16-bit type)."""
-    if KV_FORMAT == 2:
-        # e4m3fnuz (bias 8, max 240, NaN only at 0x80) has no Triton type on NVIDIA: decode
-        # the bytes as e4m3fn (bias 7), halve, and patch the codes where the formats differ.
-        raw = tl.load(ptr + offs, mask=mask, other=0)
-        x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * 0.5
-        x = tl.where((raw & 0x7F) == 0x7F, tl.where(raw >= 128, -240.0, 240.0), x)
-        x = tl.where(raw == 0x80, float("nan"), x)
-        return x.to(COMPUTE)
+def _e4m3fn_bytes_to_f16(raw, OPAQUE: tl.constexpr):
+    """float8_e4m3fn bytes (uint8) -> float16, exactly (one packed convert per two bytes)."""
+    if OPAQUE:
+        # The same PTX convert Triton emits, but in an impure asm block, which Triton does not
+        # hoist past the layout conversion to the dot operand: the tile is decoded where it
+        # was loaded and reaches the MMA as float16 through ldmatrix. Hoisted (the plain
+        # cast), V's operand is gathered one byte at a time from shared memory, because P.V
+        # needs V transposed and there is no 8-bit transposing ldmatrix on sm90.
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b16 lo, hi;
+            mov.b32 {lo, hi}, $2;
+            cvt.rn.f16x2.e4m3x2 $0, lo;
+            cvt.rn.f16x2.e4m3x2 $1, hi;
+            }""",
+            constraints="=r,=r,r", args=[raw], dtype=tl.float16, is_pure=False, pack=4,
+        )
     else:
-        return tl.load(ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        return raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+
+
+@triton.jit
+def _load_kv_tile(ptr, offs, mask, KV_FORMAT: tl.constexpr, TILE: tl.constexpr,
+                  OPAQUE: tl.constexpr):
+    """Load a [BLOCK_N, D] KV tile as TILE (16-bit). FP8 goes to float16, which holds every
+    E4M3 value exactly and is one packed hardware convert per two bytes on sm89+ (bfloat16
+    would take an extra per-element convert: that was the FP8 kernel's bottleneck).
+    OPAQUE (FP8 only, GPU only): decode before the dot-operand layout conversion."""
+    if KV_FORMAT == 0:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(TILE)
+    else:
+        raw = tl.load(ptr + offs, mask=mask, other=0)  # uint8 (the launcher passes bytes)
+        x = _e4m3fn_bytes_to_f16(raw, OPAQUE)
+        if KV_FORMAT == 2:
+            # e4m3fnuz (bias 8, max 240, NaN only at 0x80) decoded as e4m3fn (bias 7) is
+            # twice its value (the kernel folds the 1/2 into the scales); patch the codes
+            # where the formats differ: +-0x7F (NaN in fn, +-240 in fnuz), 0x80 (-0 / NaN).
+            x = tl.where((raw & 0x7F) == 0x7F, tl.where(raw >= 128, -480.0, 480.0), x)
+            x = tl.where(raw == 0x80, float("nan"), x)
+        return x.to(TILE)
+
+
+@triton.jit
+def _pow2_from_biased_exponent(e):
+    """2^(e - 127) as float32 for an int32 biased exponent e in [1, 254] (exact)."""
+    return (e << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _token_scales_by_row(base, stride_h, n_mask, r_head, HP: tl.constexpr):
+    """Per-token scales of the program's HP KV heads as [rows, BLOCK_N] ([1, BLOCK_N] when
+    HP == 1): row r takes its head's (r // GROUP) scales; padding rows take head 0's."""
+    x = tl.load(base, mask=n_mask, other=0.0)[None, :]
+    for h in tl.static_range(1, HP):
+        x_h = tl.load(base + h * stride_h, mask=n_mask, other=0.0)
+        x = tl.where(r_head[:, None] == h, x_h[None, :], x)
+    return x
 
 
 # window_left is -1 or a length: keep Triton from turning the value 1 into a constant.
@@ -79,14 +135,17 @@ def _paged_decode_kernel(
     stride_bt,
     stride_ob, stride_oh,
     num_q_heads,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, HP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_FORMAT: tl.constexpr, K_SCALE_MODE: tl.constexpr, V_SCALE_MODE: tl.constexpr,
     HAS_SINKS: tl.constexpr, IS_SPLIT: tl.constexpr,
-    COMPUTE: tl.constexpr, DOT: tl.constexpr, PRECISE_PV: tl.constexpr,
+    TILE: tl.constexpr, DOT: tl.constexpr, Q_RESCALE: tl.constexpr, PRECISE_PV: tl.constexpr,
+    DECODE_ASM: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # Heads vary fastest in the grid: the programs that read the KV heads of one token (one
+    # contiguous row of the cache) run side by side, so DRAM pages are opened once for all.
+    head_block = tl.program_id(0)
+    b = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
 
@@ -98,15 +157,35 @@ def _paged_decode_kernel(
     lo = first + split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < GROUP
-    heads = kv_head * GROUP + offs_g
+    # The program owns HP consecutive KV heads and their HP * GROUP query heads (rows). The
+    # KV tile of a token is the HP heads side by side ([BLOCK_N, HP * D]: whole 128-byte
+    # lines for FP8 at D 64) and q is block-diagonal ([ROWS, HP * D], row r holds its head's
+    # q in its KV head's D columns, zeros elsewhere), so one dot gives every row the scores
+    # against its own KV head; P.V computes the off-diagonal blocks too (discarded at the
+    # store). With GROUP * HP <= 16 this costs no MMA work: the rows were padding before.
+    kv_head0 = head_block * HP
+    offs_r = tl.arange(0, ROWS)
+    offs_c = tl.arange(0, HP * HEAD_DIM)
+    r_head = offs_r // GROUP  # which of the HP KV heads (>= HP: padding row)
+    c_head = offs_c // HEAD_DIM
+    c_d = offs_c % HEAD_DIM
+    r_mask = offs_r < GROUP * HP
+    own = r_mask[:, None] & (r_head[:, None] == c_head[None, :])  # [ROWS, HP * D]
+    heads = kv_head0 * GROUP + offs_r  # query heads
     q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=g_mask[:, None], other=0.0,
-    )
-    q = q.to(DOT)
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + c_d[None, :],
+        mask=own, other=0.0,
+    ).to(tl.float32)
+    if Q_RESCALE:
+        # A bf16 query meets float16 (FP8-decoded) K: scale each head's row by a power of
+        # two that puts its largest |q| in [2^14, 2^15), so the float16 copy is exact (bar
+        # elements 2^-28 below the row's max) and cannot overflow; the score undoes it.
+        amax = tl.max(tl.abs(q), axis=1)
+        e_q = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of amax
+        e_q = tl.minimum(tl.maximum(e_q, 16), 254)  # 0 or tiny rows: scale <= 2^125
+        q = q * _pow2_from_biased_exponent(268 - e_q)[:, None]  # 2^(14 - (e_q - 127))
+        q_unscale = _pow2_from_biased_exponent(e_q - 14)  # 2^(e_q - 127 - 14)
+    q = q.to(TILE).to(DOT)
 
     # Per-tensor scales: K's folds into the score multiplier, V's into the output.
     score_mult = sm_scale_log2
@@ -119,63 +198,87 @@ def _paged_decode_kernel(
         out_mult = v_scale_value
     elif V_SCALE_MODE == 1:
         out_mult = tl.load(v_scale_ptr)
+    if KV_FORMAT == 2:  # e4m3fnuz tiles hold twice the value (see _load_kv_tile)
+        score_mult = score_mult * 0.5
+        out_mult = out_mult * 0.5
 
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max, log2 units
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    row_mult = tl.full([ROWS], 1.0, tl.float32) * score_mult
+    if Q_RESCALE:
+        row_mult = row_mult * q_unscale
+    # Per-token V scales: p * v_scale goes into float16, so it is taken relative to a running
+    # power of two 2^(e_v - 127) <= the largest scale seen (p * scale / 2^(..) < 2: no
+    # overflow, no underflow of the tokens that matter); acc is rescaled when it grows.
+    e_v = tl.full([], 1, tl.int32)
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)  # running max, log2 units
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HP * HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    k_cols = c_head * stride_kh + c_d
+    v_cols = c_head * stride_vh + c_d
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
         page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
         slot = offs_n % PAGE_SIZE
-        k_rows = page * stride_kp + slot * stride_ks + kv_head * stride_kh
-        k = _load_kv_tile(k_ptr, k_rows[:, None] + offs_d[None, :], n_mask[:, None],
-                          KV_FORMAT, COMPUTE)
-        s = tl.dot(q, tl.trans(k.to(DOT)))  # [GROUP_PAD, BLOCK_N], fp32
+        k_rows = page * stride_kp + slot * stride_ks + kv_head0 * stride_kh
+        k = _load_kv_tile(k_ptr, k_rows[:, None] + k_cols[None, :], n_mask[:, None],
+                          KV_FORMAT, TILE, (DECODE_ASM & 1) != 0)
+        s = tl.dot(q, tl.trans(k.to(DOT)))  # [ROWS, BLOCK_N], fp32
         if K_SCALE_MODE == 2:
-            ks = tl.load(k_scale_ptr + page * stride_ksp + slot * stride_kss
-                         + kv_head * stride_ksh, mask=n_mask, other=0.0)
-            s = s * (ks * score_mult)[None, :]
+            ks = _token_scales_by_row(
+                k_scale_ptr + page * stride_ksp + slot * stride_kss + kv_head0 * stride_ksh,
+                stride_ksh, n_mask, r_head, HP)
+            s = s * row_mult[:, None] * ks
         else:
-            s = s * score_mult
+            s = s * row_mult[:, None]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # Every tile holds >= 1 valid token, so m_new is finite and alpha/p are well defined.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_rows = page * stride_vp + slot * stride_vs + kv_head * stride_vh
-        v = _load_kv_tile(v_ptr, v_rows[:, None] + offs_d[None, :], n_mask[:, None],
-                          KV_FORMAT, COMPUTE)
+        v_rows = page * stride_vp + slot * stride_vs + kv_head0 * stride_vh
+        v = _load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
+                          KV_FORMAT, TILE, (DECODE_ASM & 2) != 0)
         if V_SCALE_MODE == 2:
-            vs = tl.load(v_scale_ptr + page * stride_vsp + slot * stride_vss
-                         + kv_head * stride_vsh, mask=n_mask, other=0.0)
-            pv = p * vs[None, :]
+            vs = _token_scales_by_row(
+                v_scale_ptr + page * stride_vsp + slot * stride_vss + kv_head0 * stride_vsh,
+                stride_vsh, n_mask, r_head, HP)
+            e_tile = tl.max(vs).to(tl.int32, bitcast=True) >> 23
+            e_new = tl.minimum(tl.maximum(e_v, e_tile), 253)
+            # acc * 2^(e_v - e_new), 0 when that underflows (acc was negligible then).
+            shrink = tl.where(e_v - e_new < -126, 0.0,
+                              _pow2_from_biased_exponent(tl.maximum(127 + e_v - e_new, 1)))
+            alpha = alpha * shrink
+            e_v = e_new
+            pv = p * (vs * _pow2_from_biased_exponent(254 - e_v))
         else:
             pv = p
         # The tensor cores take p in 16 bits. Rounded once (as FlashAttention does) it costs
-        # up to 2^-9 * sum(p|v|), far above the output's ulp when terms cancel; a second
-        # product with the rounding residue makes it ~2^-17 for a few extra MMAs.
+        # up to 2^-9 * sum(p|v|) in bf16 (2^-12 in fp16, FP8 KV's tile type), far above the
+        # output's ulp when terms cancel; a second product with the rounding residue makes
+        # it ~2^-17 (bf16) for a few extra MMAs.
         v = v.to(DOT)
-        p_hi = pv.to(COMPUTE)
+        p_hi = pv.to(TILE)
         acc = tl.dot(p_hi.to(DOT), v, acc * alpha[:, None])
         if PRECISE_PV:
-            p_lo = (pv - p_hi.to(tl.float32)).to(COMPUTE)
+            p_lo = (pv - p_hi.to(tl.float32)).to(TILE)
             acc = tl.dot(p_lo.to(DOT), v, acc)
         m_i = m_new
+    if V_SCALE_MODE == 2:
+        out_mult = out_mult * _pow2_from_biased_exponent(e_v)
     acc = acc * out_mult
 
     if IS_SPLIT:
         # Unnormalised partial; an empty split leaves m=-inf, l=0, acc=0 for the merge.
         row = (b.to(tl.int64) * num_q_heads + heads) * num_splits + split
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                 mask=g_mask[:, None])
-        tl.store(part_m_ptr + row, m_i, mask=g_mask)
-        tl.store(part_l_ptr + row, l_i, mask=g_mask)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + c_d[None, :], acc, mask=own)
+        tl.store(part_m_ptr + row, m_i, mask=r_mask)
+        tl.store(part_l_ptr + row, l_i, mask=r_mask)
     else:
         if HAS_SINKS:
-            sink = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0) * 1.4426950408889634
+            sink = tl.load(sinks_ptr + heads, mask=r_mask, other=0.0) * 1.4426950408889634
             m_all = tl.maximum(m_i, sink)
             keep = tl.exp2(m_i - m_all)
             denom = l_i * keep + tl.exp2(sink - m_all)
@@ -183,7 +286,7 @@ def _paged_decode_kernel(
         else:
             o = acc / l_i[:, None]
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-                 + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+                 + c_d[None, :], o.to(out_ptr.dtype.element_ty), mask=own)
 
 
 @triton.jit
@@ -222,20 +325,51 @@ def _sm_count(device_index: int) -> int:
 
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, kv_len: int, num_sms: int,
-                      *, min_tokens_per_split: int = 256, waves: int = 2) -> int:
-    """Split count so that batch * Hkv * splits programs fill ``waves`` waves of SMs, keeping
-    at least ``min_tokens_per_split`` tokens per split (the merge must stay cheap)."""
+                      *, min_tokens_per_split: int = 256, programs_per_sm: int = 8) -> int:
+    """Split count so that batch * Hkv * splits programs fill the SMs in one wave of
+    ``programs_per_sm`` resident programs each (a second, partial wave would idle most SMs
+    at its end), keeping at least ``min_tokens_per_split`` tokens per split (the merge must
+    stay cheap). The launcher passes its grid's KV-head programs (Hkv / HP) as num_kv_heads."""
     programs = batch_size * num_kv_heads
-    wanted = -(-waves * num_sms // programs)
+    wanted = max(1, programs_per_sm * num_sms // programs)
     by_length = max(1, kv_len // min_tokens_per_split)
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
 
-def _default_block_n(kv_dtype: torch.dtype, head_dim: int) -> int:
+# [tuning] FP8 tiles decoded in inline PTX (not hoisted into the dot-operand layout):
+# bit 0 for K, bit 1 for V. GPU only (the interpreter cannot run PTX). K gains nothing
+# (its 8-bit operand loads are contiguous already), V ~30 % of the FP8 kernel's time.
+_DECODE_ASM = 2
+# [tuning] Columns of the program's KV tile: HP KV heads side by side, HP * D <= this
+# (for D 64: two heads, 128 contiguous bytes per token in FP8, 256 in BF16; measured
+# 15 % faster FP8 and 4 % faster BF16 on the H100 than one head per program).
+_MAX_TILE_COLS = 128
+
+
+def _heads_per_program(group: int, num_kv_heads: int, head_dim: int) -> int:
+    """KV heads per program: the largest power of two that divides Hkv, keeps
+    GROUP * HP <= 16 (the MMA's minimum rows, so the extra heads cost no MMA work) and
+    HP * D within _MAX_TILE_COLS."""
+    hp = 1
+    while (group * hp * 2 <= 16 and num_kv_heads % (hp * 2) == 0
+           and hp * 2 * head_dim <= _MAX_TILE_COLS):
+        hp *= 2
+    return hp
+
+
+def _launch_defaults(kv_dtype: torch.dtype) -> tuple[int, int, int]:
+    """(block_n, num_warps, resident programs per SM) for the split heuristic.
+
+    [tuning] H100, gpt-oss decode (64 sequences x 8K/32K tokens): FP8 runs best as many
+    one-warp programs with small tiles (no cross-warp softmax reductions or barriers; the
+    kernel is latency bound at these sizes), ~8 resident per SM (~255 registers each);
+    16-bit KV as four-warp programs of 64 tokens, ~4 per SM. Tiles are [block_n, HP * D]
+    with HP * D <= 128 for every head_dim."""
     if interpreted():
-        return 256  # the interpreter: fewest tiles without numpy temporaries outgrowing cache
-    # [tuning] FP8 tiles are half the bytes: read more tokens per step.
-    return 128 if kv_dtype.itemsize == 1 and head_dim <= 64 else 64
+        return 256, 4, 8  # the interpreter: fewest tiles without numpy temporaries growing
+    if kv_dtype.itemsize == 1:
+        return 32, 1, 8
+    return 64, 4, 4
 
 
 def _kv_format(kv_dtype: torch.dtype, q_dtype: torch.dtype) -> int:
@@ -303,9 +437,9 @@ def paged_decode_attention(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
-    precise_pv: bool = True,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    precise_pv: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per sequence over a paged KV cache, with sinks.
 
@@ -325,7 +459,9 @@ def paged_decode_attention(
         pass it to skip that (no sync, CUDA-graph capturable).
     block_n, num_warps, num_stages: tile and launch tuning (None: the launcher's choice).
     precise_pv: multiply V by p's 16-bit rounding residue too (p effectively ~16 bits
-        instead of 8 for BF16); False is FlashAttention's single rounding.
+        instead of 8 for BF16); False is FlashAttention's single rounding. None: on where
+        one rounding of p costs more than a fraction of the output's ulp, i.e. off only for
+        FP8 KV with a bf16 query (p in float16, 2^-11, under bf16's 2^-8 ulp).
     Returns [B, Hq, D] in q's dtype (written into ``out`` when given).
 
     Raises NotImplementedError for an FP8 query ("require BF16/FP16 query") or an unsupported
@@ -428,17 +564,23 @@ def paged_decode_attention(
         max_seq_len = lens_max
     attended = max_seq_len if window_left < 0 else min(max_seq_len, window_left + 1)
 
+    group = num_q_heads // num_kv_heads
+    hp = _heads_per_program(group, num_kv_heads, head_dim)
+    default_block_n, default_warps, programs_per_sm = _launch_defaults(k_cache.dtype)
     if num_splits is None:
         sms = _sm_count(device.index or 0) if device.type == "cuda" else 1
-        num_splits = choose_num_splits(batch, num_kv_heads, attended, sms)
+        # The grid has Hkv / HP programs per sequence and split.
+        num_splits = choose_num_splits(batch, num_kv_heads // hp, attended, sms,
+                                       programs_per_sm=programs_per_sm)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not (
             1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
-    block_n = block_n or _default_block_n(k_cache.dtype, head_dim)
+    block_n = block_n or default_block_n
+    num_warps = num_warps or default_warps
+    num_stages = num_stages or 2
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
 
-    group = num_q_heads // num_kv_heads
     is_split = num_splits > 1
     if is_split:
         part_acc = torch.empty(batch, num_q_heads, num_splits, head_dim, device=device,
@@ -447,13 +589,19 @@ def paged_decode_attention(
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = out  # unused
-    compute = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
+    # 16-bit KV meets the query in its own type; FP8 KV decodes to float16 (exact), and a
+    # bf16 query is rescaled per head into float16 range in the kernel (Q_RESCALE).
+    q_type = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
+    tile = q_type if kv_format == _KV_16BIT else tl.float16
     # Triton's CPU interpreter computes 16-bit tl.dot wrongly (Triton 3.9): feed it fp32
     # operands holding the same (exactly widened) 16-bit values.
-    dot = tl.float32 if interpreted() else compute
-    k_arg = k_cache.view(torch.uint8) if kv_format == _KV_E4M3FNUZ else k_cache
-    v_arg = v_cache.view(torch.uint8) if kv_format == _KV_E4M3FNUZ else v_cache
-    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
+    dot = tl.float32 if interpreted() else tile
+    # FP8 KV reaches the kernel as bytes (decoded there); 16-bit KV as itself.
+    k_arg = k_cache.view(torch.uint8) if kv_format != _KV_16BIT else k_cache
+    v_arg = v_cache.view(torch.uint8) if kv_format != _KV_16BIT else v_cache
+    decode_asm = 0 if kv_format == _KV_16BIT or interpreted() else _DECODE_ASM
+    grid = (num_kv_heads // hp, batch, num_splits)
+    _paged_decode_kernel[grid](
         q, k_arg, v_arg, k_scale_t, v_scale_t, k_scale_v, v_scale_v,
         block_tables, seq_lens, sinks if sinks is not None else q,
         out, part_acc, part_m, part_l,
@@ -465,11 +613,13 @@ def paged_decode_attention(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         num_q_heads,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        GROUP=group, HP=hp, ROWS=max(16, triton.next_power_of_2(group * hp)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=block_n,
         KV_FORMAT=kv_format, K_SCALE_MODE=k_mode, V_SCALE_MODE=v_mode,
-        HAS_SINKS=sinks is not None, IS_SPLIT=is_split, COMPUTE=compute, DOT=dot,
-        PRECISE_PV=bool(precise_pv),
+        HAS_SINKS=sinks is not None, IS_SPLIT=is_split, TILE=tile, DOT=dot,
+        Q_RESCALE=q_type != tile, DECODE_ASM=decode_asm,
+        PRECISE_PV=bool(precise_pv if precise_pv is not None
+                        else not (tile == tl.float16 and q.dtype == torch.bfloat16)),
         num_warps=num_warps, num_stages=num_stages,
     )
     if is_split:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from kvperf_kernels.paged_kv import gather_paged
 
 

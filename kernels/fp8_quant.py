@@ -1,34 +1,27 @@
-"""FP8 E4M3 (``float8_e4m3fn``) quantisation with per-token, per-tensor and 1xB-block scales.
+"""FP8 E4M3 (``float8_e4m3fn``) quantisation: per-token, per-tensor and 1xB-block scales.
 
-Rule (the references below and the kernels follow it bit for bit):
+Rule, identical in kernels and references (bit-exact):
+  amax  = max |x| over the scale's group, in float32 (bf16/fp16 widen exactly)
+  scale = amax / 448 (IEEE division, round-to-nearest-even); amax == 0 -> scale = 1
+  q     = e4m3( clamp(x / scale, -448, 448) )  IEEE division; the cast rounds to nearest
+          even; the clamp is the saturation, so the cast never overflows.
+  x_hat = float(q) * scale                               (``dequantize``)
+The stored scale is the *decode* scale (x ~ q * scale), float32.
 
-    amax  = max |x| over the scale's group, in fp32 (bf16/fp16 widen exactly)
-    scale = amax / 448                  IEEE division, round to nearest even
-            max(scale, 2^-126)          so 1/scale is finite (only fp32/bf16 inputs with
-                                        amax < 5.3e-36 reach this floor)
-            amax == 0 -> scale = 1
-    inv   = 1 / scale                   IEEE division, once per group
-    q     = e4m3(clamp(x * inv, -448, 448))   the clamp is the saturation (x * inv can
-                                        exceed 448 by a few fp32 ulps); the cast rounds
-                                        to nearest even
-    x_hat = float(q) * scale            (``dequantize``)
+Non-finite input is never hidden: a NaN anywhere in a group makes its amax, hence its
+scale, NaN, so the whole group dequantises to NaN (the same rule as the MXFP8 and NVFP4
+modules: a NaN poisons its scale group). fmaxf-style max and min/max clamps would turn NaN
+into a plausible finite value; the kernels use a NaN-propagating integer max instead.
++-Inf makes the scale Inf (finite neighbours become 0, the Inf itself NaN).
 
-``scale`` is the *decode* scale (x ~ q * scale), float32. Multiplying by the rounded
-reciprocal rather than dividing every element costs one division per group instead of
-one per element and is what vLLM/TE do; it can differ from x / scale in the last fp32
-bit, so the reference does the same multiplication.
-
-Groups: per-token = the last dim (leading dims flattened: for a (tokens, heads, head_dim)
-KV tensor that is one scale per token and head); per-tensor = all elements; per-block =
-``block`` consecutive elements of the last dim (DeepSeek-style 1x128).
-
-Non-finite input is never hidden: the group max is NaN-propagating, so a NaN makes its
-group's scale NaN and every q of the group NaN; +-Inf makes the scale Inf, and the whole
-group dequantises to NaN.
-
-Inputs: bfloat16 / float16 / float32 with a contiguous last dim and leading dims that
-flatten into rows without a copy. Outputs can be passed in (``out``, ``scale_out``) to
-write into an existing cache; otherwise they are allocated.
+Groups: per-token = the last dim (any leading dims, flattened); per-tensor = everything;
+per-block = ``block`` consecutive elements of the last dim (DeepSeek-style 1x128).
+Inputs: bfloat16 / float16 / float32, last dim contiguous, leading dims collapsible into
+one row stride (e.g. a contiguous tensor or a slice of its last dim); anything else is
+refused rather than silently copied (a copy would double the traffic of this memory-bound
+kernel). On an FP8 GPU the cast is the hardware ``cvt.rn.satfinite.e4m3x2.f32``; elsewhere
+(and in Triton's CPU interpreter, whose own fp8 cast is wrong) it is the bit-exact integer
+encoder of ``fp_formats``.
 """
 
 from __future__ import annotations
@@ -37,13 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp_formats import (
+from kvperf_kernels.fp_formats import (
     E4M3_MAX,
-    EXACT_FP_OPTIONS,
-    FP32_MIN_NORMAL,
     MAX_ROW_ELEMENTS,
-    TL_DTYPES,
-    abs_max,
     as_rows,
     cast_out,
     check_device,
@@ -52,274 +41,324 @@ from .fp_formats import (
     decode_e4m3,
     e4m3_encode_ref,
     encode_e4m3,
-    group_tile,
     hw_cast_default,
-    output_tensor,
     saturate,
-    tile_config,
-    tile_grid,
 )
 
-# The constants above as compile-time values: Triton kernels read only constexpr globals.
-_E4M3_MAX_C = tl.constexpr(E4M3_MAX)
-_FP32_MIN_NORMAL_C = tl.constexpr(FP32_MIN_NORMAL)
-
 __all__ = [
-    "E4M3_MAX",
-    "quantize_per_token",
-    "quantize_per_tensor",
-    "quantize_per_block",
-    "dequantize",
-    "quantize_per_token_ref",
-    "quantize_per_tensor_ref",
-    "quantize_per_block_ref",
+    "E4M3_MAX", "div_rn_by_scale", "quantize_per_token", "quantize_per_tensor",
+    "quantize_per_block", "dequantize",
+    "quantize_per_token_ref", "quantize_per_tensor_ref", "quantize_per_block_ref",
     "dequantize_ref",
 ]
 
-_PER_TENSOR_GROUP = 4096  # per-tensor rows are walked in chunks of this many elements
+_TILE_BYTES = 16384  # input bytes per program: enough loads in flight per SM to stream HBM
+
+
+def check_group(group: int, what: str) -> None:
+    if group > MAX_ROW_ELEMENTS:
+        raise ValueError(
+            f"{what} = {group} exceeds {MAX_ROW_ELEMENTS}, the largest group one program "
+            "holds in registers"
+        )
+
+
+def tile_config(n_groups: int, group: int, elem_bytes: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps): one program streams about _TILE_BYTES of input."""
+    block_d = triton.next_power_of_2(group)
+    block_m = max(1, min(triton.next_power_of_2(max(n_groups, 1)),
+                         (_TILE_BYTES // elem_bytes) // block_d))
+    tile = block_m * block_d
+    num_warps = 4 if tile <= 4096 else (8 if tile <= 8192 else 16)
+    return block_m, block_d, num_warps
 
 
 # --------------------------------------------------------------------------------------
-# Kernels
+# Triton kernels
 # --------------------------------------------------------------------------------------
+
+@triton.jit
+def amax_propagate_nan(x, axis: tl.constexpr):
+    """max |x| along axis, NaN if any element is NaN (fp32 in, fp32 out).
+
+    For non-negative floats the int32 bit patterns order like the values and every NaN
+    pattern of |x| lies above +Inf (0x7F800000), so an integer max is a NaN-propagating
+    float max: one plain reduction on the GPU and in the interpreter alike.
+    """
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.max(bits, axis=axis).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _amax_kernel(x_ptr, amax_bits_ptr, n_rows, D, row_stride, group_len, n_groups,
-                 BLOCK_R: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
-                 EVEN: tl.constexpr):
-    """Global max |x| for per-tensor scaling.
+def div_rn_by_scale(x, s):
+    """RN(x / s) (IEEE division, round to nearest even) for x [M, D], s [M, 1] or [1, 1].
 
-    |x| >= 0, so its fp32 bit pattern orders like an int32: one integer atomic max per
-    program combines the tiles; NaN patterns sort above +Inf, so a NaN wins, as intended.
+    A div.rn.f32 per element costs ~10 instructions on the GPU, about what a bf16
+    quantiser may spend per element at HBM speed. Markstein's correction gives the same
+    correctly rounded quotient from one reciprocal per scale, a multiply and two FMAs:
+      r = RN(1/s), y = RN(x*r) (within 1 ulp), e = x - y*s (exact in an FMA),
+      q = RN(y + e*r) = RN(x/s)
+    (Markstein 1990; Muller et al., Handbook of Floating-Point Arithmetic, "Markstein's
+    theorem"), provided nothing underflows or overflows: every s of the tile finite and
+    >= 2^-90. Then a quotient >= 2^-10, the smallest that E4M3 does not flush to zero,
+    has x >= 2^-100 and an exact remainder (quotients below 2^-126 may differ in their
+    last bit; they encode to +-0 either way). Tiles outside that range (NaN/Inf scales,
+    amax below ~4e-25) take plain divisions.
     """
-    pid_r = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    rows, _, cols, mask = group_tile(pid_r, pid_g, n_rows, D, group_len, n_groups,
-                                      BLOCK_R, GROUPS, BLOCK_G, EVEN)
-    offs = rows.to(tl.int64)[:, None, None] * row_stride + cols
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tile_max = abs_max(abs_max(abs_max(x, 2), 1), 0)
-    tl.atomic_max(amax_bits_ptr, tile_max.to(tl.int32, bitcast=True))
+    s_bits = s.to(tl.int32, bitcast=True)
+    in_range = ((s_bits >= 0x12800000) & (s_bits < 0x7F800000)).to(tl.int32)  # [2^-90, Inf)
+    if tl.min(in_range) == 1:  # one uniform branch per program
+        r = tl.math.div_rn(1.0, s)
+        y = x * r
+        q = tl.fma(tl.fma(-y, s, x), r, y)
+        q = tl.where(x == 0.0, y, q)  # the remainder of +-0 is +0: keep the zero's sign
+    else:
+        q = tl.math.div_rn(x, s)
+    return q
+
+
+@triton.jit
+def group_offsets(g, x_row_stride, GROUP: tl.constexpr, GROUPS_PER_ROW: tl.constexpr):
+    # group g = (row g // GROUPS_PER_ROW, block g % GROUPS_PER_ROW) of the strided input;
+    # int64: row * stride passes 2^31 elements for large caches
+    g64 = g.to(tl.int64)
+    return (g64 // GROUPS_PER_ROW) * x_row_stride + (g64 % GROUPS_PER_ROW) * GROUP
 
 
 @triton.jit
 def _quantize_groups_kernel(
-    x_ptr, q_ptr, scale_ptr, amax_bits_ptr,
-    n_rows, D, row_stride, group_len, n_groups,
-    SHARED_AMAX: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
-    EVEN: tl.constexpr, HW_CAST: tl.constexpr,
+    x_ptr, q_ptr, scale_ptr, n_groups, x_row_stride,
+    GROUP: tl.constexpr, GROUPS_PER_ROW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HW_CAST: tl.constexpr,
 ):
-    """One program quantises BLOCK_R rows x GROUPS groups; a group gets one scale.
-
-    Per-token: one group of D elements per row. Per-block: D / block groups per row.
-    Per-tensor (SHARED_AMAX): the amax comes from _amax_kernel and program (0, 0)
-    stores the single scale.
-    """
-    pid_r = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    rows, groups, cols, mask = group_tile(pid_r, pid_g, n_rows, D, group_len, n_groups,
-                                           BLOCK_R, GROUPS, BLOCK_G, EVEN)
-    rows64 = rows.to(tl.int64)[:, None, None]
-    x = tl.load(x_ptr + rows64 * row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    if SHARED_AMAX:
-        amax = tl.load(amax_bits_ptr).to(tl.float32, bitcast=True)
-    else:
-        amax = abs_max(x, 2)  # [BLOCK_R, GROUPS]
-    # IEEE divisions (tl's `/` on fp32 is an approximate division on NVIDIA GPUs)
-    scale = tl.math.div_rn(amax, _E4M3_MAX_C)
-    scale = tl.where(scale < _FP32_MIN_NORMAL_C, _FP32_MIN_NORMAL_C, scale)  # NaN passes through
-    scale = tl.where(amax == 0.0, 1.0, scale)
-    inv = tl.math.div_rn(1.0, scale)
-    if SHARED_AMAX:
-        y = x * inv
-    else:
-        y = x * inv[:, :, None]
-    code = encode_e4m3(saturate(y, _E4M3_MAX_C), HW_CAST)
-    tl.store(q_ptr + rows64 * D + cols, code.to(tl.uint8), mask=mask)
-    if SHARED_AMAX:
-        tl.store(scale_ptr, scale, mask=(pid_r == 0) & (pid_g == 0))
-    else:
-        s_offs = rows.to(tl.int64)[:, None] * n_groups + groups[None, :]
-        s_mask = (rows[:, None] < n_rows) & (groups[None, :] < n_groups)
-        tl.store(scale_ptr + s_offs, scale, mask=s_mask)
+    """One scale per group of GROUP elements; BLOCK_M groups per program, one pass over x."""
+    g = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    g_ok = g < n_groups
+    mask = g_ok[:, None] & (cols < GROUP)[None, :]
+    x_offs = group_offsets(g, x_row_stride, GROUP, GROUPS_PER_ROW)
+    x = tl.load(x_ptr + x_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = amax_propagate_nan(x, 1)  # masked lanes are 0: they never win
+    scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 448.0))
+    y = saturate(div_rn_by_scale(x, scale[:, None]), 448.0)
+    code = encode_e4m3(y, HW_CAST)
+    q_offs = g.to(tl.int64)[:, None] * GROUP + cols[None, :]  # q is contiguous
+    tl.store(q_ptr + q_offs, code.to(tl.uint8), mask=mask)
+    tl.store(scale_ptr + g, scale, mask=g_ok)
 
 
 @triton.jit
-def _dequantize_groups_kernel(
-    q_ptr, scale_ptr, out_ptr,
-    n_rows, D, row_stride, group_len, n_groups, scale_row_stride, scale_group_stride,
-    BLOCK_R: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
-    EVEN: tl.constexpr, OUT_DTYPE: tl.constexpr, HW_CAST: tl.constexpr,
+def _amax_partial_kernel(
+    x_ptr, partial_ptr, n_rows, x_row_stride,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out = float(q) * scale of the element's group (stride 0 broadcasts a per-tensor scale)."""
-    pid_r = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    rows, groups, cols, mask = group_tile(pid_r, pid_g, n_rows, D, group_len, n_groups,
-                                           BLOCK_R, GROUPS, BLOCK_G, EVEN)
-    rows64 = rows.to(tl.int64)[:, None, None]
-    code = tl.load(q_ptr + rows64 * row_stride + cols, mask=mask, other=0).to(tl.int32)
-    s_offs = (rows.to(tl.int64)[:, None] * scale_row_stride
-              + groups[None, :].to(tl.int64) * scale_group_stride)
-    s_mask = (rows[:, None] < n_rows) & (groups[None, :] < n_groups)
-    scale = tl.load(scale_ptr + s_offs, mask=s_mask, other=1.0)
-    value = decode_e4m3(code, HW_CAST) * scale[:, :, None]
-    tl.store(out_ptr + rows64 * D + cols, cast_out(value, OUT_DTYPE, HW_CAST), mask=mask)
+    """Per-program amax of a [BLOCK_M, GROUP] tile (first pass of per-tensor scaling)."""
+    pid = tl.program_id(0)
+    r = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (r < n_rows)[:, None] & (cols < GROUP)[None, :]
+    offs = r.to(tl.int64)[:, None] * x_row_stride + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = amax_propagate_nan(x, None)  # None: over the whole tile
+    tl.store(partial_ptr + pid, amax)
+
+
+@triton.jit
+def _quantize_tensor_scale_kernel(
+    x_ptr, q_ptr, scale_ptr, n_rows, x_row_stride,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HW_CAST: tl.constexpr,
+):
+    """q = e4m3(sat(x / scale)) with the one scale read from device memory (second pass)."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (r < n_rows)[:, None] & (cols < GROUP)[None, :]
+    r64 = r.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + tl.zeros([1, 1], tl.int32))
+    code = encode_e4m3(saturate(div_rn_by_scale(x.to(tl.float32), scale), 448.0), HW_CAST)
+    tl.store(q_ptr + r64[:, None] * GROUP + cols[None, :], code.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _dequantize_kernel(
+    q_ptr, scale_ptr, out_ptr, n_groups, scale_stride,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HW_CAST: tl.constexpr,
+):
+    """out[g, :] = float(q[g, :]) * scale[g * scale_stride] (stride 0: one scale for all)."""
+    g = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    g_ok = g < n_groups
+    mask = g_ok[:, None] & (cols < GROUP)[None, :]
+    g64 = g.to(tl.int64)
+    offs = g64[:, None] * GROUP + cols[None, :]
+    code = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
+    scale = tl.load(scale_ptr + g64 * scale_stride, mask=g_ok, other=1.0)
+    out = decode_e4m3(code, HW_CAST) * scale[:, None]
+    tl.store(out_ptr + offs, cast_out(out, out_ptr.dtype.element_ty, HW_CAST), mask=mask)
 
 
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
 
-
-def _quantize(x, rows, row_stride, what, *, group_len, scale_shape, shared_amax, out,
-              scale_out, hw_cast):
-    n_rows, d = rows.shape
-    n_groups = triton.cdiv(d, group_len)
-    q = output_tensor(out, x.shape, torch.float8_e4m3fn, x.device, f"{what} out")
-    scale = output_tensor(scale_out, scale_shape, torch.float32, x.device, f"{what} scale_out")
-    if x.numel() == 0:
-        return q, scale.fill_(1.0)
-    hw = hw_cast_default(x.device) if hw_cast is None else bool(hw_cast)
-    tile = tile_config(n_rows, d, group_len, n_groups)
-    grid = tile_grid(n_rows, n_groups, tile)
-    amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device) if shared_amax else scale
-    if shared_amax:
-        _amax_kernel[grid](rows, amax_bits, n_rows, d, row_stride, group_len, n_groups,
-                           **tile, **EXACT_FP_OPTIONS)
-    _quantize_groups_kernel[grid](
-        rows, q.view(torch.uint8), scale, amax_bits,
-        n_rows, d, row_stride, group_len, n_groups,
-        SHARED_AMAX=shared_amax, HW_CAST=hw, **tile, **EXACT_FP_OPTIONS,
-    )
+def _quantize_groups(x: torch.Tensor, group: int, hw_cast: bool | None):
+    rows, row_stride = as_rows(x, "x", block=group)
+    d = x.shape[-1]
+    groups_per_row = d // group
+    n_groups = rows.shape[0] * groups_per_row
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(n_groups, dtype=torch.float32, device=x.device)
+    if n_groups:
+        hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
+        block_m, block_d, num_warps = tile_config(n_groups, group, x.element_size())
+        _quantize_groups_kernel[(triton.cdiv(n_groups, block_m),)](
+            rows, q.view(torch.uint8), scale, n_groups, row_stride,
+            GROUP=group, GROUPS_PER_ROW=groups_per_row, BLOCK_M=block_m, BLOCK_D=block_d,
+            HW_CAST=hw, num_warps=num_warps,
+        )
     return q, scale
 
 
-def _checked_rows(x, what: str, block: int | None = None) -> tuple[torch.Tensor, int]:
-    check_float_input(x, what)
-    rows, row_stride = as_rows(x, what, block=block)
-    check_device(x, what)
-    return rows, row_stride
+def _check_x(x) -> None:
+    check_float_input(x, "x")
+    check_device(x, "x")
 
 
-def quantize_per_token(x: torch.Tensor, *, out: torch.Tensor | None = None,
-                       scale_out: torch.Tensor | None = None,
-                       hw_cast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fp32 scale per row of the last dim: q (e4m3fn, x.shape), scale (x.shape[:-1]+(1,)).
+def quantize_per_token(x: torch.Tensor, *, hw_cast: bool | None = None):
+    """One scale per vector along the last dim.
 
-    `hw_cast` picks the hardware fp8 conversion (default: where the GPU has one) or the
-    bit-exact integer path; both give identical bytes.
+    Returns (q float8_e4m3fn x.shape, scale float32 x.shape[:-1] + (1,)).
+    ``hw_cast`` picks the hardware fp8 conversion (default: on an FP8 GPU) or the integer
+    encoder; both give the same bytes.
     """
-    what = "quantize_per_token(x)"
-    rows, row_stride = _checked_rows(x, what)
-    d = x.shape[-1]
-    if d > MAX_ROW_ELEMENTS:
-        raise ValueError(
-            f"{what}: last dim {d} exceeds {MAX_ROW_ELEMENTS}, the longest row one program "
-            "holds; use quantize_per_block for longer rows"
+    _check_x(x)
+    d = x.shape[-1] if x.dim() else 0
+    check_group(d, "last dim")
+    q, scale = _quantize_groups(x, d, hw_cast)
+    return q, scale.view(*x.shape[:-1], 1)
+
+
+def quantize_per_block(x: torch.Tensor, block: int = 128, *, hw_cast: bool | None = None):
+    """One scale per ``block`` consecutive elements of the last dim (1 x block tiles).
+
+    Returns (q float8_e4m3fn x.shape, scale float32 x.shape[:-1] + (D // block,)).
+    """
+    _check_x(x)
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    check_group(block, "block")
+    q, scale = _quantize_groups(x, block, hw_cast)
+    return q, scale.view(*x.shape[:-1], x.shape[-1] // block)
+
+
+def tensor_amax(rows: torch.Tensor, row_stride: int) -> torch.Tensor:
+    """max |x| over a [rows, D] view as float32 (1,), NaN if any element is NaN.
+
+    Per-program partials, then their max in torch (deterministic, NaN-propagating):
+    one read of x, no temporary copy of it, no host sync.
+    """
+    n_rows, d = rows.shape
+    if n_rows == 0:
+        return torch.zeros(1, dtype=torch.float32, device=rows.device)
+    block_m, block_d, num_warps = tile_config(n_rows, d, rows.element_size())
+    grid = (triton.cdiv(n_rows, block_m),)
+    partial = torch.empty(grid[0], dtype=torch.float32, device=rows.device)
+    _amax_partial_kernel[grid](rows, partial, n_rows, row_stride, GROUP=d,
+                               BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
+    return partial.amax().reshape(1)
+
+
+def quantize_per_tensor(x: torch.Tensor, *, hw_cast: bool | None = None):
+    """One scale for the whole tensor: (q float8_e4m3fn x.shape, scale float32 (1,)).
+
+    Two passes: ``tensor_amax``, then the quantise pass reading the scale from device
+    memory (no host sync).
+    """
+    _check_x(x)
+    rows, row_stride = as_rows(x, "x")
+    n_rows, d = rows.shape
+    check_group(d, "last dim")
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    amax = tensor_amax(rows, row_stride)
+    scale = _scale_from_amax(amax)
+    if n_rows:
+        hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
+        block_m, block_d, num_warps = tile_config(n_rows, d, x.element_size())
+        _quantize_tensor_scale_kernel[(triton.cdiv(n_rows, block_m),)](
+            rows, q.view(torch.uint8), scale, n_rows, row_stride, GROUP=d, BLOCK_M=block_m,
+            BLOCK_D=block_d, HW_CAST=hw, num_warps=num_warps,
         )
-    return _quantize(x, rows, row_stride, what, group_len=d,
-                     scale_shape=tuple(x.shape[:-1]) + (1,), shared_amax=False, out=out,
-                     scale_out=scale_out, hw_cast=hw_cast)
+    return q, scale
 
 
-def quantize_per_block(x: torch.Tensor, block: int = 128, *, out: torch.Tensor | None = None,
-                       scale_out: torch.Tensor | None = None,
-                       hw_cast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fp32 scale per `block` consecutive elements of the last dim.
-
-    Returns q (e4m3fn, x.shape) and scale (x.shape[:-1] + (D // block,)).
-    """
-    what = "quantize_per_block(x)"
-    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= MAX_ROW_ELEMENTS:
-        raise ValueError(f"{what}: block must be an int in [1, {MAX_ROW_ELEMENTS}], got {block!r}")
-    rows, row_stride = _checked_rows(x, what, block=block)
-    return _quantize(x, rows, row_stride, what, group_len=block,
-                     scale_shape=tuple(x.shape[:-1]) + (x.shape[-1] // block,),
-                     shared_amax=False, out=out, scale_out=scale_out, hw_cast=hw_cast)
-
-
-def quantize_per_tensor(x: torch.Tensor, *, out: torch.Tensor | None = None,
-                        scale_out: torch.Tensor | None = None,
-                        hw_cast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fp32 scale for the whole tensor: q (e4m3fn, x.shape), scale (1,).
-
-    Two launches (global amax, then quantise), no host synchronisation.
-    """
-    what = "quantize_per_tensor(x)"
-    rows, row_stride = _checked_rows(x, what)
-    return _quantize(x, rows, row_stride, what, group_len=min(x.shape[-1], _PER_TENSOR_GROUP),
-                     scale_shape=(1,), shared_amax=True, out=out, scale_out=scale_out,
-                     hw_cast=hw_cast)
-
-
-def _scale_layout(q: torch.Tensor, scale: torch.Tensor, what: str) -> tuple[int, int, int, int]:
-    """(group_len, n_groups, scale_row_stride, scale_group_stride) from the scale's shape.
-
-    (1,) is per-tensor; q.shape[:-1] + (G,) is G groups of D // G per row (G = 1 is
-    per-token). Anything else is refused.
-    """
+def _scale_layout(q: torch.Tensor, scale: torch.Tensor) -> tuple[int, int]:
+    """(group length along the last dim, scale stride per group) read from the scale's shape."""
     d = q.shape[-1]
-    if scale.dim() == 1 and scale.shape[0] == 1:
-        return min(d, _PER_TENSOR_GROUP), triton.cdiv(d, min(d, _PER_TENSOR_GROUP)), 0, 0
-    if scale.dim() == q.dim() and tuple(scale.shape[:-1]) == tuple(q.shape[:-1]):
-        g = scale.shape[-1]
-        if g >= 1 and d % g == 0:
-            if not scale.is_contiguous():
-                raise ValueError(f"{what}: scale must be contiguous, got strides {scale.stride()}")
-            return d // g, g, g, 1
+    lead = tuple(q.shape[:-1])
+    if scale.dim() <= 1 and scale.numel() == 1:
+        return d, 0  # per-tensor
+    if tuple(scale.shape) in (lead + (1,), lead):
+        return d, 1  # per-token (trailing 1 kept or squeezed)
+    if scale.dim() == q.dim() and tuple(scale.shape[:-1]) == lead:
+        nb = scale.shape[-1]
+        if nb > 0 and d % nb == 0:
+            return d // nb, 1  # per-block
     raise ValueError(
-        f"{what}: scale shape {tuple(scale.shape)} does not fit q shape {tuple(q.shape)}; "
-        "expected (1,) (per-tensor) or q.shape[:-1] + (G,) with G dividing the last dim"
+        f"scale shape {tuple(scale.shape)} fits no scaling of q with shape {tuple(q.shape)}: "
+        f"expected (1,) per-tensor, {lead + (1,)} per-token or {lead + ('D // block',)} per-block"
     )
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, *,
-               out: torch.Tensor | None = None, hw_cast: bool | None = None) -> torch.Tensor:
-    """x_hat = float(q) * scale in `dtype`; the scale layout (per-tensor/token/block) is
-    read from its shape."""
-    what = "dequantize(q, scale)"
+               hw_cast: bool | None = None) -> torch.Tensor:
+    """x_hat = float(q) * scale in ``dtype``: per-tensor / per-token broadcast, per-block expanded.
+
+    The scaling is read from the scale's shape (see ``_scale_layout``). The product is
+    formed in float32 and rounded once to ``dtype`` (nearest even).
+    """
     if not isinstance(q, torch.Tensor) or q.dtype != torch.float8_e4m3fn:
-        found = q.dtype if isinstance(q, torch.Tensor) else type(q).__name__
-        raise TypeError(f"{what}: q must be a torch.float8_e4m3fn tensor, got {found}")
+        raise TypeError(f"q: expected a float8_e4m3fn tensor, got {getattr(q, 'dtype', type(q))}")
     if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
-        found = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
-        raise TypeError(f"{what}: scale must be a float32 tensor, got {found}")
-    check_out_dtype(dtype, what)
-    check_device(q, what)
+        raise TypeError(
+            f"scale: expected a float32 tensor, got {getattr(scale, 'dtype', type(scale))}"
+        )
+    check_out_dtype(dtype, "dequantize")
+    if q.dim() == 0 or q.shape[-1] == 0:
+        raise ValueError(f"q: expected a non-empty last dim, got shape {tuple(q.shape)}")
+    if not q.is_contiguous():
+        raise ValueError(f"q must be contiguous, got shape {tuple(q.shape)} stride {q.stride()}")
+    if not scale.is_contiguous():
+        raise ValueError(f"scale must be contiguous, got stride {scale.stride()}")
+    check_device(q, "q")
+    check_device(scale, "scale")
     if scale.device != q.device:
-        raise ValueError(f"{what}: scale is on {scale.device}, q on {q.device}")
-    rows, row_stride = as_rows(q, what)
-    group_len, n_groups, s_row, s_group = _scale_layout(q, scale, what)
-    result = output_tensor(out, q.shape, dtype, q.device, f"{what} out")
-    n_rows, d = rows.shape
-    if q.numel() == 0:
-        return result
-    hw = hw_cast_default(q.device) if hw_cast is None else bool(hw_cast)
-    tile = tile_config(n_rows, d, group_len, n_groups)
-    _dequantize_groups_kernel[tile_grid(n_rows, n_groups, tile)](
-        rows.view(torch.uint8), scale, result,
-        n_rows, d, row_stride, group_len, n_groups, s_row, s_group,
-        OUT_DTYPE=TL_DTYPES[dtype], HW_CAST=hw, **tile, **EXACT_FP_OPTIONS,
-    )
-    return result
+        raise ValueError(f"scale is on {scale.device} but q is on {q.device}")
+    group, scale_stride = _scale_layout(q, scale)
+    check_group(group, "scale group")
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    n_groups = q.numel() // group
+    if n_groups:
+        hw = hw_cast_default(q.device) if hw_cast is None else hw_cast
+        block_m, block_d, num_warps = tile_config(n_groups, group, 4)
+        _dequantize_kernel[(triton.cdiv(n_groups, block_m),)](
+            q.view(torch.uint8), scale, out, n_groups, scale_stride,
+            GROUP=group, BLOCK_M=block_m, BLOCK_D=block_d, HW_CAST=hw, num_warps=num_warps,
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------
-# Torch references (the rule in the module docstring, group by group)
+# Torch references: the rule above with torch ops (bit-exact on any device)
 # --------------------------------------------------------------------------------------
-
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    scale = amax / E4M3_MAX
-    scale = torch.where(scale < FP32_MIN_NORMAL, torch.full_like(scale, FP32_MIN_NORMAL), scale)
-    return torch.where(amax == 0, torch.ones_like(scale), scale)
+    # a tensor divisor: torch's CUDA division by a Python scalar multiplies by its
+    # rounded reciprocal instead ("may lose one bit"), which is not amax / 448
+    return torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, E4M3_MAX))
 
 
 def _encode(xf: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    inv = torch.div(1.0, scale)
-    return e4m3_encode_ref(xf * inv)
+    return e4m3_encode_ref(xf / scale)  # clamp to +-448 (NaN kept), then RNE cast
 
 
 def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,16 +375,16 @@ def quantize_per_tensor_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def quantize_per_block_ref(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     d = x.shape[-1]
-    if d % block != 0:
-        raise ValueError(f"last dim {d} is not a multiple of the block size {block}")
-    xf = x.float().reshape(*x.shape[:-1], d // block, block)
-    scale = _scale_from_amax(xf.abs().amax(dim=-1, keepdim=True))
-    return _encode(xf, scale).reshape(x.shape), scale.squeeze(-1)
+    if d % block:
+        raise ValueError(f"x: last dim {d} is not a multiple of the block size {block}")
+    xb = x.float().reshape(*x.shape[:-1], d // block, block)
+    scale = _scale_from_amax(xb.abs().amax(dim=-1, keepdim=True))
+    return _encode(xb, scale).reshape(x.shape), scale.squeeze(-1)
 
 
 def dequantize_ref(q: torch.Tensor, scale: torch.Tensor,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    qf = q.float()
-    if scale.dim() == q.dim() and scale.shape[-1] > 1:
-        scale = scale.repeat_interleave(q.shape[-1] // scale.shape[-1], dim=-1)
-    return (qf * scale).to(dtype)
+    group, scale_stride = _scale_layout(q, scale)
+    qf = q.float().reshape(-1, group)
+    s = scale.reshape(-1, 1) if scale_stride else scale.reshape(1, 1)
+    return (qf * s).to(dtype).reshape(q.shape)

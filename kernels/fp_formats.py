@@ -16,9 +16,8 @@ have two paths selected by the constexpr ``HW_CAST``:
   half away from zero and do not carry a mantissa overflow into the exponent:
   31.6 becomes 16 instead of 32).
 
-The module also holds what the three quantisers' launchers share: the input contract
-(dtype, layout, block divisibility; one wording for their errors) and the tiling (one
-program per block of rows x scaling groups, ``group_tile``).
+The module also holds the input contract the three quantisers share (dtype, layout,
+block divisibility), so their error messages read the same.
 """
 
 from __future__ import annotations
@@ -62,12 +61,6 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 QUANT_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEQUANT_OUTPUT_DTYPES = QUANT_INPUT_DTYPES
 MAX_ROW_ELEMENTS = 16384  # per-row kernels keep a whole row in one program
-TILE_ELEMENTS = 4096  # elements per program: 8 KB of bf16 in flight, several programs per SM
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-# Launch options that keep the kernels' fp32 arithmetic IEEE-exact like torch's: no
-# a*b+c -> fma contraction, and no flush-to-zero of subnormals in libdevice (Triton's
-# default), so the tiny-amax and all-zero corner cases round as the references do.
-EXACT_FP_OPTIONS = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 
 def check_float_input(x, what: str) -> None:
@@ -136,40 +129,16 @@ def hw_cast_default(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def tile_config(n_rows: int, d: int, group_len: int, n_groups: int) -> dict:
-    """Tile constexprs and num_warps: about TILE_ELEMENTS elements per program.
+def row_tile(rows: int, row_elements: int, target: int = 4096) -> tuple[int, int]:
+    """(BLOCK_R, num_warps) for tiles of about `target` elements: one program per row block.
 
-    A row of `d` elements is `n_groups` groups of `group_len` (the last may be partial).
+    ~4K elements per program (8 KB of bf16) keeps enough loads in flight per SM to
+    saturate HBM while leaving several programs resident per SM.
     """
-    block_g = triton.next_power_of_2(group_len)
-    groups = min(triton.next_power_of_2(n_groups), max(1, TILE_ELEMENTS // block_g))
-    block_r = max(1, min(triton.next_power_of_2(max(n_rows, 1)),
-                         TILE_ELEMENTS // (groups * block_g)))
-    tile = block_r * groups * block_g
+    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), target // row_elements))
+    tile = block_r * row_elements
     num_warps = 4 if tile <= 4096 else (8 if tile <= 8192 else 16)
-    even = group_len == block_g and n_groups % groups == 0 and n_groups * group_len == d
-    return dict(BLOCK_R=block_r, GROUPS=groups, BLOCK_G=block_g, EVEN=even, num_warps=num_warps)
-
-
-def tile_grid(n_rows: int, n_groups: int, tile: dict) -> tuple[int, int]:
-    return (triton.cdiv(n_rows, tile["BLOCK_R"]), triton.cdiv(n_groups, tile["GROUPS"]))
-
-
-def output_tensor(out, shape, dtype, device, what: str) -> torch.Tensor:
-    """Allocate an output, or check a caller's buffer (it must match exactly)."""
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor, got {type(out).__name__}")
-    if out.dtype != dtype:
-        raise TypeError(f"{what}: dtype must be {dtype}, got {out.dtype}")
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"{what}: shape must be {tuple(shape)}, got {tuple(out.shape)}")
-    if not out.is_contiguous():
-        raise ValueError(f"{what}: must be contiguous, got strides {out.stride()}")
-    if out.device != device:
-        raise ValueError(f"{what}: must be on {device}, got {out.device}")
-    return out
+    return block_r, num_warps
 
 
 # --------------------------------------------------------------------------------------
@@ -264,16 +233,13 @@ def unpack_nibbles_ref(packed: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def abs_max(x, AXIS: tl.constexpr):
-    """max |x| along AXIS (fp32), NaN-propagating: a NaN anywhere makes the max NaN.
+def max_propagate_nan(a, b):
+    """Combine fn for tl.reduce: a NaN anywhere makes the max NaN.
 
-    tl.max on fp32 follows fmaxf on the GPU and drops NaN, which would turn a NaN input
-    into a finite scale. For |x| >= 0 the fp32 bit patterns order like int32 and NaN
-    patterns sort above +Inf, so an integer max of the sign-cleared bits is a
-    NaN-propagating float max at the cost of one integer op per element.
+    tl.max follows fmaxf on the GPU and drops NaN, which would turn a NaN input into a
+    finite scale; max.NaN keeps it, so a poisoned block dequantises to NaN.
     """
-    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    return tl.max(bits, axis=AXIS).to(tl.float32, bitcast=True)
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -294,15 +260,12 @@ def encode_e4m3(x, HW_CAST: tl.constexpr):
         a = bits & 0x7FFFFFFF
         # normal E4M3 (|x| >= 2^-6): keep 3 of 23 mantissa bits, RNE on the 20 dropped
         # bits, then rebias the exponent from 127 to 7 (120 << 3 = 960 in code units)
-        # (|x| <= 448 here; the min only keeps NaN payloads from overflowing the add)
-        a_normal = tl.minimum(a, 0x43E00000)
-        rounded = a_normal + 0x7FFFF + ((a_normal >> 20) & 1)
+        rounded = a + 0x7FFFF + ((a >> 20) & 1)
         normal = (rounded >> 20) - 960
-        # subnormal E4M3 (|x| < 2^-6): code = RNE(|x| / 2^-9), an integer 0..8;
-        # the shift is kept within [1, 30] so no lane ever shifts out of range
+        # subnormal E4M3 (|x| < 2^-6): code = RNE(|x| / 2^-9), an integer 0..8
         exp = a >> 23
         mant = (a & 0x7FFFFF) | tl.where(exp > 0, 0x800000, 0)
-        shift = tl.minimum(tl.maximum(141 - tl.maximum(exp, 1), 1), 30)  # |x|/2^-9 = mant>>shift
+        shift = tl.minimum(141 - tl.maximum(exp, 1), 30)  # |x| / 2^-9 = mant >> shift
         q = mant >> shift
         rem = mant & ((1 << shift) - 1)
         half = 1 << (shift - 1)
@@ -345,7 +308,8 @@ def encode_e8m0(v):
 @triton.jit
 def e8m0_pow2(e):
     """fp32 2^e for integer e in [-127, 127] (2^-127 is the fp32 subnormal 0x00400000)."""
-    return tl.where(e == -127, 0x00400000, (e + 127) << 23).to(tl.float32, bitcast=True)
+    normal = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(e == -127, (0x00400000 + 0 * e).to(tl.float32, bitcast=True), normal)
 
 
 @triton.jit
@@ -394,27 +358,3 @@ def cast_out(x, OUT_DTYPE: tl.constexpr, HW_CAST: tl.constexpr):
             return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(OUT_DTYPE)
-
-
-@triton.jit
-def group_tile(pid_r, pid_g, n_rows, D, group_len, n_groups,
-                BLOCK_R: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
-                EVEN: tl.constexpr):
-    """Rows, groups, column offsets and mask of a [BLOCK_R, GROUPS, BLOCK_G] tile.
-
-    EVEN (every group is exactly BLOCK_G long and GROUPS divides the group count) drops
-    the column masks, so the compiler sees whole 16-byte vectors along the last dim.
-    """
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    groups = pid_g * GROUPS + tl.arange(0, GROUPS)
-    elems = tl.arange(0, BLOCK_G)
-    mask = rows[:, None, None] < n_rows
-    if EVEN:
-        # group_len == BLOCK_G: a compile-time stride, so column offsets are provably
-        # contiguous and aligned (vector loads) whatever Triton knows of group_len
-        cols = groups[None, :, None] * BLOCK_G + elems[None, None, :]
-    else:
-        cols = groups[None, :, None] * group_len + elems[None, None, :]
-        mask = (mask & (groups[None, :, None] < n_groups) & (elems[None, None, :] < group_len)
-                & (cols < D))
-    return rows, groups, cols, mask

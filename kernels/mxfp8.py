@@ -1,23 +1,21 @@
-"""MXFP8 (OCP Microscaling, E4M3 elements): 32-element blocks with E8M0 power-of-two scales.
+"""MXFP8 (OCP Microscaling, E4M3 elements): 32-element blocks along the last dim, each with
+a power-of-two E8M0 scale. Bit-exact with TransformerEngine's MXFP8 cast (rowwise).
 
-Rule (TE's MXFP8 cast, references and kernels bit for bit):
+Rule per block of 32 (TE ``float_to_e8m0`` / ``exp2f_rcp``, common/util/ptx.cuh):
+  amax  = max |x| in float32; NaN-propagating (a NaN anywhere in the block -> NaN)
+  v     = amax * fl32(1/448)                 a multiply by the rounded reciprocal, as TE
+  e     = E8M0 code of the smallest power of two >= v: the fp32 exponent field, plus one
+          when any mantissa bit is set (ceil); fp32 values <= 2^-127 (0 included) -> 0x00;
+          saturates at 0xFE (also +Inf); NaN -> 0xFF
+  m     = 2^(127 - e); TE's exp2f_rcp edges: m = 1 for e == 0, 0 for 0xFE; NaN for 0xFF
+  q     = e4m3( clamp(x * m, -448, 448) )    nearest-even; x * m is exact (power of two)
+  x_hat = float(q) * 2^(e - 127)             (``dequantize_mxfp8``; 0xFF -> NaN)
+So amax * m <= 448 up to the rounding of 1/448 (the clamp takes the rest) and every
+element keeps E4M3's 3 mantissa bits relative to its own power-of-two binade.
 
-    amax = max |x| over 32 consecutive elements of the last dim (fp32, NaN-propagating)
-    s    = amax * fp32(1/448)            TE multiplies by the rounded reciprocal
-    e    = E8M0 code of the smallest power of two >= s   (ceil, saturating at 2^127:
-           0x00 for s <= 2^-127 incl. amax 0, 0xFE for s > 2^127 or +Inf, 0xFF for NaN)
-    q    = e4m3(clamp(x * 2^(127-e), -448, 448))   exact power-of-two scaling, then
-           round to nearest even; the clamp is the saturation
-    x_hat = float(q) * 2^(e-127)         (``dequantize_mxfp8``; 0xFF decodes to NaN)
-
-Because 2^e >= amax/448, |x| * 2^-e <= 448 up to the reciprocal's rounding, so the
-saturation only trims the last fp32 bit. A NaN in a block gives scale 0xFF and NaN for
-every q of the block. One deliberate difference from TE: TE decodes code 0x00 as a
-reciprocal of 1 instead of 2^127, which only matters for blocks with amax <= 448 * 2^-127
-(~2.6e-36); here the format's own 2^-127 is used.
-
-Scales are stored unpadded, one uint8 per block: [..., D // 32] (TE pads its swizzled
-GEMM layout to multiples of [128, 4]; a KV cache does not need that).
+Layout: q has x's shape (float8_e4m3fn); scales are uint8 ``[..., D // 32]``, in row order,
+unpadded and unswizzled (TE pads rowwise scales to multiples of [128, 4] for its GEMMs).
+A block whose scale is 0xFF (NaN input) holds NaN codes and decodes to NaN as a whole.
 """
 
 from __future__ import annotations
@@ -26,12 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp_formats import (
-    E4M3_MAX,
-    EXACT_FP_OPTIONS,
+from kvperf_kernels.fp8_quant import amax_propagate_nan, check_group, group_offsets, tile_config
+from kvperf_kernels.fp_formats import (
+    E8M0_NAN,
     RCP_E4M3_MAX,
-    TL_DTYPES,
-    abs_max,
     as_rows,
     cast_out,
     check_device,
@@ -41,153 +37,170 @@ from .fp_formats import (
     e4m3_encode_ref,
     e8m0_decode_ref,
     e8m0_encode_ref,
-    e8m0_pow2,
-    e8m0_reciprocal_ref,
     encode_e4m3,
     encode_e8m0,
-    group_tile,
     hw_cast_default,
-    output_tensor,
     saturate,
-    tile_config,
-    tile_grid,
 )
 
-# The constants above as compile-time values: Triton kernels read only constexpr globals.
-_E4M3_MAX_C = tl.constexpr(E4M3_MAX)
-_RCP_E4M3_MAX_C = tl.constexpr(RCP_E4M3_MAX)
-
 MX_BLOCK = 32
+_RCP_E4M3_MAX = tl.constexpr(RCP_E4M3_MAX)  # fl32(1/448): the constant TE multiplies by
 
-__all__ = [
-    "MX_BLOCK",
-    "quantize_mxfp8",
-    "dequantize_mxfp8",
-    "quantize_mxfp8_ref",
-    "dequantize_mxfp8_ref",
-]
+
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _encode_multiplier(e):
+    """TE's exp2f_rcp from bits (see encode_multiplier_ref): 1.0 for e == 0, 0.0 for 0xFE."""
+    m = tl.where(e == 0, 127 << 23, tl.maximum(254 - e, 0) << 23).to(tl.float32, bitcast=True)
+    return tl.where(e == 0xFF, float("nan"), m)
+
+
+@triton.jit
+def _decode_scale(e):
+    """2^(e - 127) as fp32 (0x00 -> the subnormal 2^-127), 0xFF -> NaN."""
+    s = tl.where(e == 0, 0x400000, e << 23).to(tl.float32, bitcast=True)
+    return tl.where(e == 0xFF, float("nan"), s)
 
 
 @triton.jit
 def _quantize_mxfp8_kernel(
-    x_ptr, q_ptr, scale_ptr, n_rows, D, row_stride, n_groups,
-    BLOCK_R: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
-    EVEN: tl.constexpr, HW_CAST: tl.constexpr,
+    x_ptr, q_ptr, e_ptr, n_blocks, x_row_stride,
+    BLOCKS_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, HW_CAST: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    rows, groups, cols, mask = group_tile(pid_r, pid_g, n_rows, D, BLOCK_G, n_groups,
-                                          BLOCK_R, GROUPS, BLOCK_G, EVEN)
-    rows64 = rows.to(tl.int64)[:, None, None]
-    x = tl.load(x_ptr + rows64 * row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = abs_max(x, 2)
-    code = encode_e8m0(amax * _RCP_E4M3_MAX_C)  # [BLOCK_R, GROUPS]
-    # 2^(127 - code) is exact for every code 0..254; 0xFF (NaN block) poisons the block
-    recip = tl.where(code == 0xFF, float("nan"), e8m0_pow2(127 - code))
-    q = encode_e4m3(saturate(x * recip[:, :, None], _E4M3_MAX_C), HW_CAST)
-    tl.store(q_ptr + rows64 * D + cols, q.to(tl.uint8), mask=mask)
-    s_offs = rows.to(tl.int64)[:, None] * n_groups + groups[None, :]
-    s_mask = (rows[:, None] < n_rows) & (groups[None, :] < n_groups)
-    tl.store(scale_ptr + s_offs, code.to(tl.uint8), mask=s_mask)
+    """BLOCK_M consecutive 32-element blocks per program: amax -> E8M0 -> scaled E4M3."""
+    b = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, 32)
+    b_ok = b < n_blocks
+    mask = b_ok[:, None]
+    x_offs = group_offsets(b, x_row_stride, 32, BLOCKS_PER_ROW)
+    x = tl.load(x_ptr + x_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = amax_propagate_nan(x, 1)
+    e = encode_e8m0(amax * _RCP_E4M3_MAX)
+    y = saturate(x * _encode_multiplier(e)[:, None], 448.0)
+    code = encode_e4m3(y, HW_CAST)
+    b64 = b.to(tl.int64)
+    tl.store(q_ptr + b64[:, None] * 32 + cols[None, :], code.to(tl.uint8), mask=mask)
+    tl.store(e_ptr + b64, e.to(tl.uint8), mask=b_ok)
 
 
 @triton.jit
 def _dequantize_mxfp8_kernel(
-    q_ptr, scale_ptr, out_ptr, n_rows, D, row_stride, n_groups,
-    BLOCK_R: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
-    EVEN: tl.constexpr, OUT_DTYPE: tl.constexpr, HW_CAST: tl.constexpr,
+    q_ptr, e_ptr, out_ptr, n_blocks, BLOCK_M: tl.constexpr, HW_CAST: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    rows, groups, cols, mask = group_tile(pid_r, pid_g, n_rows, D, BLOCK_G, n_groups,
-                                          BLOCK_R, GROUPS, BLOCK_G, EVEN)
-    rows64 = rows.to(tl.int64)[:, None, None]
-    q = tl.load(q_ptr + rows64 * row_stride + cols, mask=mask, other=0).to(tl.int32)
-    s_offs = rows.to(tl.int64)[:, None] * n_groups + groups[None, :]
-    s_mask = (rows[:, None] < n_rows) & (groups[None, :] < n_groups)
-    code = tl.load(scale_ptr + s_offs, mask=s_mask, other=127).to(tl.int32)
-    scale = tl.where(code == 0xFF, float("nan"), e8m0_pow2(code - 127))
-    value = decode_e4m3(q, HW_CAST) * scale[:, :, None]
-    tl.store(out_ptr + rows64 * D + cols, cast_out(value, OUT_DTYPE, HW_CAST), mask=mask)
+    b = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, 32)
+    b_ok = b < n_blocks
+    b64 = b.to(tl.int64)
+    offs = b64[:, None] * 32 + cols[None, :]
+    code = tl.load(q_ptr + offs, mask=b_ok[:, None], other=0).to(tl.int32)
+    e = tl.load(e_ptr + b64, mask=b_ok, other=127).to(tl.int32)
+    out = decode_e4m3(code, HW_CAST) * _decode_scale(e)[:, None]
+    tl.store(out_ptr + offs, cast_out(out, out_ptr.dtype.element_ty, HW_CAST), mask=b_ok[:, None])
 
 
-def quantize_mxfp8(x: torch.Tensor, *, out: torch.Tensor | None = None,
-                   scale_out: torch.Tensor | None = None,
-                   hw_cast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] (D % 32 == 0) -> q (float8_e4m3fn, x.shape), scale_e8m0 (uint8 [..., D//32]).
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
 
-    `hw_cast` picks the hardware fp8 conversion (default: where the GPU has one) or the
-    bit-exact integer path; both give identical bytes.
+def quantize_mxfp8(x: torch.Tensor, *, hw_cast: bool | None = None):
+    """MXFP8 along the last dim: (q float8_e4m3fn x.shape, scale_e8m0 uint8 [..., D // 32]).
+
+    D must be a multiple of 32. ``hw_cast`` as in ``fp8_quant`` (same bytes either way).
     """
-    what = "quantize_mxfp8(x)"
-    check_float_input(x, what)
-    rows, row_stride = as_rows(x, what, block=MX_BLOCK)
-    check_device(x, what)
-    n_rows, d = rows.shape
-    n_groups = d // MX_BLOCK
-    q = output_tensor(out, x.shape, torch.float8_e4m3fn, x.device, f"{what} out")
-    scale = output_tensor(scale_out, tuple(x.shape[:-1]) + (n_groups,), torch.uint8, x.device,
-                          f"{what} scale_out")
-    if x.numel() == 0:
-        return q, scale
-    hw = hw_cast_default(x.device) if hw_cast is None else bool(hw_cast)
-    tile = tile_config(n_rows, d, MX_BLOCK, n_groups)
-    _quantize_mxfp8_kernel[tile_grid(n_rows, n_groups, tile)](
-        rows, q.view(torch.uint8), scale, n_rows, d, row_stride, n_groups, HW_CAST=hw,
-        **tile, **EXACT_FP_OPTIONS,
-    )
+    check_float_input(x, "x")
+    check_device(x, "x")
+    rows, row_stride = as_rows(x, "x", block=MX_BLOCK)
+    d = x.shape[-1]
+    check_group(d, "last dim")
+    blocks_per_row = d // MX_BLOCK
+    n_blocks = rows.shape[0] * blocks_per_row
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((*x.shape[:-1], blocks_per_row), dtype=torch.uint8, device=x.device)
+    if n_blocks:
+        hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
+        block_m, _, num_warps = tile_config(n_blocks, MX_BLOCK, x.element_size())
+        _quantize_mxfp8_kernel[(triton.cdiv(n_blocks, block_m),)](
+            rows, q.view(torch.uint8), scale, n_blocks, row_stride,
+            BLOCKS_PER_ROW=blocks_per_row, BLOCK_M=block_m, HW_CAST=hw, num_warps=num_warps,
+        )
     return q, scale
 
 
-def dequantize_mxfp8(q: torch.Tensor, scale_e8m0: torch.Tensor,
-                     dtype: torch.dtype = torch.float32, *, out: torch.Tensor | None = None,
-                     hw_cast: bool | None = None) -> torch.Tensor:
-    """x_hat = float(q) * 2^(scale - 127) in `dtype` (scale 0xFF -> NaN for its block)."""
-    what = "dequantize_mxfp8(q, scale_e8m0)"
+def _check_mx_pair(q, scale) -> None:
     if not isinstance(q, torch.Tensor) or q.dtype != torch.float8_e4m3fn:
-        found = q.dtype if isinstance(q, torch.Tensor) else type(q).__name__
-        raise TypeError(f"{what}: q must be a torch.float8_e4m3fn tensor, got {found}")
-    if not isinstance(scale_e8m0, torch.Tensor) or scale_e8m0.dtype != torch.uint8:
-        found = scale_e8m0.dtype if isinstance(scale_e8m0, torch.Tensor) else type(
-            scale_e8m0).__name__
-        raise TypeError(f"{what}: scale_e8m0 must be a uint8 tensor, got {found}")
-    check_out_dtype(dtype, what)
-    rows, row_stride = as_rows(q, what, block=MX_BLOCK)
-    check_device(q, what)
-    n_rows, d = rows.shape
-    n_groups = d // MX_BLOCK
-    expected = tuple(q.shape[:-1]) + (n_groups,)
-    if tuple(scale_e8m0.shape) != expected:
-        raise ValueError(f"{what}: scale_e8m0 shape must be {expected} for q shape "
-                         f"{tuple(q.shape)}, got {tuple(scale_e8m0.shape)}")
-    if not scale_e8m0.is_contiguous() or scale_e8m0.device != q.device:
-        raise ValueError(f"{what}: scale_e8m0 must be contiguous and on {q.device}")
-    result = output_tensor(out, q.shape, dtype, q.device, f"{what} out")
-    if q.numel() == 0:
-        return result
-    hw = hw_cast_default(q.device) if hw_cast is None else bool(hw_cast)
-    tile = tile_config(n_rows, d, MX_BLOCK, n_groups)
-    _dequantize_mxfp8_kernel[tile_grid(n_rows, n_groups, tile)](
-        rows.view(torch.uint8), scale_e8m0, result, n_rows, d, row_stride, n_groups,
-        OUT_DTYPE=TL_DTYPES[dtype], HW_CAST=hw, **tile, **EXACT_FP_OPTIONS,
-    )
-    return result
+        raise TypeError(f"q: expected a float8_e4m3fn tensor, got {getattr(q, 'dtype', type(q))}")
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.uint8:
+        raise TypeError(
+            f"scale_e8m0: expected a uint8 tensor of E8M0 codes, got "
+            f"{getattr(scale, 'dtype', type(scale))}"
+        )
+    if q.dim() == 0 or q.shape[-1] % MX_BLOCK:
+        raise ValueError(
+            f"q: last dim must be a multiple of {MX_BLOCK}, got shape {tuple(q.shape)}"
+        )
+    expected = (*q.shape[:-1], q.shape[-1] // MX_BLOCK)
+    if tuple(scale.shape) != expected:
+        raise ValueError(
+            f"scale_e8m0 shape {tuple(scale.shape)} does not match q {tuple(q.shape)}: "
+            f"expected {expected}"
+        )
+
+
+def dequantize_mxfp8(q: torch.Tensor, scale_e8m0: torch.Tensor,
+                     dtype: torch.dtype = torch.float32, *, hw_cast: bool | None = None):
+    """x_hat = float(q) * 2^(e - 127) per 32-element block, rounded once to ``dtype``."""
+    _check_mx_pair(q, scale_e8m0)
+    check_out_dtype(dtype, "dequantize_mxfp8")
+    for t, what in ((q, "q"), (scale_e8m0, "scale_e8m0")):
+        if not t.is_contiguous():
+            raise ValueError(f"{what} must be contiguous, got stride {t.stride()}")
+        check_device(t, what)
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    n_blocks = q.numel() // MX_BLOCK
+    if n_blocks:
+        hw = hw_cast_default(q.device) if hw_cast is None else hw_cast
+        block_m, _, num_warps = tile_config(n_blocks, MX_BLOCK, 4)
+        _dequantize_mxfp8_kernel[(triton.cdiv(n_blocks, block_m),)](
+            q.view(torch.uint8), scale_e8m0, out, n_blocks, BLOCK_M=block_m, HW_CAST=hw,
+            num_warps=num_warps,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Torch references
+# --------------------------------------------------------------------------------------
+
+def encode_multiplier_ref(e: torch.Tensor) -> torch.Tensor:
+    """TE's exp2f_rcp, the fp32 with exponent field 254 - e: 2^(127 - e) for e in 1..253.
+
+    Its edges: e == 0 (amax <= 448 * 2^-127, below E4M3's range at any scale) gives 1.0,
+    so the block encodes to zeros; e == 0xFE (Inf amax) gives the bit pattern 0, i.e.
+    0.0, so finite elements encode to zero and the Inf to NaN; 0xFF (NaN) gives NaN here.
+    """
+    e32 = e.to(torch.int32)
+    m = torch.pow(2.0, (127 - e32).double()).float()
+    m = torch.where(e32 == 0, torch.ones_like(m), m)
+    m = torch.where(e32 == 0xFE, torch.zeros_like(m), m)
+    return torch.where(e32 == E8M0_NAN, torch.full_like(m, float("nan")), m)
 
 
 def quantize_mxfp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of the rule in the module docstring."""
     d = x.shape[-1]
-    if d % MX_BLOCK != 0:
-        raise ValueError(f"last dim {d} is not a multiple of the block size {MX_BLOCK}")
-    xf = x.float().reshape(*x.shape[:-1], d // MX_BLOCK, MX_BLOCK)
-    amax = xf.abs().amax(dim=-1)
-    code = e8m0_encode_ref(amax * torch.tensor(RCP_E4M3_MAX, dtype=torch.float32))
-    q = e4m3_encode_ref(xf * e8m0_reciprocal_ref(code).unsqueeze(-1))
-    return q.reshape(x.shape), code
+    if d % MX_BLOCK:
+        raise ValueError(f"x: last dim {d} is not a multiple of the block size {MX_BLOCK}")
+    xb = x.float().reshape(*x.shape[:-1], d // MX_BLOCK, MX_BLOCK)
+    amax = xb.abs().amax(dim=-1)  # NaN propagates
+    e = e8m0_encode_ref(amax * RCP_E4M3_MAX)
+    q = e4m3_encode_ref(xb * encode_multiplier_ref(e).unsqueeze(-1))
+    return q.reshape(x.shape), e
 
 
 def dequantize_mxfp8_ref(q: torch.Tensor, scale_e8m0: torch.Tensor,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    scale = e8m0_decode_ref(scale_e8m0).repeat_interleave(MX_BLOCK, dim=-1)
-    return (q.float() * scale).to(dtype)
-
+    _check_mx_pair(q, scale_e8m0)
+    qb = q.float().reshape(*q.shape[:-1], -1, MX_BLOCK)
+    return (qb * e8m0_decode_ref(scale_e8m0).unsqueeze(-1)).to(dtype).reshape(q.shape)

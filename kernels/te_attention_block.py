@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from kvperf_kernels.compressed_attention import CompressedKV, compress, decompress
 from kvperf_kernels.te_recipes import (
     KV_FORMAT_FOR_RECIPE,

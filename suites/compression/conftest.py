@@ -1,58 +1,103 @@
-"""Fixtures shared by the quantiser suites (FP8, MXFP8, NVFP4)."""
+"""Inputs and comparisons shared by the quantiser suites (FP8, MXFP8, NVFP4).
+
+``make_kv`` draws seeded KV-like tensors; ``checks`` holds the bit-exact comparisons and
+the format error bounds (a fixture, so test modules need not import a conftest).
+"""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+
 from kvperf_kernels._device import default_device
 
 
-@pytest.fixture
-def kv_data():
-    """Seeded KV-cache-like tensors: make(shape, dtype, seed=0, device=None).
+def kv_like(shape, dtype, seed: int, device) -> torch.Tensor:
+    """Random KV-cache-like tensor [..., heads, head_dim] (or any shape, last dim = channels).
 
-    Gaussian values with a few outlier channels of the last dim (x8), as keys have:
-    they make per-row and per-block amaxes differ, so a wrong scale shows. Drawn on the
-    CPU from a seeded generator, then moved, so every device quantises the same numbers.
+    N(0, 1) times a per-channel log-normal spread: real keys have outlier channels, which
+    is what makes per-token and per-block scaling differ from per-tensor. Drawn on the
+    CPU from a seeded generator (the same values on every machine), then moved.
     """
+    gen = torch.Generator().manual_seed(seed)
+    channels = shape[-2:] if len(shape) >= 2 else shape[-1:]
+    spread = torch.exp(0.5 * torch.randn(*channels, generator=gen))
+    x = torch.randn(*shape, generator=gen) * spread
+    return x.to(device=device, dtype=dtype)
 
-    def make(shape, dtype, seed: int = 0, device=None) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=g, dtype=torch.float32)
-        outlier = torch.rand(shape[-1], generator=g) < 0.05
-        x = x * torch.where(outlier, 8.0, 1.0)
-        return x.to(dtype).to(device or default_device())
+
+def same_bytes(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bit-exact comparison (fp8, uint8 codes, ...), reporting the first differences."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a = actual.contiguous().view(torch.uint8).cpu()
+    e = expected.contiguous().view(torch.uint8).cpu()
+    diff = (a != e).nonzero()
+    if diff.numel():
+        idx = [tuple(i) for i in diff[:5].tolist()]
+        shown = ", ".join(f"{i}: {a[i].item():#04x} vs {e[i].item():#04x}" for i in idx)
+        raise AssertionError(f"{what}: {diff.shape[0]} of {a.numel()} bytes differ ({shown})")
+
+
+def same_floats(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bit-exact float comparison in which NaN == NaN (scales of poisoned groups)."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    same = (actual == expected) | (torch.isnan(actual) & torch.isnan(expected))
+    bad = (~same).nonzero()
+    if bad.numel():
+        i = tuple(bad[0].tolist())
+        raise AssertionError(
+            f"{what}: {bad.shape[0]} values differ, first at {i}: "
+            f"{actual[i].item()!r} vs {expected[i].item()!r}"
+        )
+
+
+def expand_scale(scale: torch.Tensor, shape) -> torch.Tensor:
+    """A per-tensor (1,), per-token [..., 1] or per-block [..., nb] scale broadcast to shape."""
+    if scale.numel() == 1:
+        return scale.reshape(1).expand(shape)
+    return scale.repeat_interleave(shape[-1] // scale.shape[-1], dim=-1).expand(shape)
+
+
+def e4m3_error_bound(x: torch.Tensor, x_hat: torch.Tensor, scale: torch.Tensor) -> None:
+    """Per element: |x - x_hat| <= max(2^-4 |x|, 2^-10 scale) + fp32 rounding.
+
+    RNE to 3 mantissa bits is off by at most half a step, 2^-4 of the binade's low end,
+    for normal E4M3 (|x/scale| >= 2^-6); below that the step is 2^-9, so half of it times
+    the scale. The fp32 scaling and the decode multiply add ~2^-24 relative each.
+    """
+    x64, xh64 = x.double(), x_hat.double()  # on x's device: GPU cases are 67M elements
+    s64 = expand_scale(scale.to(x.device), x.shape).double()
+    bound = torch.maximum(x64.abs() * 2.0**-4, s64 * 2.0**-10) + (x64.abs() + s64) * 2.0**-20
+    excess = ((x64 - xh64).abs() - bound).flatten()
+    worst = excess.argmax()
+    assert excess[worst].item() <= 0.0, (
+        f"element {worst.item()}: x={x64.flatten()[worst].item()!r} "
+        f"x_hat={xh64.flatten()[worst].item()!r} scale={s64.flatten()[worst].item()!r} "
+        "exceeds the E4M3 rounding bound"
+    )
+
+
+@pytest.fixture
+def quant_device() -> torch.device:
+    """Where the quantiser kernels run: the CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
+    return default_device()
+
+
+@pytest.fixture
+def make_kv(quant_device):
+    """Factory: make_kv(shape, dtype, seed=0) -> seeded KV-like tensor on quant_device."""
+
+    def make(shape, dtype=torch.bfloat16, seed: int = 0) -> torch.Tensor:
+        return kv_like(tuple(shape), dtype, seed, quant_device)
 
     return make
 
 
-def _codes_differ(a: torch.Tensor, b: torch.Tensor, nan_mask: int | None) -> torch.Tensor:
-    a8, b8 = a.view(torch.uint8), b.view(torch.uint8)
-    differ = a8 != b8
-    if nan_mask is not None:  # any NaN encoding equals any other (sign bits may differ)
-        differ &= ~(((a8 & nan_mask) == nan_mask) & ((b8 & nan_mask) == nan_mask))
-    return differ
-
-
 @pytest.fixture
-def assert_same_codes():
-    """assert_same_codes(out, ref, what, nan_mask=0x7F): byte-exact equality of encoded tensors.
-
-    nan_mask=0x7F treats every E4M3 NaN byte (S.1111.111) as equal; None compares raw
-    bytes (E8M0 scales, packed E2M1). The message names the first mismatches.
-    """
-
-    def check(out: torch.Tensor, ref: torch.Tensor, what: str, nan_mask: int | None = 0x7F):
-        assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-        assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != {ref.dtype}"
-        differ = _codes_differ(out, ref, nan_mask)
-        if differ.any():
-            idx = differ.nonzero()[:5].tolist()
-            o8, r8 = out.view(torch.uint8), ref.view(torch.uint8)
-            sample = [(i, hex(o8[tuple(i)].item()), hex(r8[tuple(i)].item())) for i in idx]
-            raise AssertionError(
-                f"{what}: {int(differ.sum())} of {differ.numel()} bytes differ from the "
-                f"reference; first (index, kernel, reference): {sample}"
-            )
-
-    return check
+def checks() -> SimpleNamespace:
+    """Bit-exact comparisons and error bounds: checks.same_bytes(a, b, what), ..."""
+    return SimpleNamespace(same_bytes=same_bytes, same_floats=same_floats,
+                           expand_scale=expand_scale, e4m3_error_bound=e4m3_error_bound)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from kvperf_kernels._device import default_device
 from kvperf_kernels.compressed_attention import (
     attend_compressed,
@@ -137,8 +138,12 @@ def test_nvfp4_keys_cost_more_than_values(kvperf):
     ref = decode_attention_ref(q, k, v)
     k8, v8 = compress(k, "fp8_per_token"), compress(v, "fp8_per_token")
     k4, v4 = compress(k, "nvfp4"), compress(v, "nvfp4")
-    m_k4 = kvperf.errors(attend_compressed(q, k4, v8), ref, prefix="k_nvfp4.")
-    m_v4 = kvperf.errors(attend_compressed(q, k8, v4), ref, prefix="v_nvfp4.")
+    # float64 attention over the dequantised caches: the comparison is about the formats,
+    # not about the rounding of whichever BF16 attention kernel this device has
+    m_k4 = kvperf.errors(decode_attention_ref(q, decompress(k4), decompress(v8)), ref,
+                         prefix="k_nvfp4.")
+    m_v4 = kvperf.errors(decode_attention_ref(q, decompress(k8), decompress(v4)), ref,
+                         prefix="v_nvfp4.")
     assert m_v4["cosine"] >= 0.98
     assert m_k4["rel_l2_err"] >= 2 * m_v4["rel_l2_err"], (m_k4, m_v4)
 

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+
 from kvperf_kernels._device import default_device
 from kvperf_kernels.compressed_attention import compress
 from kvperf_kernels.kv_memory import (

@@ -19,6 +19,7 @@ import logging
 
 import pytest
 import torch
+
 from kvperf_kernels.te_attention_block import (
     BlockDims,
     TEAttentionBlock,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from kvperf_kernels._device import default_device
 from kvperf_kernels.paged_kv import PagedKV, pack_paged_kv
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from kvperf_kernels._device import interpreted
 from kvperf_kernels.decode_attention import MAX_SPLITS, choose_num_splits, paged_decode_attention
 from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref

@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+
 from kvperf_kernels.decode_attention import paged_decode_attention
 from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref
 from kvperf_kernels.paged_kv import PagedKV, pack_paged_kv, to_flashinfer_indices

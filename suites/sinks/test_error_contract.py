@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvperf_kernels._device import default_device
 from kvperf_kernels.decode_attention import paged_decode_attention
 from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref

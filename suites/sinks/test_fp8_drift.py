@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvperf_kernels.decode_attention import paged_decode_attention
 from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref
 

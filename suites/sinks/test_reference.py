@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from kvperf_kernels.decode_attention_ref import attention_with_sinks_ref, paged_decode_attention_ref
 from kvperf_kernels.paged_kv import gather_paged
 
