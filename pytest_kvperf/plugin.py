@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 
@@ -82,8 +83,22 @@ def _plan_worker_gpus(config) -> None:
     os.environ.update(env)  # the workers inherit the controller's environment
 
 
+def _finish_on_sigterm(config) -> None:
+    """SIGTERM (`timeout`, a CI runner) becomes KeyboardInterrupt, so pytest still ends the
+    session: tests that completed reach the results JSON and --update-baselines."""
+    if _is_worker(config) or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def pytest_configure(config):
     _plan_worker_gpus(config)
+    _finish_on_sigterm(config)
     for line in marker_lines():
         config.addinivalue_line("markers", line)
     session = KvperfSession(config)

@@ -201,3 +201,30 @@ def test_failing_test_keeps_its_own_error_and_metrics(pytester, monkeypatch, rec
     doc = json.loads((pytester.path / "r.json").read_text())["tests"]
     failed = doc["test_lab.py::test_fails_when_asked"]
     assert failed["status"] == "regressed" and failed["metrics"]["max_abs_err"]["value"] == 0.9
+
+
+def test_run_stopped_by_sigterm_still_records_completed_tests(pytester):
+    """`timeout` sends SIGTERM: tests that passed before it still reach the baseline file."""
+    pytester.makepyfile(
+        """
+        import os, signal, time
+
+        def test_a(kvperf):
+            kvperf.accuracy("err", 0.5, better="lower")
+
+        def test_b(kvperf):
+            kvperf.accuracy("err", 0.25, better="lower")
+
+        def test_c():
+            os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` does mid-run
+            time.sleep(30)
+
+        def test_d(kvperf):
+            kvperf.accuracy("err", 1.0, better="lower")
+        """
+    )
+    result = pytester.runpytest_subprocess("--update-baselines", timeout=60)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    (path,) = (pytester.path / "baselines").glob("*.json")
+    entries = load(path)["entries"]
+    assert sorted(k.split("::")[1] for k in entries) == ["test_a", "test_b"]
