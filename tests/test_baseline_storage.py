@@ -66,3 +66,12 @@ def test_write_refuses_invalid_content(tmp_path):
         baselines.apply_updates(path, {"key": "gpu"}, {"t::a": bad})
     assert not path.exists()
     json.dumps(entry(1.0))  # entries are plain JSON
+
+
+def test_new_file_is_readable_by_others_and_mode_is_kept(tmp_path):
+    path = tmp_path / "gpu.json"
+    baselines.apply_updates(path, {"key": "gpu"}, {"t::a": entry(1.0)})
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+    path.chmod(0o664)
+    baselines.apply_updates(path, {"key": "gpu"}, {"t::b": entry(2.0)})
+    assert path.stat().st_mode & 0o777 == 0o664
