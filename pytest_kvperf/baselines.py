@@ -132,11 +132,11 @@ class MetricChange:
     status: str  # ok | regressed | improved | new
     detail: str = ""
 
-    @property
-    def change(self) -> float | None:
-        if self.base in (None, 0):
-            return None
-        return self.value / self.base - 1.0
+
+def format_change(base: float, value: float) -> str:
+    """'0.01 -> 0.02 (+100.0%)': the one way a change is written, in summaries and reports."""
+    pct = f" ({value / base - 1:+.1%})" if base else ""
+    return f"{base:.6g} -> {value:.6g}{pct}"
 
 
 def compare_value(value: float, base: float, better: str, rtol: float, atol: float) -> str:
@@ -295,8 +295,5 @@ def describe_change(nodeid: str, old: dict | None, new: dict) -> list[str]:
         if prev is None:
             lines.append(f"{nodeid}: {name} new = {metric['value']:.6g}")
         else:
-            pct = (
-                f" ({metric['value'] / prev['value'] - 1:+.1%})" if prev["value"] else ""
-            )
-            lines.append(f"{nodeid}: {name} {prev['value']:.6g} -> {metric['value']:.6g}{pct}")
+            lines.append(f"{nodeid}: {name} {format_change(prev['value'], metric['value'])}")
     return lines

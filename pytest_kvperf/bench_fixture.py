@@ -110,20 +110,19 @@ class KvBench:
             rec.info(f"{prefix}peak_mem_bytes", timing.peak_mem_bytes)
         if peaks is not None:
             rec.info("peak_copy_gbps", round(peaks.copy_gbps, 1))
-        rates = {"median_us": (1.0, "us", "lower")}
-        if derived.gbps is not None:
-            rates["gbps"] = (derived.gbps * timing.median_us, "GB/s", "higher")
-            if derived.frac_of_peak_bw is not None:
-                rates["frac_of_peak_bw"] = (
-                    derived.frac_of_peak_bw * timing.median_us, "", "higher")
-        if derived.tflops is not None:
-            rates["tflops"] = (derived.tflops * timing.median_us, "TFLOP/s", "higher")
-        if derived.tokens_per_s is not None:
-            rates["tok_per_s"] = (derived.tokens_per_s * timing.median_us, "tok/s", "higher")
-        for name, (numerator, unit, better) in rates.items():
-            # time metrics are the samples; a rate metric is numerator / time, sample by sample
-            samples = [s if better == "lower" else numerator / s for s in timing.samples_us]
-            value = timing.median_us if better == "lower" else numerator / timing.median_us
+        metrics = {"median_us": (timing.median_us, "us", "lower", list(timing.samples_us))}
+        rates = {
+            "gbps": (derived.gbps, "GB/s"),
+            "frac_of_peak_bw": (derived.frac_of_peak_bw, ""),
+            "tflops": (derived.tflops, "TFLOP/s"),
+            "tok_per_s": (derived.tokens_per_s, "tok/s"),
+        }
+        for name, (rate, unit) in rates.items():
+            if rate is not None:
+                # rate = work / time: its samples are the same work over each sample's time
+                work = rate * timing.median_us
+                metrics[name] = (rate, unit, "higher", [work / t for t in timing.samples_us])
+        for name, (value, unit, better, samples) in metrics.items():
             if gpu_shared():
                 rec.info(f"{prefix}{name} (GPU shared, not compared)", value)
             else:

@@ -166,18 +166,19 @@ def named_profile(spec: str) -> HardwareProfile:
     return replace(profile, injected_from=spec, versions=package_versions())
 
 
+def installed_version(package: str) -> str | None:
+    """The installed version of a package (import name), from metadata; None if absent."""
+    for dist in PACKAGES.get(package, (package, package.replace("_", "-"))):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def package_versions() -> dict[str, str | None]:
     """Installed versions, read from metadata so nothing heavy is imported."""
-    versions: dict[str, str | None] = {}
-    for name, dists in PACKAGES.items():
-        versions[name] = None
-        for dist in dists:
-            try:
-                versions[name] = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return versions
+    return {name: installed_version(name) for name in PACKAGES}
 
 
 def detect() -> HardwareProfile:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 
-from .hardware import PACKAGES, HardwareProfile
+from .hardware import PACKAGES, HardwareProfile, installed_version
 
 
 @dataclass(frozen=True)
@@ -98,15 +97,6 @@ def _version_tuple(text: str) -> tuple[int, ...]:
         if not piece.isdigit():
             break  # '0rc1', '2+cu130': keep the number, stop at the suffix
     return tuple(parts)
-
-
-def installed_version(package: str) -> str | None:
-    for dist in PACKAGES.get(package, (package, package.replace("_", "-"))):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def package_reason(package: str, min_version: str | None = None) -> str | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .baselines import format_change
+
 STATUS_ORDER = (
     "regressed", "failed", "error", "lost coverage", "improved", "new", "ok", "passed",
     "n/a", "skipped",
@@ -18,8 +20,7 @@ def change_line(change) -> str:
     if base is None:
         text += f"{c['value']:.6g} (new)"
     else:
-        pct = f" ({c['value'] / base - 1:+.1%})" if base else ""
-        text += f"{base:.6g} -> {c['value']:.6g}{pct}"
+        text += format_change(base, c["value"])
     text += f" [{c['kind']}, {c['better']} is better]"
     if c.get("detail"):
         text += f" {c['detail']}"

@@ -285,6 +285,17 @@ def _sample(runner, min_rounds, max_rounds, max_time_s, rel_ci_target):
             return samples, rel_ci, "time"
 
 
+def _host_timed_calls(call, seconds: float) -> list[int]:
+    """Call repeatedly for `seconds` (warm-up); each call's host duration in ns."""
+    durations = []
+    start = _now_ns()
+    while _now_ns() - start < seconds * 1e9:
+        t0 = _now_ns()
+        call()
+        durations.append(_now_ns() - t0)
+    return durations
+
+
 class _NullContext:
     def __enter__(self):
         return self
@@ -325,12 +336,7 @@ class _HostRunner:
             self._call()
             durations.append(_now_ns() - t0)
         first = durations[-1]
-        durations = []
-        start = _now_ns()
-        while _now_ns() - start < warmup_s * 1e9:
-            t0 = _now_ns()
-            self._call()
-            durations.append(_now_ns() - t0)
+        durations = _host_timed_calls(self._call, warmup_s)
         per_call = statistics.median(durations) if durations else first
         if per_call < _CPU_GROUP_BELOW_NS:
             self.inner = min(10_000, math.ceil(_CPU_GROUP_TARGET_NS / max(per_call, 1)))
@@ -395,12 +401,7 @@ class _CudaRunner:
         self._call()
         cuda.synchronize()
         self.peak_mem_bytes = max(0, cuda.max_memory_allocated() - base)
-        host = []
-        start = _now_ns()
-        while _now_ns() - start < warmup_s * 1e9:
-            t0 = _now_ns()
-            self._call()
-            host.append(_now_ns() - t0)
+        host = _host_timed_calls(self._call, warmup_s)
         cuda.synchronize()
         # Calibrated now, with clocks at their working level after the warm-up calls.
         self._cycles_per_us = _spin_cycles_per_us(self.torch)
