@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kvperf_kernels import fp8_quant, mxfp8, nvfp4
-from kvperf_kernels._device import interpreted
+from kvperf_kernels._device import run_where_kernels_run
 from kvperf_kernels.kv_memory import FORMATS, tensor_bytes
 
 COMPRESSED_FORMATS = tuple(f for f in FORMATS if f not in ("bf16", "fp16"))
@@ -49,25 +49,6 @@ class CompressedKV:
         return tensor_bytes(self.shape, self.fmt).total
 
 
-def _run_quantiser(fn, *args, **kwargs):
-    """fn(*args) where the quantiser kernels run, results back on the inputs' device.
-
-    The Triton kernels need CUDA tensors except in the CPU interpreter; CPU tensors on a
-    GPU machine visit the GPU, so callers on either device get the same (bit-exact) bytes.
-    """
-    home = next(a.device for a in args if isinstance(a, torch.Tensor))
-    visit = home.type == "cpu" and not interpreted() and torch.cuda.is_available()
-    if visit:
-        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    out = fn(*args, **kwargs)
-    if not visit:
-        return out
-    if isinstance(out, torch.Tensor):
-        return out.to(home)
-    return tuple(t.to(home) for t in out)
-
-
 def compress(x: torch.Tensor, fmt: str, *, global_amax: torch.Tensor | None = None) -> CompressedKV:
     """Store ``x`` (last dim = head_dim) in ``fmt`` with the project's quantisers.
 
@@ -86,18 +67,18 @@ def compress(x: torch.Tensor, fmt: str, *, global_amax: torch.Tensor | None = No
         dtype = torch.bfloat16 if fmt == "bf16" else torch.float16
         return CompressedKV(fmt, shape, {"values": x.to(dtype).contiguous()})
     if fmt == "fp8_per_tensor":
-        q, s = _run_quantiser(fp8_quant.quantize_per_tensor, x)
+        q, s = run_where_kernels_run(fp8_quant.quantize_per_tensor, x)
         return CompressedKV(fmt, shape, {"q": q, "scale": s})
     if fmt == "fp8_per_token":
-        q, s = _run_quantiser(fp8_quant.quantize_per_token, x)
+        q, s = run_where_kernels_run(fp8_quant.quantize_per_token, x)
         return CompressedKV(fmt, shape, {"q": q, "scale": s})
     if fmt == "fp8_per_block128":
-        q, s = _run_quantiser(fp8_quant.quantize_per_block, x, block=128)
+        q, s = run_where_kernels_run(fp8_quant.quantize_per_block, x, block=128)
         return CompressedKV(fmt, shape, {"q": q, "scale": s})
     if fmt == "mxfp8":
-        q, s = _run_quantiser(mxfp8.quantize_mxfp8, x)
+        q, s = run_where_kernels_run(mxfp8.quantize_mxfp8, x)
         return CompressedKV(fmt, shape, {"q": q, "scale_e8m0": s})
-    packed, block_scale, global_scale = _run_quantiser(
+    packed, block_scale, global_scale = run_where_kernels_run(
         nvfp4.quantize_nvfp4, x, global_amax=global_amax)
     return CompressedKV(fmt, shape, {"packed": packed, "block_scale": block_scale,
                                      "global_scale": global_scale})
@@ -109,11 +90,11 @@ def decompress(c: CompressedKV, dtype: torch.dtype = torch.float32) -> torch.Ten
     if c.fmt in ("bf16", "fp16"):
         return t["values"].to(dtype)
     if c.fmt.startswith("fp8_"):
-        return _run_quantiser(fp8_quant.dequantize, t["q"], t["scale"], dtype=dtype)
+        return run_where_kernels_run(fp8_quant.dequantize, t["q"], t["scale"], dtype=dtype)
     if c.fmt == "mxfp8":
-        return _run_quantiser(mxfp8.dequantize_mxfp8, t["q"], t["scale_e8m0"], dtype=dtype)
+        return run_where_kernels_run(mxfp8.dequantize_mxfp8, t["q"], t["scale_e8m0"], dtype=dtype)
     if c.fmt == "nvfp4":
-        return _run_quantiser(nvfp4.dequantize_nvfp4, t["packed"], t["block_scale"],
+        return run_where_kernels_run(nvfp4.dequantize_nvfp4, t["packed"], t["block_scale"],
                               t["global_scale"], dtype=dtype)
     raise ValueError(f"unknown KV format {c.fmt!r}")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvperf_kernels._device import interpreted
+from kvperf_kernels._device import interpreted, run_where_kernels_run
 from kvperf_kernels.fp8_quant import (
     quantize_per_tensor,
     quantize_per_tensor_ref,
@@ -173,16 +173,14 @@ def quantize_fp8_tokens(
         raise ValueError(f"granularity must be one of {SCALE_GRANULARITIES}, got {granularity!r}")
     if fp8_dtype == torch.float8_e4m3fn:
         # The Triton quantisers and their torch references are bit-exact by fp8_quant's
-        # contract; CPU tensors take the reference (in the CPU interpreter the kernels
-        # take ~10 s per 32K tokens, and on a GPU machine the kernels want CUDA tensors).
+        # contract; in the CPU interpreter the kernels take ~10 s per 32K tokens.
         per_tensor, per_token = (
-            (quantize_per_tensor_ref, quantize_per_token_ref)
-            if interpreted() or x.device.type != "cuda"
+            (quantize_per_tensor_ref, quantize_per_token_ref) if interpreted()
             else (quantize_per_tensor, quantize_per_token)
         )
         if granularity == "per_tensor":
-            return per_tensor(x)
-        q, scale = per_token(x)
+            return run_where_kernels_run(per_tensor, x)
+        q, scale = run_where_kernels_run(per_token, x)
         return q, scale.squeeze(-1)
     if fp8_dtype not in FP8_KV_DTYPES:
         raise NotImplementedError(f"FP8 KV dtype {fp8_dtype} is not supported; use {FP8_KV_DTYPES}")
