@@ -2,7 +2,8 @@
 
 Rule, identical in kernels and references (bit-exact):
   amax  = max |x| over the scale's group, in float32 (bf16/fp16 widen exactly)
-  scale = amax / 448 (IEEE division, round-to-nearest-even); amax == 0 -> scale = 1
+  scale = amax / 448 (IEEE division, round-to-nearest-even, subnormals kept); a scale of 0
+          (amax 0, or below 448 * 2^-150 where the quotient underflows) -> scale = 1
   q     = e4m3( clamp(x / scale, -448, 448) )  IEEE division; the cast rounds to nearest
           even; the clamp is the saturation, so the cast never overflows.
   x_hat = float(q) * scale                               (``dequantize``)
@@ -32,6 +33,7 @@ import triton.language as tl
 
 from kvperf_kernels.fp_formats import (
     E4M3_MAX,
+    IEEE_SUBNORMALS,
     MAX_ROW_ELEMENTS,
     as_rows,
     cast_out,
@@ -99,14 +101,16 @@ def div_rn_by_scale(x, s):
       r = RN(1/s), y = RN(x*r) (within 1 ulp), e = x - y*s (exact in an FMA),
       q = RN(y + e*r) = RN(x/s)
     (Markstein 1990; Muller et al., Handbook of Floating-Point Arithmetic, "Markstein's
-    theorem"), provided nothing underflows or overflows: every s of the tile finite and
-    >= 2^-90. Then a quotient >= 2^-10, the smallest that E4M3 does not flush to zero,
-    has x >= 2^-100 and an exact remainder (quotients below 2^-126 may differ in their
-    last bit; they encode to +-0 either way). Tiles outside that range (NaN/Inf scales,
-    amax below ~4e-25) take plain divisions.
+    theorem"), provided nothing underflows or overflows: every s of the tile in
+    [2^-90, 2^126), so that r is normal. Then a quotient >= 2^-10, the smallest that E4M3
+    does not flush to zero, has x >= 2^-100 and an exact (possibly subnormal) remainder;
+    quotients below 2^-126 may differ in their last bit and encode to +-0 either way.
+    Tiles outside that range (NaN/Inf/0 scales, amax below ~4e-25) take plain divisions.
+    Launch with IEEE_SUBNORMALS: in libdevice's default flush-to-zero mode div_rn reads
+    a subnormal x or s as 0.
     """
     s_bits = s.to(tl.int32, bitcast=True)
-    in_range = ((s_bits >= 0x12800000) & (s_bits < 0x7F800000)).to(tl.int32)  # [2^-90, Inf)
+    in_range = ((s_bits >= 0x12800000) & (s_bits < 0x7E800000)).to(tl.int32)  # [2^-90, 2^126)
     if tl.min(in_range) == 1:  # one uniform branch per program
         r = tl.math.div_rn(1.0, s)
         y = x * r
@@ -139,7 +143,8 @@ def _quantize_groups_kernel(
     x_offs = group_offsets(g, x_row_stride, GROUP, GROUPS_PER_ROW)
     x = tl.load(x_ptr + x_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = amax_propagate_nan(x, 1)  # masked lanes are 0: they never win
-    scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 448.0))
+    scale = tl.math.div_rn(amax, 448.0)
+    scale = tl.where(scale == 0.0, 1.0, scale)
     y = saturate(div_rn_by_scale(x, scale[:, None]), 448.0)
     code = encode_e4m3(y, HW_CAST)
     q_offs = g.to(tl.int64)[:, None] * GROUP + cols[None, :]  # q is contiguous
@@ -214,7 +219,7 @@ def _quantize_groups(x: torch.Tensor, group: int, hw_cast: bool | None):
         _quantize_groups_kernel[(triton.cdiv(n_groups, block_m),)](
             rows, q.view(torch.uint8), scale, n_groups, row_stride,
             GROUP=group, GROUPS_PER_ROW=groups_per_row, BLOCK_M=block_m, BLOCK_D=block_d,
-            HW_CAST=hw, num_warps=num_warps,
+            HW_CAST=hw, num_warps=num_warps, **IEEE_SUBNORMALS,
         )
     return q, scale
 
@@ -286,7 +291,7 @@ def quantize_per_tensor(x: torch.Tensor, *, hw_cast: bool | None = None):
         block_m, block_d, num_warps = tile_config(n_rows, d, x.element_size())
         _quantize_tensor_scale_kernel[(triton.cdiv(n_rows, block_m),)](
             rows, q.view(torch.uint8), scale, n_rows, row_stride, GROUP=d, BLOCK_M=block_m,
-            BLOCK_D=block_d, HW_CAST=hw, num_warps=num_warps,
+            BLOCK_D=block_d, HW_CAST=hw, num_warps=num_warps, **IEEE_SUBNORMALS,
         )
     return q, scale
 
@@ -354,7 +359,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     # a tensor divisor: torch's CUDA division by a Python scalar multiplies by its
     # rounded reciprocal instead ("may lose one bit"), which is not amax / 448
-    return torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, E4M3_MAX))
+    scale = amax / torch.full_like(amax, E4M3_MAX)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
 def _encode(xf: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

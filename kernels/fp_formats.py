@@ -37,6 +37,11 @@ FP32_MIN_NORMAL = 2.0**-126
 E8M0_NAN = 0xFF
 E8M0_BIAS = 127
 
+# Launch options of every kernel that divides: Triton links libdevice in flush-to-zero
+# mode by default, so div_rn would read a subnormal amax or x as 0 (0/0 = NaN, x/0 = Inf)
+# where the torch references divide them exactly.
+IEEE_SUBNORMALS = {"enable_reflect_ftz": False}
+
 
 def fp32_reciprocal(v: float) -> float:
     """The fp32 value of 1/v rounded to nearest (exact as a Python float).

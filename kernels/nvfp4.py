@@ -38,6 +38,7 @@ from kvperf_kernels.fp_formats import (
     E2M1_MAX,
     E4M3_MAX,
     FP32_MAX,
+    IEEE_SUBNORMALS,
     RCP_E2M1_MAX,
     as_rows,
     cast_out,
@@ -171,6 +172,7 @@ def quantize_nvfp4(x: torch.Tensor, global_amax=None, *, hw_cast: bool | None = 
         _quantize_nvfp4_kernel[(triton.cdiv(n_blocks, block_m),)](
             rows, packed, block_scale.view(torch.uint8), g, n_blocks, row_stride,
             BLOCKS_PER_ROW=blocks_per_row, BLOCK_M=block_m, HW_CAST=hw, num_warps=num_warps,
+            **IEEE_SUBNORMALS,
         )
     return packed, block_scale, g[:1].clone()
 

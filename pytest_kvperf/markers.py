@@ -153,4 +153,14 @@ def skip_reasons(
             continue
         if why and why not in reasons:
             reasons.append(why)
-    return reasons
+    return _merge_same_finding(reasons)
+
+
+def _merge_same_finding(reasons: list[str]) -> list[str]:
+    """'needs A; found X' + 'needs B; found X' -> 'needs A and B; found X' (X said once)."""
+    merged: dict[str, list[str]] = {}
+    for why in reasons:
+        needs, sep, found = why.partition("; found ")
+        merged.setdefault(sep + found, []).append(needs)
+    return [needs[0] + "".join(" and " + n.removeprefix("needs ") for n in needs[1:]) + found
+            for found, needs in merged.items()]

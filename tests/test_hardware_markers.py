@@ -43,6 +43,16 @@ def test_reason_names_needed_and_found():
     )
 
 
+def test_reasons_with_the_same_finding_name_it_once():
+    gpu_and_fp8 = [("gpu", (), {}), ("fp8", (), {}), ("requires", ("no_such_pkg_kvperf",), {})]
+    reasons = skip_reasons(gpu_and_fp8, PROFILES["cpu"], PROFILES["cpu"])
+    assert len(reasons) == 2, reasons
+    found = PROFILES["cpu"].describe()
+    assert reasons[0].startswith("needs a CUDA GPU and FP8 tensor cores"), reasons[0]
+    assert reasons[0].endswith(f"; found {found}") and reasons[0].count("found") == 1
+    assert reasons[1] == "needs no_such_pkg_kvperf; found no_such_pkg_kvperf not installed"
+
+
 def test_derived_features():
     assert PROFILES["h100"].wgmma and not PROFILES["b200"].wgmma
     assert PROFILES["b200"].tcgen05 and PROFILES["thor"].tcgen05 and not PROFILES["gb10"].tcgen05

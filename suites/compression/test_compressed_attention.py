@@ -23,6 +23,7 @@ dequantise-then-attend per format against BF16 attention is measured on the GPU.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -40,6 +41,7 @@ from kvperf_kernels.compressed_attention import (
     realistic_query,
     worst_token_rel_error,
 )
+from pytest_kvperf.accuracy import error_metrics
 
 # Lab floors for the roundtrip cosine of one tensor: FP8 >= 0.99, NVFP4 >= 0.98.
 ROUNDTRIP_MIN_COSINE = {
@@ -130,22 +132,31 @@ def test_compressed_cache_accuracy_gpu(config, shape, kvperf):
 
 
 def test_nvfp4_keys_cost_more_than_values(kvperf):
-    """NVFP4 on K hurts the attention output far more than NVFP4 on V (FP8 per-token on the
+    """NVFP4 on K hurts the attention output more than NVFP4 on V (FP8 per-token on the
     other): a K error is multiplied by the logit, a V error only averaged. This is why the
-    NVFP4 configuration that meets the lab's 0.98 keeps K in FP8."""
+    NVFP4 configuration that meets the lab's 0.98 keeps K in FP8.
+
+    The ratio depends on where a cache's outlier channels fall (1.2x .. 2.9x over 24
+    seeds), so it is measured over 8 independent caches drawn on the CPU (the same numbers
+    on every device): K costs more in each, and 1.5x or more in geometric mean (~1.9).
+    """
     dev = default_device()
-    q, k, v = _inputs(Shape(2, 8, 2, 64, 100), seed=5, device=dev)
-    ref = decode_attention_ref(q, k, v)
-    k8, v8 = compress(k, "fp8_per_token"), compress(v, "fp8_per_token")
-    k4, v4 = compress(k, "nvfp4"), compress(v, "nvfp4")
-    # float64 attention over the dequantised caches: the comparison is about the formats,
-    # not about the rounding of whichever BF16 attention kernel this device has
-    m_k4 = kvperf.errors(decode_attention_ref(q, decompress(k4), decompress(v8)), ref,
-                         prefix="k_nvfp4.")
-    m_v4 = kvperf.errors(decode_attention_ref(q, decompress(k8), decompress(v4)), ref,
-                         prefix="v_nvfp4.")
-    assert m_v4["cosine"] >= 0.98
-    assert m_k4["rel_l2_err"] >= 2 * m_v4["rel_l2_err"], (m_k4, m_v4)
+    ratios = []
+    for seed in range(8):
+        q, k, v = (t.to(dev) for t in _inputs(Shape(2, 8, 2, 64, 100), seed=seed, device="cpu"))
+        ref = decode_attention_ref(q, k, v)
+        k8, v8 = compress(k, "fp8_per_token"), compress(v, "fp8_per_token")
+        k4, v4 = compress(k, "nvfp4"), compress(v, "nvfp4")
+        # float64 attention over the dequantised caches: the comparison is about the formats,
+        # not about the rounding of whichever BF16 attention kernel this device has
+        m_k4 = error_metrics(decode_attention_ref(q, decompress(k4), decompress(v8)), ref)
+        m_v4 = error_metrics(decode_attention_ref(q, decompress(k8), decompress(v4)), ref)
+        assert m_v4["cosine"] >= 0.98, (seed, m_v4)
+        assert m_k4["rel_l2_err"] > m_v4["rel_l2_err"], (seed, m_k4, m_v4)
+        ratios.append(m_k4["rel_l2_err"] / m_v4["rel_l2_err"])
+    geo_mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    kvperf.accuracy("k_over_v_nvfp4_rel_l2_geomean", geo_mean, better="higher")
+    assert geo_mean >= 1.5, [round(r, 2) for r in ratios]
 
 
 def test_unfused_bf16_attention_matches_reference():

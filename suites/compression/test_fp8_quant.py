@@ -31,6 +31,7 @@ from kvperf_kernels.fp8_quant import (
     quantize_per_token,
     quantize_per_token_ref,
 )
+from kvperf_kernels.fp_formats import FP32_MIN_NORMAL, IEEE_SUBNORMALS
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 DTYPES = [BF16, FP16, FP32]
@@ -369,17 +370,19 @@ def _divide_rows_kernel(x_ptr, s_ptr, out_ptr, D: tl.constexpr, BLOCK_M: tl.cons
 
 def test_kernel_division_is_correctly_rounded(quant_device, checks):
     """The kernels' x / scale (Markstein's reciprocal + 2 FMAs, plain division outside
-    [2^-90, Inf)) equals IEEE division bit for bit, near-ties included.
+    [2^-90, 2^126)) equals IEEE division bit for bit, near-ties and subnormals included.
 
     Tiles of 8 rows: tiles 0-5 take the reciprocal path (scales 2^-89 .. 2^100); tile 6
-    holds a 2^-120 scale, tile 7 an Inf and a NaN scale (plain division for the tile).
+    holds a 2^-120 scale, a subnormal 2^-140 one and 2^126, tile 7 an Inf and a NaN scale
+    (plain division for the tile). Small quotients times tiny scales give subnormal x,
+    which a flush-to-zero division would read as 0.
     """
     gen = torch.Generator().manual_seed(13)
     rows, d = 64, 256
     s = torch.exp2(torch.rand(rows, generator=gen, dtype=torch.float64) * 189 - 89) * (
         1 + torch.rand(rows, generator=gen, dtype=torch.float64))
     s = s.float()
-    s[48] = 2.0**-120
+    s[48], s[49], s[50] = 2.0**-120, 2.0**-140, 2.0**126
     s[56], s[57] = float("inf"), float("nan")
     quotient = (torch.rand(rows, d, generator=gen) * 896 - 448) * torch.exp2(
         -torch.randint(0, 12, (rows, d), generator=gen).float())
@@ -389,11 +392,32 @@ def test_kernel_division_is_correctly_rounded(quant_device, checks):
     x = torch.where(step < 0, x.nextafter(torch.tensor(float("-inf"))), x)
     x[56, :4] = torch.tensor([1.0, -3.0, float("inf"), 0.0])
     x[:, -2:] = torch.tensor([0.0, -0.0])  # signed zeros, on both paths
+    assert (x[48:50].abs() < FP32_MIN_NORMAL).any(), "the test needs subnormal x"
     out = torch.full((rows, d), float("nan"), device=quant_device)  # poisoned
-    _divide_rows_kernel[(rows // 8,)](x.to(quant_device), s.to(quant_device), out, D=d, BLOCK_M=8)
+    _divide_rows_kernel[(rows // 8,)](x.to(quant_device), s.to(quant_device), out, D=d,
+                                      BLOCK_M=8, **IEEE_SUBNORMALS)
     expected = x / s[:, None]
     checks.same_floats(out.cpu(), expected, "kernel division vs IEEE division")
     assert torch.equal(torch.signbit(out.cpu()), torch.signbit(expected)), "signs of zeros"
+
+
+def test_subnormal_amax_quantises_like_the_reference(quant_device, checks):
+    """Tokens whose amax is subnormal give the reference's bytes and scales (the kernels
+    divide without flushing to zero), and finite ones: where amax / 448 underflows to 0
+    (amax 2^-149) the scale is 1, as for amax 0, not a 0 that would turn x / 0 into NaN."""
+    amax = torch.tensor([2.0**-127, 3 * 2.0**-140, 2.0**-149, 1e-30, 2.0**-100])
+    x = amax[:, None] * torch.linspace(-1, 1, 32)[None, :]
+    cases = {"per_token": (quantize_per_token, quantize_per_token_ref),
+             "per_tensor": (quantize_per_tensor, quantize_per_tensor_ref),
+             "per_block": (lambda t: quantize_per_block(t, 16),
+                           lambda t: quantize_per_block_ref(t, 16))}
+    for name, (quant, quant_ref) in cases.items():
+        ref = quant_ref(x[3:] if name == "per_tensor" else x)
+        got = quant((x[3:] if name == "per_tensor" else x).to(quant_device))
+        checks.same_floats(got[1].cpu(), ref[1], f"{name}: scales")
+        checks.same_bytes(got[0].cpu(), ref[0], f"{name}: codes")
+        assert not torch.isnan(ref[0].float()).any(), f"{name}: NaN codes from finite input"
+    assert quantize_per_token_ref(x)[1][2].item() == 1.0, "underflowed scale must become 1"
 
 
 # ======================================================================================
