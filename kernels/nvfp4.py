@@ -60,6 +60,8 @@ from kvperf_kernels.fp_formats import (
 
 NVFP4_BLOCK = 16
 _FP32_MAX = tl.constexpr(FP32_MAX)
+_E4M3_X_E2M1_MAX = tl.constexpr(E4M3_MAX * E2M1_MAX)  # 2688, exact in fp32
+_RCP_E2M1_MAX = tl.constexpr(RCP_E2M1_MAX)
 
 
 # --------------------------------------------------------------------------------------
@@ -100,18 +102,29 @@ def _given_global_amax(x: torch.Tensor, global_amax) -> torch.Tensor:
 
 @triton.jit
 def _quantize_nvfp4_kernel(
-    x_ptr, packed_ptr, s_ptr, g_ptr, n_blocks, x_row_stride,
+    x_ptr, packed_ptr, s_ptr, amax_ptr, g_dec_ptr, n_blocks, x_row_stride,
     BLOCKS_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, HW_CAST: tl.constexpr,
 ):
-    """BLOCK_M consecutive 16-element blocks per program -> 8 packed bytes + 1 E4M3 scale each."""
+    """BLOCK_M consecutive 16-element blocks per program -> 8 packed bytes + 1 E4M3 scale each.
+
+    Every program derives the global scales from the global amax itself (a few scalar ops,
+    the same IEEE steps as ``global_scales``): no extra launches, no host round trip.
+    """
+    amax_g = tl.load(amax_ptr)
+    g_enc = tl.math.div_rn(_E4M3_X_E2M1_MAX, amax_g)
+    g_enc = tl.where(g_enc > _FP32_MAX, _FP32_MAX, g_enc)  # min(., FLT_MAX); NaN stays
+    g_enc = tl.where((amax_g == 0.0) | (g_enc == 0.0), 1.0, g_enc)
+    g_dec = tl.math.div_rn(1.0, g_enc)
+    g_mult = g_enc * _RCP_E2M1_MAX
+    if tl.program_id(0) == 0:
+        tl.store(g_dec_ptr, g_dec)
+
     b = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, 16)
     b_ok = b < n_blocks
     x_offs = group_offsets(b, x_row_stride, 16, BLOCKS_PER_ROW)
     x = tl.load(x_ptr + x_offs[:, None] + cols[None, :], mask=b_ok[:, None], other=0.0)
     x = x.to(tl.float32)
-    g_dec = tl.load(g_ptr)
-    g_mult = tl.load(g_ptr + 1)
     # block scale: saturate == TE's min(., FLT_MAX) then clamp(., +-448); NaN stays NaN
     s_code = encode_e4m3(saturate(amax_propagate_nan(x, 1) * g_mult, 448.0), HW_CAST)
     enc = tl.math.div_rn(1.0, decode_e4m3(s_code, HW_CAST) * g_dec)
@@ -149,8 +162,9 @@ def quantize_nvfp4(x: torch.Tensor, global_amax=None, *, hw_cast: bool | None = 
 
     Returns (packed uint8 [..., D // 2], block_scale float8_e4m3fn [..., D // 16],
     global_scale float32 (1,), the decode scale). ``global_amax`` (None: max |x| of this
-    tensor; else a calibrated float or float32 one-element tensor) sets the global scale;
-    blocks above it saturate at scale 448 and elements at +-6.
+    tensor, one extra pass; else a calibrated value) sets the global scale; blocks above
+    it saturate at scale 448 and elements at +-6. A calibrated float32 one-element tensor
+    on x's device makes this one launch; a Python float costs a host-to-device copy.
     """
     check_float_input(x, "x")
     check_device(x, "x")
@@ -158,23 +172,25 @@ def quantize_nvfp4(x: torch.Tensor, global_amax=None, *, hw_cast: bool | None = 
     d = x.shape[-1]
     check_group(d, "last dim")
     if global_amax is None:
-        g = global_scales(tensor_amax(rows, row_stride))
+        amax = tensor_amax(rows, row_stride)
     else:
-        g = global_scales(_given_global_amax(x, global_amax))
+        amax = _given_global_amax(x, global_amax)
     blocks_per_row = d // NVFP4_BLOCK
     n_blocks = rows.shape[0] * blocks_per_row
     packed = torch.empty((*x.shape[:-1], d // 2), dtype=torch.uint8, device=x.device)
     block_scale = torch.empty((*x.shape[:-1], blocks_per_row), dtype=torch.float8_e4m3fn,
                               device=x.device)
-    if n_blocks:
-        hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
-        block_m, _, num_warps = tile_config(n_blocks, NVFP4_BLOCK, x.element_size())
-        _quantize_nvfp4_kernel[(triton.cdiv(n_blocks, block_m),)](
-            rows, packed, block_scale.view(torch.uint8), g, n_blocks, row_stride,
-            BLOCKS_PER_ROW=blocks_per_row, BLOCK_M=block_m, HW_CAST=hw, num_warps=num_warps,
-            **IEEE_SUBNORMALS,
-        )
-    return packed, block_scale, g[:1].clone()
+    if not n_blocks:  # nothing to launch: the scale from the same torch steps
+        return packed, block_scale, global_scales(amax)[:1].clone()
+    global_scale = torch.empty(1, dtype=torch.float32, device=x.device)
+    hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
+    block_m, _, num_warps = tile_config(n_blocks, NVFP4_BLOCK, x.element_size())
+    _quantize_nvfp4_kernel[(triton.cdiv(n_blocks, block_m),)](
+        rows, packed, block_scale.view(torch.uint8), amax, global_scale, n_blocks, row_stride,
+        BLOCKS_PER_ROW=blocks_per_row, BLOCK_M=block_m, HW_CAST=hw, num_warps=num_warps,
+        **IEEE_SUBNORMALS,
+    )
+    return packed, block_scale, global_scale
 
 
 def _check_nvfp4_triple(packed, block_scale, global_scale) -> None:

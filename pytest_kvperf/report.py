@@ -7,8 +7,8 @@ from collections import Counter
 from .baselines import format_change
 
 STATUS_ORDER = (
-    "regressed", "failed", "error", "lost coverage", "improved", "new", "ok", "passed",
-    "n/a", "skipped",
+    "regressed", "failed", "error", "interrupted", "lost coverage", "improved", "new", "ok",
+    "passed", "n/a", "skipped",
 )
 
 

@@ -23,7 +23,9 @@ PROP_METRICS = "kvperf_metrics"
 @dataclass
 class TestResult:
     nodeid: str
-    outcome: str = "passed"  # passed | failed | error | skipped
+    # passed | failed | error | skipped; "interrupted" until a call report says otherwise
+    # (a run stopped mid-test must not count that test as passed)
+    outcome: str = "interrupted"
     skip_reason: str = ""
     hw_skip_reason: str = ""
     gpu_key: str = ""
@@ -134,7 +136,7 @@ class KvperfSession:
                     result.status = "n/a"
                 else:
                     result.status = "skipped"
-            elif result.outcome in ("failed", "error"):
+            elif result.outcome in ("failed", "error", "interrupted"):
                 result.status = "regressed" if result.verdict == "regressed" else result.outcome
             elif result.metrics:
                 result.status = result.verdict or "new"

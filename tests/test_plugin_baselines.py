@@ -223,8 +223,14 @@ def test_run_stopped_by_sigterm_still_records_completed_tests(pytester):
             kvperf.accuracy("err", 1.0, better="lower")
         """
     )
-    result = pytester.runpytest_subprocess("--update-baselines", timeout=60)
+    result = pytester.runpytest_subprocess("--update-baselines", "--kvperf-json=r.json",
+                                           timeout=60)
     assert result.ret == pytest.ExitCode.INTERRUPTED
     (path,) = (pytester.path / "baselines").glob("*.json")
     entries = load(path)["entries"]
     assert sorted(k.split("::")[1] for k in entries) == ["test_a", "test_b"]
+    # the test that was running is reported as interrupted, never as passed
+    doc = json.loads((pytester.path / "r.json").read_text())["tests"]
+    (running,) = (v for k, v in doc.items() if k.endswith("::test_c"))
+    assert running["status"] == "interrupted"
+    result.stdout.fnmatch_lines(["*verdicts:*1 interrupted*"])

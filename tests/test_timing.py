@@ -300,11 +300,21 @@ def test_capture_unsafe_fn_falls_back_to_events_or_raises_when_forced():
     import torch
 
     x = torch.ones(16, device="cuda")
-    t = measure(lambda: x.sum().item(), max_time_s=0.2)  # .item() syncs: not capturable
-    assert t.method == "cuda-events" and any("capture failed" in n for n in t.notes)
+
+    def capture_unsafe():
+        # A few-us call, so "auto" tries a graph; it syncs only while being captured,
+        # which CUDA refuses. (A call that always syncs, like .item(), times >= 20 us
+        # with its host round trip, and "auto" would not even try to capture it.)
+        y = x * 2.0
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return y
+
+    t = measure(capture_unsafe, max_time_s=0.2)
+    assert t.method == "cuda-events" and any("capture failed" in n for n in t.notes), t.notes
     assert statistics.median(t.samples_us) == t.median_us > 0
     with pytest.raises(RuntimeError, match="CUDA graph capture"):
-        measure(lambda: x.sum().item(), use_cuda_graph=True, max_time_s=0.2)
+        measure(capture_unsafe, use_cuda_graph=True, max_time_s=0.2)
 
 
 @pytest.mark.gpu

@@ -398,7 +398,10 @@ def test_kernel_division_is_correctly_rounded(quant_device, checks):
                                       BLOCK_M=8, **IEEE_SUBNORMALS)
     expected = x / s[:, None]
     checks.same_floats(out.cpu(), expected, "kernel division vs IEEE division")
-    assert torch.equal(torch.signbit(out.cpu()), torch.signbit(expected)), "signs of zeros"
+    # signs of zeros only: a NaN's sign is not specified (x86 makes Inf/Inf -NaN, CUDA +NaN)
+    zeros = expected == 0
+    assert torch.equal(torch.signbit(out.cpu()[zeros]), torch.signbit(expected[zeros])), \
+        "signs of zeros"
 
 
 def test_subnormal_amax_quantises_like_the_reference(quant_device, checks):

@@ -192,6 +192,10 @@ def run_step(spec: dict, kv_key: str, workspace: torch.Tensor) -> dict:
     out = run(sinks)
     _sync()
     step["vs_reference"] = compare(out, ref, atol, rtol)
+    # which sequences went wrong says more than one worst element (e.g. only short ones)
+    rows_nonfinite = (~torch.isfinite(out)).flatten(1).any(1).tolist()
+    step["vs_reference"]["nonfinite_seq_lens"] = [
+        n for n, bad in zip(spec["lens"], rows_nonfinite, strict=True) if bad]
     step["vs_no_sink_reference"] = compare(out, ref_no_sink, atol, rtol)
     swamped = run(torch.full_like(sinks, 30.0))
     step["sink_plus30_max_abs"] = float(swamped.double().abs().max())
