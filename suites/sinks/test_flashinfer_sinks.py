@@ -35,7 +35,12 @@ CHILD = Path(__file__).with_name("flashinfer_child.py")
 RESULT_TAG = "KVPERF_RESULT "
 # two cold JIT builds plus imports; lower it (KVPERF_FLASHINFER_CHILD_TIMEOUT_S) to fit a
 # time-limited run: a child that times out fails its test with that reason
-CHILD_TIMEOUT_S = float(os.environ.get("KVPERF_FLASHINFER_CHILD_TIMEOUT_S", "1500"))
+_TIMEOUT_ENV = os.environ.get("KVPERF_FLASHINFER_CHILD_TIMEOUT_S", "1500")
+try:
+    CHILD_TIMEOUT_S = float(_TIMEOUT_ENV)
+except ValueError:
+    raise ValueError("KVPERF_FLASHINFER_CHILD_TIMEOUT_S must be a number of seconds, "
+                     f"got {_TIMEOUT_ENV!r}") from None
 
 # FlashInfer's own tolerances: sink tests with BF16 (P rounded to 16 bits once), and its
 # XQA FP8-KV tests (the Hopper FP8 kernel rounds Q and P to E4M3 for FP8 tensor cores).
