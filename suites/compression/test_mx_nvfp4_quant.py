@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kvperf_kernels.fp_formats import (
     E2M1_VALUES,
@@ -18,6 +20,7 @@ from kvperf_kernels.fp_formats import (
     e2m1_encode_ref,
     e8m0_decode_ref,
     e8m0_encode_ref,
+    encode_e2m1,
     pack_nibbles_ref,
     unpack_nibbles_ref,
 )
@@ -310,6 +313,37 @@ def test_e2m1_ties_to_even_and_signs(quant_device):
         got = unpack_nibbles_ref(_cpu(packed))
         assert torch.equal(got, expected), f"{what}: {got.tolist()} != {expected.tolist()}"
         assert _cpu(packed)[0, 0].item() == 0x07  # element 0 (code 7) low, element 1 (0) high
+
+
+@triton.jit
+def _encode_e2m1_kernel(y_ptr, code_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(code_ptr + offs, encode_e2m1(tl.load(y_ptr + offs, mask=ok, other=0.0)), mask=ok)
+
+
+def test_e2m1_encoder_on_dense_values(quant_device):
+    """The quantiser's bit-level E2M1 encoder against the nearest-value reference: every
+    fp32 within 4096 ulps of each tie point and grid value (both signs), 2^18 random values
+    in [-6, 6], zeros, subnormals and NaNs."""
+    points = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, *E2M1_VALUES]
+    near = torch.tensor(points).view(torch.int32)[:, None] + torch.arange(-4096, 4097)
+    near = near.flatten().view(torch.float32)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.1754942e-38, 6.0, -6.0,
+                            float("nan"), -float("nan")])
+    rand = (torch.rand(1 << 18, generator=torch.Generator().manual_seed(40)) * 12 - 6)
+    # the quantiser saturates to +-6 first (clamp keeps NaN)
+    y = torch.cat([near, -near, special, rand]).clamp(-6.0, 6.0)
+    codes = torch.empty(y.numel(), dtype=torch.int32, device=quant_device)
+    block = 4096
+    _encode_e2m1_kernel[(triton.cdiv(y.numel(), block),)](y.to(quant_device), codes,
+                                                           y.numel(), BLOCK=block)
+    expected = e2m1_encode_ref(y).to(torch.int32)
+    differ = (_cpu(codes) != expected).nonzero().flatten()
+    assert not differ.numel(), (
+        f"{differ.numel()} of {y.numel()} values encode wrongly, e.g. "
+        f"{y[differ[:5]].tolist()} -> {_cpu(codes)[differ[:5]].tolist()}, "
+        f"expected {expected[differ[:5]].tolist()}")
 
 
 def test_nvfp4_block_scale_saturation_and_subnormal(quant_device):
