@@ -163,10 +163,12 @@ def test_flashinfer_sink_entry_point(route, order, kvperf):
     failures = []
     for position, step in enumerate(result["steps"], start=1):
         kvperf.info(f"{step['kv']}.wrapper", json.dumps(step.get("wrapper", {})))
-        if "vs_reference" in step and step["vs_reference"]["finite"]:
-            for metric in ("rel_l2_err", "max_abs_err"):
-                kvperf.accuracy(f"{step['kv']}.{metric}", step["vs_reference"][metric],
-                                better="lower", rtol=0.25)
+        for compared, prefix in (("vs_reference", ""), ("vs_reference_zero_padding",
+                                                          "zero_padding_")):
+            if compared in step and step[compared]["finite"]:
+                for metric in ("rel_l2_err", "max_abs_err"):
+                    kvperf.accuracy(f"{step['kv']}.{prefix}{metric}", step[compared][metric],
+                                    better="lower", rtol=0.25)
         for problem in _step_problems(route, step):
             failures.append(f"{where}, KV {step['kv']} (step {position} of {len(order)}): "
                             f"{problem}")

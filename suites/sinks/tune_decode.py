@@ -12,7 +12,8 @@ is set.
 Stages: base = the launcher's defaults at batch 64 x kv 8192 (BF16, FP8 per-tensor, FP8
 per-token); sweep = FP8/BF16 launch variants there; spec = the GPU cases of
 test_decode_kernel.py with precise_pv off; long = defaults (and the sweep's best) at
-kv 32768. ``--smoke`` runs tiny shapes on the CPU interpreter (checks the script only).
+kv 32768; longsweep (with long) = the FP8 sweep at kv 32768. ``--smoke`` runs tiny
+shapes on the CPU interpreter (checks the script only).
 
 Findings on the H100 (2026-11, Triton 3.6), batch 64, kv 8192, FP8 per-tensor, us:
 the kernel before this round 408 (BF16 KV 397); float16 decode alone 398; + V decoded
@@ -224,6 +225,12 @@ def main():
         for v in variants:
             for r in best("sweep", v, 1):
                 run_variant(data, v, "long", **cfg_of(r))
+        if "longsweep" in stages:  # the FP8 sweep again at the long context
+            for bn, w, st, sp, cols in SWEEP_FP8 + [(32, 1, 2, 8, 128), (64, 2, 2, 8, 128)]:
+                if time_left() < 20:
+                    break
+                run_variant(data, "fp8_tensor", "long", block_n=bn, num_warps=w,
+                            num_stages=st, num_splits=sp, tile_cols=cols, precise_pv=False)
 
     print("\n=== summary: best passing variant per KV dtype and length ===")
     for kv_len in (short, long_):
