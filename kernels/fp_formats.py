@@ -322,19 +322,23 @@ def encode_e2m1(y):
     """fp32 (already within +-6) -> E2M1 code (int32 0..15), nearest, ties to even; -0.0
     and NaN give code 0, tiny negatives -0 (code 8), as TE's reference.
 
-    From the fp32 bits rather than a threshold per grid point: the NVFP4 quantiser is
-    instruction-bound on Hopper, which has no E2M1 conversion (8 compares cost ~20 %).
-    |y| >= 1: round the fp32 mantissa to one bit, nearest-even (a carry bumps the exponent,
-    so 1.75 -> 2.0, 5.0 -> 4.0); the rounded bits >> 22 are (exponent << 1) | mantissa, and
-    1.0 (exponent 127) is code 2, hence - 252. |y| < 1: steps of 0.5 (0.25 -> 0, 0.75 -> 1.0).
+    Arithmetic rather than a threshold per grid point: the NVFP4 quantiser is
+    instruction-bound on Hopper, which has no E2M1 conversion.
+    1. Round |y| to the E2M1 grid in fp32: the grid step is 0.5 below 2, 1 up to 4, 2 up
+       to 6; adding 2^22 * step and subtracting it again rounds to that step, nearest-even
+       (1.75 -> 2, 5 -> 4; a step's even multiples are the even codes).
+    2. r * 2^-126 is exact (r has one significant bit after the leading one, or r < 1 is a
+       multiple of 0.5: an fp32 subnormal). Its bits >> 22 are the E2M1 code, because E2M1
+       is IEEE-like with bias 1 and 1.0 lands on fp32's smallest normal: 0.5 -> 1,
+       1 -> 2, 1.5 -> 3, 2 -> 4, 3 -> 5, 4 -> 6, 6 -> 7 (needs IEEE subnormals, not FTZ).
     """
     bits = y.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    odd = (bits >> 22) & 1
-    hi = ((bits + 0x1FFFFF + odd) >> 22) - 252
     a = bits.to(tl.float32, bitcast=True)
-    lo = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32)
-    mag = tl.where(bits < 0x3F800000, lo, hi)
-    mag = tl.where(bits > 0x7F800000, 0, mag)  # NaN -> 0, as TE
+    magic = ((tl.maximum(bits, 0x3F800000) & 0x7F800000) + (22 << 23)).to(tl.float32,
+                                                                           bitcast=True)
+    r = (a + magic) - magic
+    mag = (r * 1.1754943508222875e-38).to(tl.int32, bitcast=True) >> 22  # 2^-126
+    mag = tl.where(a != a, 0, mag)  # NaN -> 0, as TE
     return mag | tl.where(y < 0, 8, 0)
 
 
