@@ -319,8 +319,9 @@ def e8m0_pow2(e):
 
 @triton.jit
 def encode_e2m1(y):
-    """fp32 (already within +-6) -> E2M1 code (int32 0..15), nearest, ties to even; -0.0
-    and NaN give code 0, tiny negatives -0 (code 8), as TE's reference.
+    """fp32 -> E2M1 code (int32 0..15), nearest, ties to even, saturating at +-6 (Inf
+    too); -0.0 and NaN give code 0, tiny negatives -0 (code 8), as TE's reference (which
+    clamps to +-6 first: the same codes, as rounding is monotonic).
 
     Arithmetic rather than a threshold per grid point: the NVFP4 quantiser is
     instruction-bound on Hopper, which has no E2M1 conversion.
@@ -332,13 +333,14 @@ def encode_e2m1(y):
        is IEEE-like with bias 1 and 1.0 lands on fp32's smallest normal: 0.5 -> 1,
        1 -> 2, 1.5 -> 3, 2 -> 4, 3 -> 5, 4 -> 6, 6 -> 7 (needs IEEE subnormals, not FTZ).
     """
-    bits = y.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    a = bits.to(tl.float32, bitcast=True)
+    # |y| saturated at 6 with one min (NaN -> 6 here; its code is zeroed below)
+    a = tl.minimum(tl.abs(y), 6.0)
+    bits = a.to(tl.int32, bitcast=True)
     magic = ((tl.maximum(bits, 0x3F800000) & 0x7F800000) + (22 << 23)).to(tl.float32,
                                                                            bitcast=True)
     r = (a + magic) - magic
     mag = (r * 1.1754943508222875e-38).to(tl.int32, bitcast=True) >> 22  # 2^-126
-    mag = tl.where(a != a, 0, mag)  # NaN -> 0, as TE
+    mag = tl.where(y != y, 0, mag)  # NaN -> 0, as TE
     return mag | tl.where(y < 0, 8, 0)
 
 

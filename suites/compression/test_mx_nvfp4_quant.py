@@ -323,22 +323,21 @@ def _encode_e2m1_kernel(y_ptr, code_ptr, n, BLOCK: tl.constexpr):
 
 
 def test_e2m1_encoder_on_dense_values(quant_device):
-    """The quantiser's bit-level E2M1 encoder against the nearest-value reference: every
-    fp32 within 4096 ulps of each tie point and grid value (both signs), 2^18 random values
-    in [-6, 6], zeros, subnormals and NaNs."""
-    points = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, *E2M1_VALUES]
+    """The quantiser's arithmetic E2M1 encoder against the nearest-value reference of the
+    value clamped to +-6: every fp32 within 4096 ulps of each tie point and grid value
+    (both signs), 2^18 random values in [-8, 8], zeros, subnormals, huge values, Inf, NaN."""
+    points = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, *E2M1_VALUES]
     near = torch.tensor(points).view(torch.int32)[:, None] + torch.arange(-4096, 4097)
     near = near.flatten().view(torch.float32)
-    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.1754942e-38, 6.0, -6.0,
-                            float("nan"), -float("nan")])
-    rand = (torch.rand(1 << 18, generator=torch.Generator().manual_seed(40)) * 12 - 6)
-    # the quantiser saturates to +-6 first (clamp keeps NaN)
-    y = torch.cat([near, -near, special, rand]).clamp(-6.0, 6.0)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.1754942e-38, 6.0, -6.0, 3.4e38,
+                            -3.4e38, float("inf"), -float("inf"), float("nan"), -float("nan")])
+    rand = (torch.rand(1 << 18, generator=torch.Generator().manual_seed(40)) * 16 - 8)
+    y = torch.cat([near, -near, special, rand])
     codes = torch.empty(y.numel(), dtype=torch.int32, device=quant_device)
     block = 4096
     _encode_e2m1_kernel[(triton.cdiv(y.numel(), block),)](y.to(quant_device), codes,
                                                            y.numel(), BLOCK=block)
-    expected = e2m1_encode_ref(y).to(torch.int32)
+    expected = e2m1_encode_ref(y.clamp(-6.0, 6.0)).to(torch.int32)  # clamp keeps NaN
     differ = (_cpu(codes) != expected).nonzero().flatten()
     assert not differ.numel(), (
         f"{differ.numel()} of {y.numel()} values encode wrongly, e.g. "
