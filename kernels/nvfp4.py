@@ -130,13 +130,15 @@ def _quantize_nvfp4_kernel(
     enc = tl.math.div_rn(1.0, decode_e4m3(s_code, HW_CAST) * g_dec)
     enc = tl.where(enc > _FP32_MAX, _FP32_MAX, enc)  # 1/0 = Inf -> FLT_MAX; NaN stays
     codes = encode_e2m1(x * enc[:, None])  # saturates at +-6 itself
-    # A block's 8 bytes as one little-endian int64 store (packed_ptr is int64): element j
-    # in bits 4j..4j+3, so 2k is the low nibble of byte k. The fields are disjoint, so the
-    # sum is their OR (the top one may wrap the sign bit).
-    shifts = (tl.arange(0, 16) * 4).to(tl.int64)
-    word = tl.sum(codes.to(tl.int64) << shifts[None, :], axis=1)
+    # A block's 8 bytes as two little-endian int32 words (packed_ptr is int32), 32-bit math
+    # within each thread's 8 elements: element j in bits 4(j % 8).., so 2k is the low
+    # nibble of byte k. The fields are disjoint, so the sum is their OR (the top one may
+    # wrap the sign bit).
+    shifts = (tl.arange(0, 16) % 8) * 4
+    words = tl.sum(tl.reshape(codes << shifts[None, :], (BLOCK_M, 2, 8)), axis=2)
     b64 = b.to(tl.int64)
-    tl.store(packed_ptr + b64, word, mask=b_ok)
+    tl.store(packed_ptr + b64[:, None] * 2 + tl.arange(0, 2)[None, :], words,
+             mask=b_ok[:, None])
     tl.store(s_ptr + b64, s_code.to(tl.uint8), mask=b_ok)
 
 
@@ -189,7 +191,7 @@ def quantize_nvfp4(x: torch.Tensor, global_amax=None, *, hw_cast: bool | None = 
     hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
     block_m, _, num_warps = tile_config(n_blocks, NVFP4_BLOCK, x.element_size())
     _quantize_nvfp4_kernel[(triton.cdiv(n_blocks, block_m),)](
-        rows, packed.view(torch.int64), block_scale.view(torch.uint8), amax, global_scale,
+        rows, packed.view(torch.int32), block_scale.view(torch.uint8), amax, global_scale,
         n_blocks, row_stride, BLOCKS_PER_ROW=blocks_per_row, BLOCK_M=block_m, HW_CAST=hw,
         num_warps=num_warps, **IEEE_SUBNORMALS,
     )
