@@ -5,11 +5,9 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
-from .baselines import write_atomic
-from .report import STATUS_ORDER, change_line, key_metric
+from .report import change_line, key_metric, verdict_counts
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -56,15 +54,12 @@ def _plot_changes(results) -> str | None:
 def render(session) -> str:
     esc = html.escape
     results = sorted(session.results.values(), key=lambda r: r.nodeid)
-    doc = session.results_document()
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>kvperf report</title>",
         f"<style>{_STYLE}</style></head><body><h1>pytest-kvperf report</h1>",
         f"<p>Hardware: {esc(session.real_hw.describe())}. Baseline file: "
         f"{esc(str(session.baseline_file(session.real_hw.key)))}.</p>",
-        "<p>Verdicts: "
-        + ", ".join(f"{doc['summary'][s]} {esc(s)}" for s in STATUS_ORDER if s in doc["summary"])
-        + "</p>",
+        f"<p>Verdicts: {esc(verdict_counts(session))}</p>",
     ]
     plot = _plot_changes(results)
     if plot:
@@ -80,7 +75,7 @@ def render(session) -> str:
             f"<td>{esc(r.hw_skip_reason or r.skip_reason)}</td></tr>"
         )
     parts.append("</table><h2>Skipped, by reason</h2><table><tr><th>tests</th><th>reason</th></tr>")
-    for reason, nodeids in sorted(session.skip_groups().items(), key=lambda kv: -len(kv[1])):
+    for reason, nodeids in session.skip_groups().items():
         parts.append(f"<tr><td>{len(nodeids)}</td><td>{esc(reason)}</td></tr>")
     parts.append("</table></body></html>")
     return "\n".join(parts)
@@ -92,6 +87,5 @@ def write(session, path: str) -> Path:
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render(session))
     results = page.with_suffix(".json")
-    write_atomic(results, session.results_document())
-    json.loads(results.read_text())  # what we wrote must read back
+    session.write_json(results)
     return results

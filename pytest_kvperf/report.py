@@ -12,6 +12,12 @@ STATUS_ORDER = (
 )
 
 
+def verdict_counts(session) -> str:
+    """'3 regressed, 10 ok, 2 skipped': each status's count, in STATUS_ORDER."""
+    counts = Counter(r.status for r in session.results.values())
+    return ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s])
+
+
 def change_line(change) -> str:
     """'cosine 0.9991 -> 0.9712 (-2.8%) [accuracy, higher is better]' from a MetricChange/dict."""
     c = change if isinstance(change, dict) else vars(change)
@@ -44,11 +50,7 @@ def terminal_summary(tr, session) -> None:
     tr.write_sep("=", "kvperf summary")
     hw = session.real_hw
     tr.write_line(f"hardware: {hw.describe()}   baseline file: {session.baseline_file(hw.key)}")
-    counts = Counter(r.status for r in session.results.values())
-    tr.write_line(
-        "verdicts: "
-        + ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s])
-    )
+    tr.write_line(f"verdicts: {verdict_counts(session)}")
     verbose = tr.config.getoption("verbose") > 0
     compared = [r for r in session.results.values() if r.changes]
     if not verbose:  # an unchanged test is a count above; -v lists it too
@@ -71,7 +73,7 @@ def terminal_summary(tr, session) -> None:
     if groups:
         tr.write_line("")
         tr.write_line("skipped, grouped by reason:")
-        for reason, nodeids in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        for reason, nodeids in groups.items():
             tr.write_line(f"  {len(nodeids):4d} x {reason}")
     if session.update_lines:
         tr.write_line("")

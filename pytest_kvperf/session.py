@@ -200,12 +200,13 @@ class KvperfSession:
             },
         }
 
-    def write_json(self, path: str) -> None:
+    def write_json(self, path: str | Path) -> None:
         baselines.write_atomic(Path(path), self.results_document())
 
     def skip_groups(self) -> dict[str, list[str]]:
+        """Skipped tests by reason, the largest group first."""
         groups: dict[str, list[str]] = defaultdict(list)
         for r in self.results.values():
             if r.outcome == "skipped":
                 groups[r.hw_skip_reason or f"(not hardware) {r.skip_reason}"].append(r.nodeid)
-        return dict(groups)
+        return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
