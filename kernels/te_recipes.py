@@ -26,7 +26,9 @@ import importlib
 import logging
 from collections.abc import Mapping
 
-from pytest_kvperf.hardware import TransformerEngineSupport
+# import_te and TE_NOT_INSTALLED live with the plugin's TE checks (one wording for both);
+# re-exported here for the recipe ladder's callers.
+from pytest_kvperf.hardware import TE_NOT_INSTALLED, TransformerEngineSupport, import_te  # noqa: F401
 
 LOG = logging.getLogger("kvperf.te")
 
@@ -50,22 +52,8 @@ REL_L2_POLICY = {
     "bf16": 2.0**-4,
 }
 
-TE_NOT_INSTALLED = TransformerEngineSupport.NOT_INSTALLED
-
-
 class TERecipeUnavailable(RuntimeError):
     """No rung of the ladder can run here; the message lists every rung's reason."""
-
-
-def import_te():
-    """``transformer_engine.pytorch`` or ImportError with a reason that says what failed."""
-    try:
-        return importlib.import_module("transformer_engine.pytorch")
-    except ImportError as exc:
-        raise ImportError(f"{TE_NOT_INSTALLED} ({exc})") from exc
-    except (OSError, RuntimeError) as exc:  # installed, but its CUDA libraries do not load
-        raise ImportError(f"transformer_engine failed to import: {type(exc).__name__}: {exc}") \
-            from exc
 
 
 def _check_pair(value, rung: str) -> tuple[bool, str]:

@@ -7,6 +7,7 @@ the plugin still checks the real hardware before letting a test run.
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -208,6 +209,21 @@ def detect() -> HardwareProfile:
     )
 
 
+TE_NOT_INSTALLED = "transformer_engine not installed"
+
+
+def import_te():
+    """``transformer_engine.pytorch`` or ImportError with a reason that says what failed
+    (the plugin's skip reasons and the recipe ladder's log use the same words)."""
+    try:
+        return importlib.import_module("transformer_engine.pytorch")
+    except ImportError as exc:
+        raise ImportError(f"{TE_NOT_INSTALLED} ({exc})") from exc
+    except (OSError, RuntimeError) as exc:  # installed, but its CUDA libraries do not load
+        raise ImportError(f"transformer_engine failed to import: {type(exc).__name__}: {exc}") \
+            from exc
+
+
 class TransformerEngineSupport:
     """TE's own answers on this machine, with TE's reason strings; never guessed.
 
@@ -222,25 +238,21 @@ class TransformerEngineSupport:
         "fp8_block": ("is_fp8_block_scaling_available", "check_fp8_block_scaling_support"),
         "fp8_current": ("is_fp8_available", "check_fp8_support"),
     }
-    NOT_INSTALLED = "transformer_engine not installed"
+    NOT_INSTALLED = TE_NOT_INSTALLED
 
     @cached_property
     def import_error(self) -> str | None:
         try:
-            import transformer_engine.pytorch  # noqa: F401
+            import_te()
         except ImportError as exc:
-            return f"{self.NOT_INSTALLED} ({exc})"
-        except (OSError, RuntimeError) as exc:  # installed, but its CUDA libraries do not load
-            return f"transformer_engine failed to import: {type(exc).__name__}: {exc}"
+            return str(exc)
         return None
 
     def availability(self) -> dict[str, tuple[bool, str]]:
         """{rung: (available, reason)}; every rung unavailable, with why, if TE does not import."""
         if self.import_error:
             return {rung: (False, self.import_error) for rung in self.CHECKS}
-        import importlib
-
-        import transformer_engine.pytorch as te
+        te = import_te()
 
         answers: dict[str, tuple[bool, str]] = {}
         for rung, (new_name, old_name) in self.CHECKS.items():
