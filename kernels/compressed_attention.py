@@ -27,7 +27,6 @@ from kvperf_kernels import fp8_quant, mxfp8, nvfp4
 from kvperf_kernels._device import run_where_kernels_run
 from kvperf_kernels.kv_memory import FORMATS, tensor_bytes
 
-COMPRESSED_FORMATS = tuple(f for f in FORMATS if f not in ("bf16", "fp16"))
 ATTN_DTYPES = (torch.bfloat16, torch.float16)
 
 

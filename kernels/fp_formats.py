@@ -134,18 +134,6 @@ def hw_cast_default(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def row_tile(rows: int, row_elements: int, target: int = 4096) -> tuple[int, int]:
-    """(BLOCK_R, num_warps) for tiles of about `target` elements: one program per row block.
-
-    ~4K elements per program (8 KB of bf16) keeps enough loads in flight per SM to
-    saturate HBM while leaving several programs resident per SM.
-    """
-    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), target // row_elements))
-    tile = block_r * row_elements
-    num_warps = 4 if tile <= 4096 else (8 if tile <= 8192 else 16)
-    return block_r, num_warps
-
-
 # --------------------------------------------------------------------------------------
 # Torch references, written from the format definitions
 # --------------------------------------------------------------------------------------
@@ -179,13 +167,6 @@ def e8m0_decode_ref(code: torch.Tensor) -> torch.Tensor:
     """E8M0 code -> fp32 2^(code-127) (0x00 is the fp32 subnormal 2^-127), 0xFF -> NaN."""
     c = code.to(torch.int32)
     value = torch.pow(2.0, (c - E8M0_BIAS).double()).float()  # exact: fp64 power, fp32 cast
-    return torch.where(c == E8M0_NAN, torch.full_like(value, math.nan), value)
-
-
-def e8m0_reciprocal_ref(code: torch.Tensor) -> torch.Tensor:
-    """1 / decode(code) = 2^(127-code), exact in fp32 for every code; 0xFF -> NaN."""
-    c = code.to(torch.int32)
-    value = torch.pow(2.0, (E8M0_BIAS - c).double()).float()
     return torch.where(c == E8M0_NAN, torch.full_like(value, math.nan), value)
 
 
@@ -308,13 +289,6 @@ def encode_e8m0(v):
     bump = (mant > 0) & (exp != 0xFE) & ~((exp == 0) & (mant <= 0x400000))
     code = exp + bump.to(tl.int32)
     return tl.where(exp == 0xFF, tl.where(mant == 0, 0xFE, 0xFF), code)
-
-
-@triton.jit
-def e8m0_pow2(e):
-    """fp32 2^e for integer e in [-127, 127] (2^-127 is the fp32 subnormal 0x00400000)."""
-    normal = ((e + 127) << 23).to(tl.float32, bitcast=True)
-    return tl.where(e == -127, (0x00400000 + 0 * e).to(tl.float32, bitcast=True), normal)
 
 
 @triton.jit

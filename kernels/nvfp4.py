@@ -52,6 +52,7 @@ from kvperf_kernels.fp_formats import (
     encode_e2m1,
     encode_e4m3,
     hw_cast_default,
+    max_propagate_nan,
     pack_nibbles_ref,
     saturate,
     unpack_nibbles_ref,
@@ -100,13 +101,6 @@ def _given_global_amax(x: torch.Tensor, global_amax) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 @triton.jit
-def _max_propagate_nan(a, b):
-    # a NaN-propagating float max (max.NaN on sm80+) instead of amax_propagate_nan's
-    # integer and + max: this kernel is instruction-bound on Hopper (6 % on the H100)
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _quantize_nvfp4_kernel(
     x_ptr, packed_ptr, s_ptr, amax_ptr, g_dec_ptr, n_blocks, x_row_stride,
     BLOCKS_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, HW_CAST: tl.constexpr,
@@ -132,7 +126,9 @@ def _quantize_nvfp4_kernel(
     x = tl.load(x_ptr + x_offs[:, None] + cols[None, :], mask=b_ok[:, None], other=0.0)
     x = x.to(tl.float32)
     # block scale: saturate == TE's min(., FLT_MAX) then clamp(., +-448); NaN stays NaN
-    block_amax = tl.reduce(tl.abs(x), 1, _max_propagate_nan)
+    # a NaN-propagating float max (max.NaN) rather than amax_propagate_nan's integer and +
+    # max: this kernel is instruction-bound on Hopper (6 % on the H100)
+    block_amax = tl.reduce(tl.abs(x), 1, max_propagate_nan)
     s_code = encode_e4m3(saturate(block_amax * g_mult, 448.0), HW_CAST)
     enc = tl.math.div_rn(1.0, decode_e4m3(s_code, HW_CAST) * g_dec)
     enc = tl.where(enc > _FP32_MAX, _FP32_MAX, enc)  # 1/0 = Inf -> FLT_MAX; NaN stays
