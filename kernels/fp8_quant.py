@@ -43,8 +43,8 @@ from kvperf_kernels.fp_formats import (
     decode_e4m3,
     e4m3_encode_ref,
     encode_e4m3,
-    hw_cast_default,
     saturate,
+    use_hw_cast,
 )
 
 __all__ = [
@@ -214,7 +214,7 @@ def _quantize_groups(x: torch.Tensor, group: int, hw_cast: bool | None):
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(n_groups, dtype=torch.float32, device=x.device)
     if n_groups:
-        hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
+        hw = use_hw_cast(x.device, hw_cast)
         block_m, block_d, num_warps = tile_config(n_groups, group, x.element_size())
         _quantize_groups_kernel[(triton.cdiv(n_groups, block_m),)](
             rows, q.view(torch.uint8), scale, n_groups, row_stride,
@@ -287,7 +287,7 @@ def quantize_per_tensor(x: torch.Tensor, *, hw_cast: bool | None = None):
     amax = tensor_amax(rows, row_stride)
     scale = _scale_from_amax(amax)
     if n_rows:
-        hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
+        hw = use_hw_cast(x.device, hw_cast)
         block_m, block_d, num_warps = tile_config(n_rows, d, x.element_size())
         _quantize_tensor_scale_kernel[(triton.cdiv(n_rows, block_m),)](
             rows, q.view(torch.uint8), scale, n_rows, row_stride, GROUP=d, BLOCK_M=block_m,
@@ -343,7 +343,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     n_groups = q.numel() // group
     if n_groups:
-        hw = hw_cast_default(q.device) if hw_cast is None else hw_cast
+        hw = use_hw_cast(q.device, hw_cast)
         block_m, block_d, num_warps = tile_config(n_groups, group, 4)
         _dequantize_kernel[(triton.cdiv(n_groups, block_m),)](
             q.view(torch.uint8), scale, out, n_groups, scale_stride,

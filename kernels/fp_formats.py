@@ -127,8 +127,11 @@ def as_rows(x: torch.Tensor, what: str, *, block: int | None = None) -> tuple[to
     return rows, row_stride
 
 
-def hw_cast_default(device: torch.device) -> bool:
-    """Use the hardware FP8 conversion where there is one (CUDA, compute capability >= 8.9)."""
+def use_hw_cast(device: torch.device, requested: bool | None = None) -> bool:
+    """The caller's hw_cast choice, or by default the hardware FP8 conversion where there is
+    one (CUDA, compute capability >= 8.9)."""
+    if requested is not None:
+        return requested
     if interpreted() or device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)

@@ -39,8 +39,8 @@ from kvperf_kernels.fp_formats import (
     e8m0_encode_ref,
     encode_e4m3,
     encode_e8m0,
-    hw_cast_default,
     saturate,
+    use_hw_cast,
 )
 
 MX_BLOCK = 32
@@ -120,7 +120,7 @@ def quantize_mxfp8(x: torch.Tensor, *, hw_cast: bool | None = None):
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((*x.shape[:-1], blocks_per_row), dtype=torch.uint8, device=x.device)
     if n_blocks:
-        hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
+        hw = use_hw_cast(x.device, hw_cast)
         block_m, _, num_warps = tile_config(n_blocks, MX_BLOCK, x.element_size())
         _quantize_mxfp8_kernel[(triton.cdiv(n_blocks, block_m),)](
             rows, q.view(torch.uint8), scale, n_blocks, row_stride,
@@ -161,7 +161,7 @@ def dequantize_mxfp8(q: torch.Tensor, scale_e8m0: torch.Tensor,
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     n_blocks = q.numel() // MX_BLOCK
     if n_blocks:
-        hw = hw_cast_default(q.device) if hw_cast is None else hw_cast
+        hw = use_hw_cast(q.device, hw_cast)
         block_m, _, num_warps = tile_config(n_blocks, MX_BLOCK, 4)
         _dequantize_mxfp8_kernel[(triton.cdiv(n_blocks, block_m),)](
             q.view(torch.uint8), scale_e8m0, out, n_blocks, BLOCK_M=block_m, HW_CAST=hw,

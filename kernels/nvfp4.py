@@ -51,11 +51,11 @@ from kvperf_kernels.fp_formats import (
     e4m3_encode_ref,
     encode_e2m1,
     encode_e4m3,
-    hw_cast_default,
     max_propagate_nan,
     pack_nibbles_ref,
     saturate,
     unpack_nibbles_ref,
+    use_hw_cast,
 )
 
 NVFP4_BLOCK = 16
@@ -191,7 +191,7 @@ def quantize_nvfp4(x: torch.Tensor, global_amax=None, *, hw_cast: bool | None = 
     if not n_blocks:  # nothing to launch: the scale from the same torch steps
         return packed, block_scale, global_scales(amax)[:1].clone()
     global_scale = torch.empty(1, dtype=torch.float32, device=x.device)
-    hw = hw_cast_default(x.device) if hw_cast is None else hw_cast
+    hw = use_hw_cast(x.device, hw_cast)
     block_m, _, num_warps = tile_config(n_blocks, NVFP4_BLOCK, x.element_size())
     _quantize_nvfp4_kernel[(triton.cdiv(n_blocks, block_m),)](
         rows, packed.view(torch.int32), block_scale.view(torch.uint8), amax, global_scale,
@@ -243,7 +243,7 @@ def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor,
                       device=packed.device)
     n_blocks = block_scale.numel()
     if n_blocks:
-        hw = hw_cast_default(packed.device) if hw_cast is None else hw_cast
+        hw = use_hw_cast(packed.device, hw_cast)
         block_m, _, num_warps = tile_config(n_blocks, NVFP4_BLOCK, 4)
         _dequantize_nvfp4_kernel[(triton.cdiv(n_blocks, block_m),)](
             packed, block_scale.view(torch.uint8), global_scale, out, n_blocks,
