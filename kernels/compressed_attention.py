@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from kvperf_kernels import fp8_quant, mxfp8, nvfp4
 from kvperf_kernels._device import run_where_kernels_run
-from kvperf_kernels.kv_memory import FORMATS, tensor_bytes
+from kvperf_kernels.kv_memory import stored_bytes, tensor_bytes
 
 ATTN_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -40,7 +40,7 @@ class CompressedKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return stored_bytes(self.tensors)
 
     @property
     def expected_nbytes(self) -> int:
@@ -56,12 +56,11 @@ def compress(x: torch.Tensor, fmt: str, *, global_amax: torch.Tensor | None = No
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown KV format {fmt!r}; known: {', '.join(FORMATS)}")
+    shape = tuple(x.shape)
+    # known format and its shape rules (block multiples), with kv_memory's messages
+    tensor_bytes(shape, fmt)
     if global_amax is not None and fmt != "nvfp4":
         raise ValueError(f"global_amax applies to nvfp4 only, not {fmt}")
-    shape = tuple(x.shape)
-    tensor_bytes(shape, fmt)  # shape rules (block multiples) with the format's own message
     if fmt in ("bf16", "fp16"):
         dtype = torch.bfloat16 if fmt == "bf16" else torch.float16
         return CompressedKV(fmt, shape, {"values": x.to(dtype).contiguous()})

@@ -27,6 +27,7 @@ real tensors so the formula can be checked against allocations.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -37,7 +38,7 @@ GIB = 1 << 30
 _FORMATS: dict[str, tuple[int, int, int, int, int]] = {
     "bf16": (16, 0, 0, 0, 0),
     "fp16": (16, 0, 0, 0, 0),
-    "fp8_per_tensor": (8, 0, 4, 0, 0),  # the per-tensor scale is the "global" fp32 below
+    "fp8_per_tensor": (8, 0, 4, 0, 0),  # group 0: one fp32 scale for the whole tensor
     "fp8_per_token": (8, -1, 4, 0, 0),  # -1: the whole head_dim is one group
     "fp8_per_block128": (8, 128, 4, 0, 0),
     "mxfp8": (8, 32, 1, 0, 32),
@@ -103,9 +104,7 @@ def tensor_bytes(shape: tuple[int, ...], fmt: str, *, scale_layout: str = "compa
     _check_positive(**{f"shape[{i}]": s for i, s in enumerate(shape)})
     value_bits, group, scale_bytes, global_bytes, te_block = _FORMATS[fmt]
     d = shape[-1]
-    rows = 1
-    for s in shape[:-1]:
-        rows *= s
+    rows = math.prod(shape[:-1])
     elements = rows * d
     if group > 0 and d % group:
         raise ValueError(f"{fmt}: head_dim {d} is not a multiple of its {group}-element block")
