@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from kvperf_kernels._device import interpreted
+from kvperf_kernels.paged_kv import owned_page_ids
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
@@ -556,9 +557,7 @@ def paged_decode_attention(
         if lens_max > capacity:
             raise ValueError(f"seq_len {lens_max} exceeds block_tables capacity "
                              f"{block_tables.shape[1]} pages x {page_size}")
-        cols = torch.arange(block_tables.shape[1], device=device)
-        owned = cols[None, :] < (seq_lens[:, None] + page_size - 1) // page_size
-        entries = block_tables[owned]
+        entries = owned_page_ids(block_tables, seq_lens, page_size)
         if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= num_pages):
             raise ValueError(f"block_tables holds page ids outside [0, {num_pages})")
         max_seq_len = lens_max

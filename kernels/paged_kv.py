@@ -57,12 +57,6 @@ class PagedKV:
     page_size: int
     k_scale: torch.Tensor | None = None  # float32 (1,) per-tensor or [num_pages, page_size, Hkv]
     v_scale: torch.Tensor | None = None
-    poison_page: int = -1  # the spare page unused block-table entries point at (-1: none)
-
-    @property
-    def batch_size(self) -> int:
-        return self.block_tables.shape[0]
-
     @property
     def num_kv_heads(self) -> int:
         return self.k_cache.shape[2]
@@ -201,7 +195,7 @@ if hasattr(torch, "float8_e4m3fnuz"):
     _NAN_BYTE[torch.float8_e4m3fnuz] = 0x80
 
 
-def _nan_fill(shape, dtype: torch.dtype, device) -> torch.Tensor:
+def nan_fill(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """A tensor of NaN in ``dtype``, without a float32 temporary of the cache's size."""
     if dtype in _NAN_BYTE:
         return torch.full(shape, _NAN_BYTE[dtype], dtype=torch.uint8, device=device).view(dtype)
@@ -245,7 +239,7 @@ def pack_paged_kv(
             f"{kv_dtype} KV takes no scales; got scale_granularity={scale_granularity!r}"
         )
     device = k_tokens.device
-    block_tables, lens, num_pages, poison_page = build_page_table(
+    block_tables, lens, num_pages, _ = build_page_table(
         seq_lens, page_size, spare_pages=spare_pages, shuffle=shuffle, generator=generator,
         device=device,
     )
@@ -257,7 +251,7 @@ def pack_paged_kv(
     slots = slot_mapping(block_tables, lens, page_size)
     caches, scales = [], []
     for tokens in (k_tokens, v_tokens):
-        cache = _nan_fill(shape, kv_dtype, device) if poison else torch.zeros(
+        cache = nan_fill(shape, kv_dtype, device) if poison else torch.zeros(
             shape, dtype=kv_dtype, device=device)
         scale = None
         if is_fp8:
@@ -276,8 +270,16 @@ def pack_paged_kv(
     return PagedKV(
         k_cache=caches[0], v_cache=caches[1], block_tables=block_tables, seq_lens=lens,
         page_size=page_size, k_scale=scales[0], v_scale=scales[1],
-        poison_page=poison_page,
     )
+
+
+def owned_page_ids(block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                   page_size: int) -> torch.Tensor:
+    """The block-table entries the sequences own (their first cdiv(len, page_size) pages),
+    sequence by sequence, as one flat tensor."""
+    pages = (seq_lens.long() + page_size - 1) // page_size
+    cols = torch.arange(block_tables.shape[1], device=block_tables.device)
+    return block_tables[cols[None, :] < pages[:, None]]
 
 
 def to_flashinfer_indices(
@@ -288,7 +290,6 @@ def to_flashinfer_indices(
     pages = (seq_lens.long() + page_size - 1) // page_size
     indptr = torch.zeros(len(pages) + 1, dtype=torch.int32, device=block_tables.device)
     indptr[1:] = torch.cumsum(pages, 0).to(torch.int32)
-    cols = torch.arange(block_tables.shape[1], device=block_tables.device)
-    indices = block_tables[cols[None, :] < pages[:, None]].to(torch.int32)
+    indices = owned_page_ids(block_tables, seq_lens, page_size).to(torch.int32)
     last = (seq_lens.long() - 1) % page_size + 1
     return indptr, indices.contiguous(), last.to(torch.int32)

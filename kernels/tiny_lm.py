@@ -44,6 +44,7 @@ from kvperf_kernels.fp_formats import e4m3_encode_ref
 from kvperf_kernels.paged_kv import (
     SCALE_GRANULARITIES,
     build_page_table,
+    nan_fill,
     quantize_fp8_tokens,
     slot_mapping,
     write_paged,
@@ -239,13 +240,6 @@ def induction_prompts(num: int, new_tokens: int, *, vocab_size: int, seed: int,
 
 # --- paged KV cache of one layer -------------------------------------------------------------
 
-def _nan_cache(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """NaN everywhere (E4M3's 0x7F for FP8), so a read of an unwritten slot shows."""
-    if dtype == torch.float8_e4m3fn:
-        return torch.full(shape, 0x7F, dtype=torch.uint8, device=device).view(dtype)
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 class PagedLayerCache:
     """One layer's K/V in pages (``paged_kv`` layout), growing one token per decode step.
 
@@ -269,8 +263,8 @@ class PagedLayerCache:
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.block_tables, self.page_size = block_tables, page_size
         self.kv_dtype, self.granularity = kv_dtype, granularity
-        self.k_cache = _nan_cache(shape, kv_dtype, device)
-        self.v_cache = _nan_cache(shape, kv_dtype, device)
+        self.k_cache = nan_fill(shape, kv_dtype, device)
+        self.v_cache = nan_fill(shape, kv_dtype, device)
         self.k_scale = self.v_scale = None
         if granularity == "per_token":
             self.k_scale = torch.full(shape[:3], float("nan"), device=device)
