@@ -74,13 +74,10 @@ def te_availability() -> dict[str, tuple[bool, str]]:
     if support.import_error:  # the BF16 rung still runs TE's modules
         table["bf16"] = (False, support.import_error)
         return table
-    try:
-        import torch
+    import torch  # TE's PyTorch part imported above, so torch is there
 
-        table["bf16"] = ((True, "") if torch.cuda.is_available()
-                         else (False, "TE modules need a CUDA GPU; none is visible"))
-    except ImportError as exc:
-        table["bf16"] = (False, f"torch not importable: {exc}")
+    table["bf16"] = ((True, "") if torch.cuda.is_available()
+                     else (False, "TE modules need a CUDA GPU; none is visible"))
     return table
 
 
