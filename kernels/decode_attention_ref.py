@@ -76,7 +76,6 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     *,
-    page_size: int | None = None,
     k_scale=None,
     v_scale=None,
     sinks: torch.Tensor | None = None,
@@ -86,24 +85,29 @@ def paged_decode_attention_ref(
 ) -> torch.Tensor:
     """Reference for ``paged_decode_attention``: [B, Hq, D] in ``dtype`` (float64 default).
 
-    Arguments as the kernel's. Each sequence's tokens are gathered from the pages and then
-    dequantised in ``dtype`` (per-token scales gathered with the same slots), so the kernel
-    and the reference see the same KV values and only the attention arithmetic differs;
-    one sequence at a time, so that long caches fit in float64.
+    Arguments as the kernel's. The tokens of all sequences are gathered from the pages
+    once, in the cache's dtype (per-token scales with the same slots); each sequence is
+    then dequantised in ``dtype`` and attended on its own, so the kernel and the reference
+    see the same KV values, only the attention arithmetic differs, and long caches fit in
+    float64.
     """
-    page_size = page_size or k_cache.shape[1]
+    page_size = k_cache.shape[1]
 
-    def values(cache, scale, rows, lens):
-        tokens = gather_paged(cache, rows, lens, page_size)[0]
+    def gathered(cache, scale):
+        tokens = gather_paged(cache, block_tables, seq_lens, page_size)
         if torch.is_tensor(scale) and scale.numel() > 1:  # per-token: gather its scales too
-            scale = gather_paged(scale.reshape(cache.shape[:3]), rows, lens, page_size)[0]
-        return dequantize_kv(tokens, scale, dtype)
+            return tokens, gather_paged(scale.reshape(cache.shape[:3]), block_tables, seq_lens,
+                                        page_size)
+        return tokens, [scale] * len(tokens)
 
-    outs = []
-    for b in range(q.shape[0]):
-        rows, lens = block_tables[b : b + 1], seq_lens[b : b + 1]
-        outs.append(attention_with_sinks_ref(
-            q[b], values(k_cache, k_scale, rows, lens), values(v_cache, v_scale, rows, lens),
+    k_tokens, k_scales = gathered(k_cache, k_scale)
+    v_tokens, v_scales = gathered(v_cache, v_scale)
+    outs = [
+        attention_with_sinks_ref(
+            q[b], dequantize_kv(k_tokens[b], k_scales[b], dtype),
+            dequantize_kv(v_tokens[b], v_scales[b], dtype),
             sinks=sinks, sm_scale=sm_scale, window_left=window_left, dtype=dtype,
-        ))
+        )
+        for b in range(q.shape[0])
+    ]
     return torch.stack(outs)

@@ -322,7 +322,7 @@ class PagedLayerCache:
         if attention == "kernel":
             return paged_decode_attention(*args, **kwargs)
         if attention == "reference":
-            out = paged_decode_attention_ref(*args, page_size=self.page_size, **kwargs)
+            out = paged_decode_attention_ref(*args, **kwargs)
             return out.to(q.dtype)  # the kernel's output dtype: the same rounding point
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
 
