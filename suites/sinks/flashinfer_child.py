@@ -162,8 +162,6 @@ def compare(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> d
         "n_bad": int(bad.sum()), "numel": out.numel(),
         "max_abs_err": float(diff.max()) if finite else math.inf,
         "rel_l2_err": float((out64 - ref64).norm() / ref64.norm()) if finite else math.inf,
-        "cosine": float(torch.nn.functional.cosine_similarity(
-            out64.flatten(), ref64.flatten(), dim=0)) if finite else 0.0,
         "worst": {"index_b_h_d": idx, "out": float(out64.flatten()[worst]),
                   "ref": float(ref64.flatten()[worst])},
     }

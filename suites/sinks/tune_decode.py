@@ -40,7 +40,7 @@ if not torch.cuda.is_available():  # the CPU smoke run: Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from test_decode_speed import _build, _bytes_moved  # noqa: E402
+from test_decode_speed import SMALL_WORKING_SET, _build, _bytes_moved  # noqa: E402
 
 from conftest import TOLERANCES, assert_matches_reference, make_decode_case  # noqa: E402
 from kvperf_kernels import decode_attention as da  # noqa: E402
@@ -107,7 +107,7 @@ def run_variant(data, variant: str, stage: str, *, impl: str = "new", **cfg) -> 
             torch.cuda.synchronize()
         rec["ratio"] = round(accuracy_ratio(out, q, kv, sinks, ROWS[batch]), 3)
         moved = _bytes_moved(kv, q)
-        t = measure(call, flush_l2=moved < (256 << 20), max_time_s=0.25, min_rounds=10)
+        t = measure(call, flush_l2=moved < SMALL_WORKING_SET, max_time_s=0.25, min_rounds=10)
         rec.update(us=round(t.median_us, 1), gbps=round(moved / t.median_us / 1e3, 1),
                    frac=round(moved / (t.median_us * 1e-6) / COPY_BW, 3))
     except Exception as e:  # a variant that fails to compile or run is reported, not fatal
