@@ -87,8 +87,8 @@ def _fits(config: str, s: Shape) -> bool:
     return not ("fp8_per_block128" in CONFIGS[config] and s.head_dim % 128)
 
 
-def _cases(shapes, configs=CONFIGS):
-    return [pytest.param(c, s, id=f"{c}-{s.id}") for s in shapes for c in configs
+def _cases(shapes):
+    return [pytest.param(c, s, id=f"{c}-{s.id}") for s in shapes for c in CONFIGS
             if _fits(c, s)]
 
 

@@ -58,10 +58,15 @@ def test_fp8_query_is_not_implemented(inputs, q_dtype, with_sinks):
     assert str(q_dtype) in str(info.value)
 
 
+def _cache_as(inputs, dtype=torch.bfloat16):
+    """The FP8 K cache's stored values (unscaled; NaN free slots zeroed) recast as ``dtype``:
+    a cache of another dtype for the dtype checks."""
+    return inputs["k_cache"].float().nan_to_num(0.0).to(dtype)
+
+
 @pytest.mark.parametrize("kv_dtype", BAD_KV, ids=str)
 def test_unsupported_kv_dtype_is_not_implemented(inputs, kv_dtype):
-    cache = inputs["k_cache"].float()
-    cache = cache.nan_to_num(0.0).to(kv_dtype)
+    cache = _cache_as(inputs, kv_dtype)
     with pytest.raises(NotImplementedError, match="KV cache dtype") as info:
         _call(inputs, k_cache=cache, v_cache=cache.clone(), k_scale=None, v_scale=None)
     assert str(kv_dtype) in str(info.value)
@@ -72,16 +77,13 @@ def test_float32_query_is_a_type_error(inputs):
         _call(inputs, q=inputs["q"].float())
 
 
-def _bf16_cache(inputs, dtype=torch.bfloat16):
-    return inputs["k_cache"].float().nan_to_num(0.0).to(dtype)
-
-
 @pytest.mark.parametrize(
     "override, exc, pattern",
     [
-        (lambda i: dict(k_cache=_bf16_cache(i), v_cache=_bf16_cache(i), q=i["q"].half(),
-                        k_scale=None, v_scale=None), TypeError, "must have the query's dtype"),
-        (lambda i: dict(v_cache=_bf16_cache(i), v_scale=None), TypeError,
+        (lambda i: dict(k_cache=_cache_as(i), v_cache=_cache_as(i),
+                        q=i["q"].half(), k_scale=None, v_scale=None), TypeError,
+         "must have the query's dtype"),
+        (lambda i: dict(v_cache=_cache_as(i), v_scale=None), TypeError,
          "k_cache dtype .* != v_cache dtype"),
         (lambda i: dict(q=i["q"][0]), ValueError, r"q must be \[B, Hq, D\]"),
         (lambda i: dict(k_cache=i["k_cache"][0], v_cache=i["v_cache"][0]), ValueError,

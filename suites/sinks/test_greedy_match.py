@@ -125,13 +125,14 @@ def checked(res: DecodeResult, what) -> DecodeResult:
     return res
 
 
-def accuracy(tokens: torch.Tensor, answers: torch.Tensor) -> float:
-    return (tokens.cpu() == answers).double().mean().item()
-
-
 def match_rate(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of positions where two free-running greedy decodes chose the same token."""
-    return (a == b).double().mean().item()
+    """Fraction of positions where two token sequences agree (two free-running greedy
+    decodes, or a decode and the task's answers)."""
+    return (a.cpu() == b.cpu()).double().mean().item()
+
+
+def accuracy(tokens: torch.Tensor, answers: torch.Tensor) -> float:
+    return match_rate(tokens, answers)
 
 
 def test_weights_are_the_recorded_gpt_oss_style_model(model):
