@@ -13,6 +13,8 @@ wrong, e.g. 248 -> 128 instead of 256); the two paths are compared on the GPU as
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import triton
@@ -55,6 +57,13 @@ BLOCK_CASES = CPU_BLOCK_CASES + [pytest.param(*c, marks=GPU) for c in GPU_BLOCK_
 # 0.021..0.027 for all three granularities. A broken rounding or scale lands far above.
 FP8_REL_L2_MAX = 0.035
 LAB_COSINE_MIN = 0.99
+# (kernel, reference) per scaling granularity, for tests that run several of them
+QUANTISERS = {
+    "per_token": (quantize_per_token, quantize_per_token_ref),
+    "per_tensor": (quantize_per_tensor, quantize_per_tensor_ref),
+    **{f"per_block{n}": (partial(quantize_per_block, block=n),
+                         partial(quantize_per_block_ref, block=n)) for n in (16, 32)},
+}
 
 
 def _shape_id(shape) -> str:
@@ -181,11 +190,7 @@ def test_per_block_speed(shape, block, make_kv, kv_bench, checks):
 @pytest.mark.parametrize("granularity", ["per_token", "per_tensor", "per_block32"])
 def test_dequantize_matches_reference(granularity, out_dtype, make_kv, checks):
     x = make_kv((5, 3, 64), FP32, seed=8)
-    q, scale = {
-        "per_token": quantize_per_token_ref,
-        "per_tensor": quantize_per_tensor_ref,
-        "per_block32": lambda t: quantize_per_block_ref(t, 32),
-    }[granularity](x)
+    q, scale = QUANTISERS[granularity][1](x)
     out = dequantize(q, scale, out_dtype)
     assert out.dtype == out_dtype and out.shape == x.shape
     assert torch.isfinite(out).all()
@@ -200,10 +205,8 @@ def test_sliced_rows_need_no_copy(make_kv, checks):
     base = make_kv((6, 4, 128), BF16, seed=9)
     x = base[..., :96]
     assert not x.is_contiguous()
-    for quant, ref in ((quantize_per_token, quantize_per_token_ref),
-                       (quantize_per_tensor, quantize_per_tensor_ref),
-                       (lambda t: quantize_per_block(t, 32),
-                        lambda t: quantize_per_block_ref(t, 32))):
+    for name in ("per_token", "per_tensor", "per_block32"):
+        quant, ref = QUANTISERS[name]
         q, s = quant(x)
         q_ref, s_ref = ref(x.contiguous())
         checks.same_bytes(q, q_ref, "sliced input q")
@@ -311,12 +314,7 @@ def test_nan_and_inf_poison_their_group_only(granularity, make_kv, checks):
     x = make_kv((4, 64), FP32, seed=11)
     x[1, 3] = float("nan")
     x[2, 40] = float("inf")
-    quant, ref = {
-        "per_token": (quantize_per_token, quantize_per_token_ref),
-        "per_block16": (lambda t: quantize_per_block(t, 16),
-                        lambda t: quantize_per_block_ref(t, 16)),
-        "per_tensor": (quantize_per_tensor, quantize_per_tensor_ref),
-    }[granularity]
+    quant, ref = QUANTISERS[granularity]
     q, scale = quant(x)
     q_ref, scale_ref = ref(x)
     checks.same_floats(scale, scale_ref, "scales with NaN/Inf input")
@@ -411,11 +409,8 @@ def test_subnormal_amax_quantises_like_the_reference(quant_device, checks):
     amax = torch.tensor([2.0**-127, 3 * 2.0**-140, 2.0**-149, 1e-30, 2.0**-100])
     x = amax[:, None] * torch.linspace(-1, 1, 32)[None, :]
     # per-tensor: one scale, so only the three subnormal-amax tokens (amax 2^-127)
-    cases = {"per_token": (quantize_per_token, quantize_per_token_ref, x),
-             "per_tensor": (quantize_per_tensor, quantize_per_tensor_ref, x[:3]),
-             "per_block": (lambda t: quantize_per_block(t, 16),
-                           lambda t: quantize_per_block_ref(t, 16), x)}
-    for name, (quant, quant_ref, data) in cases.items():
+    for name, data in (("per_token", x), ("per_tensor", x[:3]), ("per_block16", x)):
+        quant, quant_ref = QUANTISERS[name]
         ref = quant_ref(data)
         got = quant(data.to(quant_device))
         checks.same_floats(got[1].cpu(), ref[1], f"{name}: scales")
@@ -428,11 +423,8 @@ def test_subnormal_amax_quantises_like_the_reference(quant_device, checks):
 # Error contract
 # ======================================================================================
 
-LAUNCHERS = {
-    "per_token": quantize_per_token,
-    "per_tensor": quantize_per_tensor,
-    "per_block": lambda t: quantize_per_block(t, 32),
-}
+LAUNCHERS = {"per_token": QUANTISERS["per_token"][0], "per_tensor": QUANTISERS["per_tensor"][0],
+             "per_block": QUANTISERS["per_block32"][0]}
 
 
 @pytest.mark.parametrize("name", list(LAUNCHERS))
