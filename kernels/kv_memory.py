@@ -86,7 +86,8 @@ def _check_format(fmt: str, scale_layout: str) -> None:
         raise ValueError(f"scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}")
 
 
-def _check_positive(**dims: int) -> None:
+def check_positive(**dims: int) -> None:
+    """ValueError naming the first argument that is not a positive int (bools rejected)."""
     for name, v in dims.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -101,7 +102,7 @@ def tensor_bytes(shape: tuple[int, ...], fmt: str, *, scale_layout: str = "compa
     _check_format(fmt, scale_layout)
     if len(shape) < 1:
         raise ValueError("shape must have at least one dimension")
-    _check_positive(**{f"shape[{i}]": s for i, s in enumerate(shape)})
+    check_positive(**{f"shape[{i}]": s for i, s in enumerate(shape)})
     value_bits, group, scale_bytes, global_bytes, te_block = _FORMATS[fmt]
     d = shape[-1]
     rows = math.prod(shape[:-1])
@@ -127,7 +128,7 @@ def tensor_bytes(shape: tuple[int, ...], fmt: str, *, scale_layout: str = "compa
 def kv_cache_bytes(batch: int, layers: int, kv_heads: int, head_dim: int, context: int,
                    fmt: str, *, scale_layout: str = "compact") -> TensorBytes:
     """Bytes of the whole cache: K and V of every layer, [batch, context, kv_heads, head_dim]."""
-    _check_positive(batch=batch, layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+    check_positive(batch=batch, layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                     context=context)
     one = tensor_bytes((batch, context, kv_heads, head_dim), fmt, scale_layout=scale_layout)
     return one * (2 * layers)
@@ -239,7 +240,7 @@ def allocate_kv_cache(batch: int, layers: int, kv_heads: int, head_dim: int, con
     """
     import torch
 
-    _check_positive(batch=batch, layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+    check_positive(batch=batch, layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                     context=context)
     layout = tensor_layout((batch, context, kv_heads, head_dim), fmt)
     return [

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kvperf_kernels.compressed_attention import CompressedKV, compress, decompress
+from kvperf_kernels.kv_memory import check_positive
 from kvperf_kernels.te_recipes import (
     KV_FORMAT_FOR_RECIPE,
     LADDER,
@@ -43,13 +44,18 @@ ROW_LOCAL_FORMATS = ("bf16", "fp8_per_token", "fp8_per_block128", "mxfp8", "nvfp
 
 
 def _check_multiple(name: str, value: int, align: int = ALIGN) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive(**{name: value})
     if value % align:
         raise ValueError(
             f"{name}={value} is not a multiple of {align}: TE's FP8/FP4 GEMMs need every "
             f"dimension divisible by {align}"
         )
+
+
+def _compress_kv(k, v, kv_format: str, amax) -> tuple[CompressedKV, CompressedKV]:
+    """K and V stored in kv_format; amax (k, v) fixes NVFP4's global scales (else None)."""
+    return (compress(k.contiguous(), kv_format, global_amax=amax[0]),
+            compress(v.contiguous(), kv_format, global_amax=amax[1]))
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,7 @@ class BlockDims:
     def __post_init__(self):
         _check_multiple("hidden", self.hidden)
         _check_multiple("head_dim", self.head_dim)
-        for name in ("q_heads", "kv_heads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive(q_heads=self.q_heads, kv_heads=self.kv_heads)
         if self.q_heads % self.kv_heads:
             raise ValueError(f"q_heads={self.q_heads} is not a multiple of "
                              f"kv_heads={self.kv_heads} (GQA)")
@@ -160,10 +163,8 @@ def attention_block_ref(w: BlockWeights, dims: BlockDims, x_past: torch.Tensor,
     if kv_format is not None:
         if kv_format not in ROW_LOCAL_FORMATS:
             raise ValueError(f"kv_format {kv_format!r} is not one of {ROW_LOCAL_FORMATS}")
-        kw_k = {"global_amax": _amax(k_past)} if kv_format == "nvfp4" else {}
-        kw_v = {"global_amax": _amax(v_past)} if kv_format == "nvfp4" else {}
-        k = decompress(compress(k.contiguous(), kv_format, **kw_k), f32)
-        v = decompress(compress(v.contiguous(), kv_format, **kw_v), f32)
+        amax = (_amax(k_past), _amax(v_past)) if kv_format == "nvfp4" else (None, None)
+        k, v = (decompress(c, f32) for c in _compress_kv(k, v, kv_format, amax))
     b, s, hq, d = q.shape
     hkv = dims.kv_heads
     past = x_past.shape[1]
@@ -207,7 +208,7 @@ class TEAttentionBlock:
     """
 
     def __init__(self, dims: BlockDims, weights: BlockWeights, *, recipe: str,
-                 kv_format: str | None = None, te=None):
+                 kv_format: str | None = None):
         if recipe not in LADDER:
             raise ValueError(f"unknown recipe {recipe!r}; the ladder is {LADDER}")
         kv_format = KV_FORMAT_FOR_RECIPE[recipe] if kv_format is None else kv_format
@@ -217,7 +218,7 @@ class TEAttentionBlock:
         device = weights.qkv_weight.device
         if device.type != "cuda":
             raise ValueError(f"TE modules run on a CUDA GPU; the weights are on {device}")
-        self.te = import_te() if te is None else te
+        self.te = import_te()
         self.dims, self.recipe_name, self.kv_format = dims, recipe, kv_format
         self.recipe = make_recipe(recipe)
         te_ = self.te
@@ -273,11 +274,8 @@ class TEAttentionBlock:
             self.kv_amax = (k_amax, v_amax)
 
     def _compress(self, k, v) -> tuple[CompressedKV, CompressedKV]:
-        if self.kv_format == "nvfp4":
-            k_amax, v_amax = self.kv_amax
-            return (compress(k.contiguous(), "nvfp4", global_amax=k_amax),
-                    compress(v.contiguous(), "nvfp4", global_amax=v_amax))
-        return compress(k.contiguous(), self.kv_format), compress(v.contiguous(), self.kv_format)
+        amax = self.kv_amax if self.kv_format == "nvfp4" else (None, None)
+        return _compress_kv(k, v, self.kv_format, amax)
 
     def _attend(self, q, k, v, *, past: int):
         """q [B, S, Hq, D], k/v [B, past+S, Hkv, D] bf16 -> [B, S, Hq*D] bf16 (SDPA)."""
