@@ -179,15 +179,11 @@ def quantize_fp8_tokens(
     if fp8_dtype not in FP8_KV_DTYPES:
         raise NotImplementedError(f"FP8 KV dtype {fp8_dtype} is not supported; use {FP8_KV_DTYPES}")
     xf = x.float()
-    if granularity == "per_tensor":
-        amax = xf.abs().amax().reshape(1)
-        scale = torch.where(amax > 0, amax / E4M3FNUZ_MAX, torch.ones_like(amax))
-        q = (xf / scale).clamp(-E4M3FNUZ_MAX, E4M3FNUZ_MAX).to(fp8_dtype)
-        return q, scale
-    amax = xf.abs().amax(dim=-1)
+    per_tensor = granularity == "per_tensor"
+    amax = xf.abs().amax().reshape(1) if per_tensor else xf.abs().amax(dim=-1)
     scale = torch.where(amax > 0, amax / E4M3FNUZ_MAX, torch.ones_like(amax))
-    q = (xf / scale[..., None]).clamp(-E4M3FNUZ_MAX, E4M3FNUZ_MAX).to(fp8_dtype)
-    return q, scale
+    q = (xf / (scale if per_tensor else scale[..., None])).clamp(-E4M3FNUZ_MAX, E4M3FNUZ_MAX)
+    return q.to(fp8_dtype), scale
 
 
 _NAN_BYTE = {torch.float8_e4m3fn: 0x7F}  # e4m3fn has NaN at S.1111.111; fnuz only at 0x80
@@ -253,24 +249,35 @@ def pack_paged_kv(
     for tokens in (k_tokens, v_tokens):
         cache = nan_fill(shape, kv_dtype, device) if poison else torch.zeros(
             shape, dtype=kv_dtype, device=device)
-        scale = None
-        if is_fp8:
-            q, tok_scale = quantize_fp8_tokens(tokens, scale_granularity, kv_dtype)
-            write_paged(cache, slots, q)
-            if scale_granularity == "per_token":
-                fill = float("nan") if poison else 1.0
-                scale = torch.full(shape[:3], fill, dtype=torch.float32, device=device)
-                write_paged(scale, slots, tok_scale.float())
-            else:
-                scale = tok_scale.float().reshape(1)
-        else:
-            write_paged(cache, slots, tokens.to(kv_dtype))
+        token_scales = None
+        if scale_granularity == "per_token":
+            fill = float("nan") if poison else 1.0
+            token_scales = torch.full(shape[:3], fill, dtype=torch.float32, device=device)
         caches.append(cache)
-        scales.append(scale)
+        scales.append(write_tokens(cache, slots, tokens, scale_granularity, token_scales))
     return PagedKV(
         k_cache=caches[0], v_cache=caches[1], block_tables=block_tables, seq_lens=lens,
         page_size=page_size, k_scale=scales[0], v_scale=scales[1],
     )
+
+
+def write_tokens(cache: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
+                 granularity: str | None = None, token_scales: torch.Tensor | None = None):
+    """Store token vectors [n, Hkv, D] at ``slots`` of a paged cache: cast for a 16-bit
+    cache; FP8-quantised with ``granularity`` for an FP8 one, per-token scales written to
+    ``token_scales`` ([num_pages, page_size, Hkv]) at the same slots.
+
+    Returns the cache's scale: None (16-bit), the per-tensor float32 (1,) or token_scales.
+    """
+    if cache.dtype not in FP8_KV_DTYPES:
+        write_paged(cache, slots, tokens.to(cache.dtype))
+        return None
+    q, scale = quantize_fp8_tokens(tokens, granularity, cache.dtype)
+    write_paged(cache, slots, q)
+    if granularity == "per_token":
+        write_paged(token_scales, slots, scale.float())
+        return token_scales
+    return scale.float().reshape(1)
 
 
 def owned_page_ids(block_tables: torch.Tensor, seq_lens: torch.Tensor,

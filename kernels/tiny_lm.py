@@ -48,6 +48,7 @@ from kvperf_kernels.paged_kv import (
     quantize_fp8_tokens,
     slot_mapping,
     write_paged,
+    write_tokens,
 )
 
 BOS = 0  # the task's first token; content tokens are 1..vocab_size-1
@@ -275,20 +276,9 @@ class PagedLayerCache:
     def prefill(self, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> None:
         """Write the first ``lens[b]`` tokens of each sequence: k, v [sum(lens), Hkv, D]."""
         slots = slot_mapping(self.block_tables, lens, self.page_size)
-        if self.kv_dtype == torch.bfloat16:
-            write_paged(self.k_cache, slots, k.to(torch.bfloat16))
-            write_paged(self.v_cache, slots, v.to(torch.bfloat16))
-        else:
-            # Per-tensor scales are fixed here, from the prefilled tokens (static afterwards).
-            kq, ks = quantize_fp8_tokens(k, self.granularity)
-            vq, vs = quantize_fp8_tokens(v, self.granularity)
-            write_paged(self.k_cache, slots, kq)
-            write_paged(self.v_cache, slots, vq)
-            if self.granularity == "per_token":
-                write_paged(self.k_scale, slots, ks)
-                write_paged(self.v_scale, slots, vs)
-            else:
-                self.k_scale, self.v_scale = ks, vs
+        # Per-tensor FP8 scales are fixed here, from the prefilled tokens (static afterwards).
+        self.k_scale = write_tokens(self.k_cache, slots, k, self.granularity, self.k_scale)
+        self.v_scale = write_tokens(self.v_cache, slots, v, self.granularity, self.v_scale)
         self.seq_lens.copy_(lens)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
