@@ -224,11 +224,6 @@ def _quantize_groups(x: torch.Tensor, group: int, hw_cast: bool | None):
     return q, scale
 
 
-def _check_x(x) -> None:
-    check_float_input(x, "x")
-    check_device(x, "x")
-
-
 def quantize_per_token(x: torch.Tensor, *, hw_cast: bool | None = None):
     """One scale per vector along the last dim.
 
@@ -236,7 +231,7 @@ def quantize_per_token(x: torch.Tensor, *, hw_cast: bool | None = None):
     ``hw_cast`` picks the hardware fp8 conversion (default: on an FP8 GPU) or the integer
     encoder; both give the same bytes.
     """
-    _check_x(x)
+    check_float_input(x, "x")
     d = x.shape[-1] if x.dim() else 0
     check_group(d, "last dim")
     q, scale = _quantize_groups(x, d, hw_cast)
@@ -248,7 +243,7 @@ def quantize_per_block(x: torch.Tensor, block: int = 128, *, hw_cast: bool | Non
 
     Returns (q float8_e4m3fn x.shape, scale float32 x.shape[:-1] + (D // block,)).
     """
-    _check_x(x)
+    check_float_input(x, "x")
     if not isinstance(block, int) or isinstance(block, bool) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     check_group(block, "block")
@@ -279,7 +274,7 @@ def quantize_per_tensor(x: torch.Tensor, *, hw_cast: bool | None = None):
     Two passes: ``tensor_amax``, then the quantise pass reading the scale from device
     memory (no host sync).
     """
-    _check_x(x)
+    check_float_input(x, "x")
     rows, row_stride = as_rows(x, "x")
     n_rows, d = rows.shape
     check_group(d, "last dim")

@@ -69,12 +69,14 @@ MAX_ROW_ELEMENTS = 16384  # per-row kernels keep a whole row in one program
 
 
 def check_float_input(x, what: str) -> None:
+    """A quantiser's input: a bf16/fp16/fp32 tensor where the kernels run (check_device)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in QUANT_INPUT_DTYPES:
         raise TypeError(
             f"{what}: unsupported dtype {x.dtype}; expected one of bfloat16, float16, float32"
         )
+    check_device(x, what)
 
 
 def check_out_dtype(dtype, what: str) -> None:

@@ -111,7 +111,6 @@ def quantize_mxfp8(x: torch.Tensor, *, hw_cast: bool | None = None):
     D must be a multiple of 32. ``hw_cast`` as in ``fp8_quant`` (same bytes either way).
     """
     check_float_input(x, "x")
-    check_device(x, "x")
     rows, row_stride = as_rows(x, "x", block=MX_BLOCK)
     d = x.shape[-1]
     check_group(d, "last dim")

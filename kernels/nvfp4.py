@@ -175,7 +175,6 @@ def quantize_nvfp4(x: torch.Tensor, global_amax=None, *, hw_cast: bool | None = 
     on x's device makes this one launch; a Python float costs a host-to-device copy.
     """
     check_float_input(x, "x")
-    check_device(x, "x")
     rows, row_stride = as_rows(x, "x", block=NVFP4_BLOCK)
     d = x.shape[-1]
     check_group(d, "last dim")
