@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kvperf_kernels._device import default_device
-from kvperf_kernels.compressed_attention import (
+from kvperf_kernels.attention.compressed import (
     attend_compressed,
     attention_bytes,
     compress,
@@ -41,6 +40,7 @@ from kvperf_kernels.compressed_attention import (
     realistic_query,
     worst_token_rel_error,
 )
+from kvperf_kernels.device import default_device
 from pytest_kvperf.accuracy import error_metrics
 
 # Lab floors for the roundtrip cosine of one tensor: FP8 >= 0.99, NVFP4 >= 0.98.

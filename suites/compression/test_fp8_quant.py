@@ -1,4 +1,4 @@
-"""FP8 E4M3 quantisers (kvperf_kernels.fp8_quant): kernels against references, references
+"""FP8 E4M3 quantisers (kvperf_kernels.quant.fp8): kernels against references, references
 against the format, round-trip accuracy, speed and the error contract.
 
 Contains the per-token suite of issue "plugin core item 7": KV tensors (tokens, heads,
@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvperf_kernels._device import interpreted
-from kvperf_kernels.fp8_quant import (
+from kvperf_kernels.device import interpreted
+from kvperf_kernels.formats.codecs import FP32_MIN_NORMAL, IEEE_SUBNORMALS
+from kvperf_kernels.quant.fp8 import (
     E4M3_MAX,
     dequantize,
     dequantize_ref,
@@ -33,7 +34,6 @@ from kvperf_kernels.fp8_quant import (
     quantize_per_token,
     quantize_per_token_ref,
 )
-from kvperf_kernels.fp_formats import FP32_MIN_NORMAL, IEEE_SUBNORMALS
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 DTYPES = [BF16, FP16, FP32]

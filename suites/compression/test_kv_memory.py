@@ -1,6 +1,6 @@
 """KV-cache bytes per format (lab 1): the formula, the quantisers' real tensors, the allocator.
 
-The formula (kvperf_kernels.kv_memory) is checked three ways: against numbers computed by
+The formula (kvperf_kernels.cache.kv_memory) is checked three ways: against numbers computed by
 hand here, against the bytes of the tensors the quantisers actually return (CPU, small
 shapes), and against torch.cuda allocation deltas (GPU). The lab's 70B table is reproduced
 with the scale overhead explicit, and the maximum batch at a memory budget is checked
@@ -14,9 +14,8 @@ import math
 import pytest
 import torch
 
-from kvperf_kernels._device import default_device
-from kvperf_kernels.compressed_attention import compress
-from kvperf_kernels.kv_memory import (
+from kvperf_kernels.attention.compressed import compress
+from kvperf_kernels.cache.kv_memory import (
     FORMATS,
     GIB,
     LAB_70B,
@@ -30,6 +29,7 @@ from kvperf_kernels.kv_memory import (
     tensor_bytes,
     tensor_layout,
 )
+from kvperf_kernels.device import default_device
 
 MIB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""MXFP8 and NVFP4 quantisers (kvperf_kernels.mxfp8 / .nvfp4): kernels against references
+"""MXFP8 and NVFP4 quantisers (kvperf_kernels.quant.mxfp8 / .nvfp4): kernels against references
 (bit-exact: element bytes, E8M0 / E4M3 block scales, global scale), references against the
 formats' definitions (hand-checked values), round-trip accuracy recorded with ``kvperf``,
 speed on the GPU, and the error contract.
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvperf_kernels.fp_formats import (
+from kvperf_kernels.formats.codecs import (
     E2M1_VALUES,
     RCP_E4M3_MAX,
     e2m1_encode_ref,
@@ -24,14 +24,14 @@ from kvperf_kernels.fp_formats import (
     pack_nibbles_ref,
     unpack_nibbles_ref,
 )
-from kvperf_kernels.mxfp8 import (
+from kvperf_kernels.quant.mxfp8 import (
     MX_BLOCK,
     dequantize_mxfp8,
     dequantize_mxfp8_ref,
     quantize_mxfp8,
     quantize_mxfp8_ref,
 )
-from kvperf_kernels.nvfp4 import (
+from kvperf_kernels.quant.nvfp4 import (
     NVFP4_BLOCK,
     dequantize_nvfp4,
     dequantize_nvfp4_ref,

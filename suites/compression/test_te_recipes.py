@@ -20,17 +20,17 @@ import logging
 import pytest
 import torch
 
-from kvperf_kernels.te_attention_block import (
+from kvperf_kernels.models.te_attention_block import (
     BlockDims,
     TEAttentionBlock,
     attention_block_ref,
     random_weights,
 )
-from kvperf_kernels.te_recipes import (
+from kvperf_kernels.te.availability import TE_NOT_INSTALLED
+from kvperf_kernels.te.recipes import (
     KV_FORMAT_FOR_RECIPE,
     LADDER,
     REL_L2_POLICY,
-    TE_NOT_INSTALLED,
     TERecipeUnavailable,
     choose_and_log,
     choose_recipe,

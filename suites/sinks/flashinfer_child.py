@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import make_decode_case  # noqa: E402  (this folder's case factory)
-from kvperf_kernels._device import default_device  # noqa: E402
-from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref  # noqa: E402
-from kvperf_kernels.paged_kv import to_flashinfer_indices  # noqa: E402
+from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
+from kvperf_kernels.cache.paged_kv import to_flashinfer_indices
+from kvperf_kernels.device import default_device
+from kvperf_kernels.testing.inputs import make_decode_case
 
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 KV_NAME = {"bf16": "bf16", "fp8": "e4m3"}  # FlashInfer's filename_safe_dtype_map

@@ -8,89 +8,22 @@ The CPU interpreter runs the small cases; the long, lab-sized ones need the GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
-from kvperf_kernels._device import interpreted
-from kvperf_kernels.decode_attention import MAX_SPLITS, choose_num_splits, paged_decode_attention
-from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref
+from kvperf_kernels.attention.decode import (
+    MAX_SPLITS,
+    DecodeLaunch,
+    choose_num_splits,
+    paged_decode_attention,
+)
+from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
+from kvperf_kernels.device import interpreted
+from kvperf_kernels.testing.decode_specs import BF16, CPU_SPECS, E4M3, GPU_SPECS, RAGGED, Spec
 
-E4M3FNUZ = getattr(torch, "float8_e4m3fnuz", None)
-
-
-@dataclass(frozen=True)
-class Spec:
-    lens: tuple[int, ...]
-    hq: int
-    hkv: int
-    head_dim: int
-    page_size: int
-    kv_dtype: torch.dtype
-    granularity: str | None = None
-    sinks: bool = True
-    window_left: int = -1
-    num_splits: int | None = 1
-    q_dtype: torch.dtype = torch.bfloat16
-
-    @property
-    def id(self) -> str:
-        kv = str(self.kv_dtype).removeprefix("torch.")
-        gran = f"-{self.granularity}" if self.granularity else ""
-        q = "" if self.q_dtype == torch.bfloat16 else f"-q{str(self.q_dtype)[6:]}"
-        return (
-            f"{kv}{gran}{q}-d{self.head_dim}-p{self.page_size}-h{self.hq}x{self.hkv}"
-            f"-{'sinks' if self.sinks else 'nosinks'}"
-            f"{f'-win{self.window_left}' if self.window_left >= 0 else ''}-split{self.num_splits}"
-        )
-
-
-RAGGED = (1, 17, 100)  # one token, a page and a bit, several pages with a ragged tail
-RAGGED_D128 = (3, 70, 129)
-BF16, FP16, E4M3 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
-
-CPU_SPECS = [
-    Spec(RAGGED, 8, 2, 64, 16, BF16),
-    Spec(RAGGED, 8, 2, 64, 16, BF16, num_splits=3),
-    Spec(RAGGED, 8, 2, 64, 16, BF16, sinks=False, window_left=24, num_splits=2),
-    Spec(RAGGED, 8, 2, 64, 16, BF16, window_left=0, num_splits=2),  # current token only
-    Spec(RAGGED_D128, 4, 2, 128, 64, BF16, window_left=24),
-    Spec(RAGGED_D128, 2, 2, 128, 64, FP16, sinks=False, num_splits=3, q_dtype=FP16),
-    Spec(RAGGED, 16, 2, 64, 16, E4M3, "per_tensor"),
-    Spec(RAGGED, 16, 2, 64, 16, E4M3, "per_tensor", window_left=24, num_splits=4),
-    Spec(RAGGED, 16, 2, 64, 64, E4M3, "per_token", sinks=False, num_splits=2),
-    Spec(RAGGED_D128, 8, 2, 128, 16, E4M3, "per_token", window_left=24, num_splits=3),
-    Spec(RAGGED, 8, 2, 64, 16, E4M3, "per_token", q_dtype=FP16),
-]
-if E4M3FNUZ is not None:
-    CPU_SPECS += [
-        Spec(RAGGED, 8, 2, 64, 16, E4M3FNUZ, "per_tensor", num_splits=2),
-        Spec(RAGGED, 8, 2, 64, 16, E4M3FNUZ, "per_token", window_left=24),
-    ]
-
-# gpt-oss decode: Hq 64, Hkv 8, D 64, page 16, full attention and the 128-token window.
-_GPT_OSS = dict(hq=64, hkv=8, head_dim=64, page_size=16)
-_LONG_RAGGED = (32768, 1, 20001, 4097)
-_BATCH64 = tuple(8192 - 97 * i for i in range(64))
-GPU_SPECS = [
-    Spec((128, 1024, 77, 1000), **_GPT_OSS, kv_dtype=BF16, num_splits=None),
-    Spec((128, 1024, 77, 1000), **_GPT_OSS, kv_dtype=E4M3, granularity="per_tensor",
-         num_splits=None),
-    Spec(_LONG_RAGGED, **_GPT_OSS, kv_dtype=E4M3, granularity="per_token", num_splits=None),
-    Spec(_LONG_RAGGED, **_GPT_OSS, kv_dtype=E4M3, granularity="per_tensor", window_left=127,
-         num_splits=None),
-    Spec(_LONG_RAGGED, **_GPT_OSS, kv_dtype=BF16, num_splits=MAX_SPLITS),
-    Spec(_BATCH64, **_GPT_OSS, kv_dtype=E4M3, granularity="per_tensor", num_splits=None),
-    Spec(_BATCH64, **_GPT_OSS, kv_dtype=BF16, window_left=127, num_splits=3),
-    Spec((4000, 9000, 1), 32, 4, 128, 64, E4M3, "per_token", num_splits=None),
-]
-
-
-def _block_n():
-    # Small tiles in the interpreter so that short sequences still span several tiles;
-    # on the GPU the launcher's own choice is what we test.
-    return 16 if interpreted() else None
+# Small tiles in the interpreter so that short sequences still span several tiles;
+# on the GPU the launcher's own choice is what we test.
+LAUNCH = DecodeLaunch(block_n=16) if interpreted() else DecodeLaunch()
 
 
 def _run_and_check(spec: Spec, decode_case, matches_reference, kvperf):
@@ -101,7 +34,7 @@ def _run_and_check(spec: Spec, decode_case, matches_reference, kvperf):
     out = paged_decode_attention(
         case.q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
         k_scale=kv.k_scale, v_scale=kv.v_scale, sinks=sinks, window_left=spec.window_left,
-        num_splits=spec.num_splits, block_n=_block_n(),
+        num_splits=spec.num_splits, launch=LAUNCH,
     )
     ref = paged_decode_attention_ref(
         case.q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
@@ -125,7 +58,7 @@ def test_kernel_matches_reference_long(spec, decode_case, matches_reference, kvp
 
 
 def _launch(case, kv, **kwargs):
-    kwargs.setdefault("block_n", _block_n())
+    kwargs.setdefault("launch", LAUNCH)
     return paged_decode_attention(
         case.q, kv.k_cache, kv.v_cache, kv.block_tables, kwargs.pop("seq_lens", kv.seq_lens),
         k_scale=kv.k_scale, v_scale=kv.v_scale, **kwargs,
@@ -206,7 +139,7 @@ def test_strided_views_and_out(decode_case, matches_reference):
     assert not q_view.is_contiguous() and not k_view.is_contiguous()
     out = torch.full_like(case.q, float("nan"))
     got = paged_decode_attention(q_view, k_view, v_view, kv.block_tables, kv.seq_lens,
-                                 sinks=case.sinks, num_splits=2, out=out, block_n=_block_n())
+                                 sinks=case.sinks, num_splits=2, out=out, launch=LAUNCH)
     assert got is out
     ref = paged_decode_attention_ref(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
                                      kv.seq_lens, sinks=case.sinks)

@@ -20,42 +20,23 @@ import math
 import pytest
 import torch
 
-from kvperf_kernels.decode_attention import paged_decode_attention
-from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref
-from kvperf_kernels.paged_kv import PagedKV, pack_paged_kv, to_flashinfer_indices
+from kvperf_kernels.attention.decode import paged_decode_attention
+from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
+from kvperf_kernels.cache.paged_kv import PagedKV, to_flashinfer_indices
+from kvperf_kernels.testing.decode_workloads import (
+    HKV,
+    HQ,
+    PAGE,
+    SMALL_WORKING_SET,
+    D,
+    build_decode_workload,
+    decode_bytes_moved,
+)
 
-HQ, HKV, D, PAGE = 64, 8, 64, 16
 SHAPES = [(b, n) for b in (1, 64) for n in (1024, 8192, 32768)]
 IDS = [f"batch{b}-kv{n}" for b, n in SHAPES]
-VARIANTS = {"bf16": (torch.bfloat16, None), "fp8_tensor": (torch.float8_e4m3fn, "per_tensor"),
-            "fp8_token": (torch.float8_e4m3fn, "per_token")}
-SMALL_WORKING_SET = 256 << 20  # below this (H100 L2: 50 MB) flush L2 between calls
 TOL_16BIT_P = (1e-2, 1e-2)  # FlashInfer's own tolerance for a kernel rounding P to 16 bits
 TOL_XQA_FP8 = (1e-1, 1e-1)  # XQA's Hopper FP8 kernel rounds Q and P to E4M3
-
-
-def _build(batch: int, kv_len: int, device: str = "cuda", variants=tuple(VARIANTS)) -> dict:
-    """q, sinks and the same random K/V packed as each of ``variants`` (device-side randoms)."""
-    dev = torch.device(device)
-    gen = torch.Generator(device=dev).manual_seed(batch * 100003 + kv_len)
-    tokens = batch * kv_len
-    q = torch.randn(batch, HQ, D, device=dev, generator=gen).to(torch.bfloat16)
-    sinks = (1.0 + 2.0 * torch.randn(HQ, device=dev, generator=gen)).float()
-    k = torch.randn(tokens, HKV, D, device=dev, generator=gen)
-    v = torch.randn(tokens, HKV, D, device=dev, generator=gen)
-    caches = {}
-    for name in variants:
-        dtype, granularity = VARIANTS[name]
-        caches[name] = pack_paged_kv(
-            k, v, [kv_len] * batch, PAGE, kv_dtype=dtype, scale_granularity=granularity,
-            generator=torch.Generator().manual_seed(7),
-        )
-    del k, v
-    return {"q": q, "sinks": sinks, "caches": caches}
-
-
-def _bytes_moved(kv: PagedKV, q: torch.Tensor) -> int:
-    return kv.kv_bytes_read() + 2 * q.numel() * q.element_size()  # q read + out written
 
 
 def _check_spot(out, q, kv: PagedKV, sinks, tol, what: str) -> None:
@@ -79,12 +60,12 @@ def _check_spot(out, q, kv: PagedKV, sinks, tol, what: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch, kv_len", SHAPES, ids=IDS)
 def test_decode_speed_ours(batch, kv_len, kv_bench, kvperf):
-    data = _build(batch, kv_len)
+    data = build_decode_workload(batch, kv_len)
     q, sinks = data["q"], data["sinks"]
     median = {}
     for name, kv in data["caches"].items():
         out = torch.full_like(q, float("nan"))
-        moved = _bytes_moved(kv, q)
+        moved = decode_bytes_moved(kv, q)
         res = kv_bench(
             paged_decode_attention, q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
             k_scale=kv.k_scale, v_scale=kv.v_scale, sinks=sinks, max_seq_len=kv_len, out=out,
@@ -106,7 +87,8 @@ def test_decode_speed_flashinfer(batch, kv_len, kv_bench, kvperf):
     from flashinfer.decode import xqa_batch_decode_with_kv_cache
 
     kvperf.info("flashinfer", flashinfer.__version__)
-    data = _build(batch, kv_len, variants=("bf16", "fp8_tensor"))  # what FlashInfer runs
+    # only the two caches FlashInfer runs
+    data = build_decode_workload(batch, kv_len, variants=("bf16", "fp8_tensor"))
     q, sinks = data["q"], data["sinks"]
     sm_scale = 1.0 / math.sqrt(D)
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=q.device)
@@ -116,7 +98,7 @@ def test_decode_speed_flashinfer(batch, kv_len, kv_bench, kvperf):
         fp8 = name != "bf16"
         k_scale = float(kv.k_scale) if fp8 else 1.0
         v_scale = float(kv.v_scale) if fp8 else 1.0
-        moved = _bytes_moved(kv, q)
+        moved = decode_bytes_moved(kv, q)
         flush = moved < SMALL_WORKING_SET
         caches = (kv.k_cache, kv.v_cache)
 
@@ -141,7 +123,7 @@ def test_decode_speed_flashinfer(batch, kv_len, kv_bench, kvperf):
     # Ours on the same FP8 cache in the same test, for the issue's >= 1.5x target.
     kv = data["caches"]["fp8_tensor"]
     out = torch.empty_like(q)
-    moved = _bytes_moved(kv, q)
+    moved = decode_bytes_moved(kv, q)
     res = kv_bench(paged_decode_attention, q, kv.k_cache, kv.v_cache, kv.block_tables,
                    kv.seq_lens, k_scale=kv.k_scale, v_scale=kv.v_scale, sinks=sinks,
                    max_seq_len=kv_len, out=out, bytes_moved=moved,

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvperf_kernels._device import default_device
-from kvperf_kernels.decode_attention import paged_decode_attention
-from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref
-from kvperf_kernels.paged_kv import pack_paged_kv
+from kvperf_kernels.attention.decode import DecodeLaunch, paged_decode_attention
+from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
+from kvperf_kernels.cache.paged_kv import pack_paged_kv
+from kvperf_kernels.device import default_device
 
 FP8_QUERY = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
                                          "float8_e5m2fnuz") if hasattr(torch, n)]
@@ -108,7 +108,7 @@ def test_float32_query_is_a_type_error(inputs):
         (lambda i: dict(num_splits=0), ValueError, "num_splits"),
         (lambda i: dict(window_left=-2), ValueError, "window_left"),
         (lambda i: dict(sm_scale=float("nan")), ValueError, "sm_scale"),
-        (lambda i: dict(block_n=48), ValueError, "block_n"),
+        (lambda i: dict(launch=DecodeLaunch(block_n=48)), ValueError, "block_n"),
         (lambda i: dict(out=torch.empty_like(i["q"], dtype=torch.float16)), ValueError,
          "out must be"),
     ],

@@ -18,8 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvperf_kernels.decode_attention import paged_decode_attention
-from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref
+from kvperf_kernels.attention.decode import paged_decode_attention
+from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
 
 LAB_RTOL, LAB_ATOL = 1e-2, 1e-3
 # Per-tensor scales give outlier key channels' neighbours fewer effective bits than per-token

@@ -1,9 +1,9 @@
 """Lab item 2: greedy decode tokens with BF16 KV vs FP8 E4M3 KV must match > 95 %.
 
-The model: ``kvperf_kernels.tiny_lm``, a 2-layer decoder with gpt-oss's attention features
+The model: ``kvperf_kernels.models.tiny_lm``, a 2-layer decoder with gpt-oss's attention features
 (GQA 8 query / 2 KV heads, head_dim 64, learned sinks, a 16-token sliding layer then a
 full layer, RoPE, RMSNorm, vocab 64), trained offline and deterministically on in-context
-copying (``kvperf_kernels.tiny_lm_train``; weights ``tiny_lm_weights.pt`` beside this file,
+copying (``kvperf_kernels.models.tiny_lm_train``; weights ``tiny_lm_weights.pt`` beside this file,
 BF16, pinned by sha256 below). Random weights would not do: their logits are near
 uniform and greedy tokens flip on noise, so a match rate would measure nothing.
 
@@ -41,8 +41,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvperf_kernels._device import default_device
-from kvperf_kernels.tiny_lm import (
+from kvperf_kernels.device import default_device
+from kvperf_kernels.models.tiny_lm import (
     DecodeResult,
     PagedLayerCache,
     TinyLMConfig,
@@ -56,7 +56,7 @@ WEIGHTS = Path(__file__).with_name("tiny_lm_weights.pt")
 # sha256 of the file as shipped (torch.save's archive also holds the file's stem: rebuild
 # it under this name to reproduce the digest; the tensors are bit-identical either way).
 WEIGHTS_SHA256 = "9d1e8b4bee7bc25c4aaf27e7adcf6be1c3d1a6fef87b08b21a9b3298de85f0ec"
-REBUILD = "python -m kvperf_kernels.tiny_lm_train --out suites/sinks/tiny_lm_weights.pt"
+REBUILD = "python -m kvperf_kernels.models.tiny_lm_train --out suites/sinks/tiny_lm_weights.pt"
 
 LAB_MATCH = 0.95  # lab item 2: FP8-KV vs BF16-KV greedy tokens match > 95 %
 MIN_ACCURACY = 0.9  # "meaningful": greedy accuracy on held-out prompts (measured 1.0)

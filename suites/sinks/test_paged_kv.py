@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvperf_kernels._device import default_device
-from kvperf_kernels.fp8_quant import quantize_per_tensor, quantize_per_token
-from kvperf_kernels.paged_kv import (
+from kvperf_kernels.cache.paged_kv import (
     E4M3FNUZ_MAX,
     build_page_table,
     cdiv,
@@ -19,6 +17,8 @@ from kvperf_kernels.paged_kv import (
     slot_mapping,
     to_flashinfer_indices,
 )
+from kvperf_kernels.device import default_device
+from kvperf_kernels.quant.fp8 import quantize_per_tensor, quantize_per_token
 
 LENS = (1, 16, 17, 50)
 
@@ -60,7 +60,7 @@ def test_pack_gather_roundtrip_and_poison(page_size):
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
 def test_fp8_pack_uses_project_quantisers(granularity):
-    """Stored bytes and scales are exactly what kvperf_kernels.fp8_quant gives for the valid
+    """Stored bytes and scales are exactly what kvperf_kernels.quant.fp8 gives for the valid
     tokens (per-token: one scale per token vector over head_dim)."""
     gen = torch.Generator().manual_seed(2)
     k = torch.randn(sum(LENS), 2, 64, generator=gen) * 3

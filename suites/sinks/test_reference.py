@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvperf_kernels.decode_attention_ref import attention_with_sinks_ref, paged_decode_attention_ref
-from kvperf_kernels.paged_kv import gather_paged
+from kvperf_kernels.attention.decode_ref import attention_with_sinks_ref, paged_decode_attention_ref
+from kvperf_kernels.cache.paged_kv import gather_paged
 
 
 def _sdpa_decode(q, k, v, sinks, sm_scale, window_left):

@@ -1,4 +1,4 @@
-"""Tuning sweep for the paged decode kernel at gpt-oss shapes (H100; a script, not a test).
+"""Tuning sweep for the paged decode kernel at gpt-oss shapes (a script, not a test).
 
 Times launcher variants (tile, warps, stages, splits, heads per program, precise P.V, PTX
 decode) with ``pytest_kvperf.timing.measure`` (L2 flushed only where the working set could
@@ -30,36 +30,44 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():  # the CPU smoke run: Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from test_decode_speed import SMALL_WORKING_SET, _build, _bytes_moved  # noqa: E402
-
-from conftest import TOLERANCES, assert_matches_reference, make_decode_case  # noqa: E402
-from kvperf_kernels import decode_attention as da  # noqa: E402
-from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref  # noqa: E402
+from kvperf_kernels.attention.decode import (  # noqa: E402
+    DecodeLaunch,
+    paged_decode_attention,
+)
+from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref  # noqa: E402
+from kvperf_kernels.testing.compare import (  # noqa: E402
+    DECODE_TOLERANCES,
+    assert_matches_reference,
+)
+from kvperf_kernels.testing.decode_specs import GPU_SPECS  # noqa: E402
+from kvperf_kernels.testing.decode_workloads import (  # noqa: E402
+    SMALL_WORKING_SET,
+    build_decode_workload,
+    decode_bytes_moved,
+)
+from kvperf_kernels.testing.inputs import make_decode_case  # noqa: E402
+from pytest_kvperf.peaks import get_peaks  # noqa: E402
 from pytest_kvperf.timing import measure  # noqa: E402
 
-try:  # an older kernel to compare with, when a copy is placed beside this script
-    import _tune_orig_decode as orig  # noqa: E402
-except ImportError:
-    orig = None
-
-COPY_BW = 3.0e12  # measured device-to-device copy on the H100 (read + write)
-KNOBS = {"asm": "_DECODE_ASM", "tile_cols": "_MAX_TILE_COLS"}  # module tuning constants
-DEFAULT_KNOBS = {k: getattr(da, v) for k, v in KNOBS.items()}
-CFG_KEYS = ("block_n", "num_warps", "num_stages", "num_splits", "precise_pv", *KNOBS)
+LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "precise_pv", "decode_asm",
+               "max_tile_cols")
+CFG_KEYS = ("num_splits", *LAUNCH_KEYS)
 T0 = time.time()
 OUT = os.environ.get("OUT")
 ROWS = {2: [0, 1], 64: [0, 21, 42, 63]}
 results: list[dict] = []
+
+
+def copy_gbps() -> float:
+    """The measured copy bandwidth (plugin's peaks cache); 1.0 on the CPU smoke run."""
+    peaks = get_peaks()
+    return peaks.copy_gbps if peaks is not None else 1.0
 
 
 def log(rec: dict) -> None:
@@ -77,43 +85,36 @@ def accuracy_ratio(out, q, kv, sinks, rows) -> float:
     got = out[rows].double()
     if not torch.isfinite(got).all():
         return float("inf")
-    atol, rtol = TOLERANCES[out.dtype]
+    atol, rtol = DECODE_TOLERANCES[out.dtype]
     return float(((got - ref).abs() / (atol + rtol * ref.abs())).max())
 
 
-def set_knobs(**knobs) -> None:
-    for key, attr in KNOBS.items():
-        setattr(da, attr, knobs.get(key, DEFAULT_KNOBS[key]))
-
-
-def run_variant(data, variant: str, stage: str, *, impl: str = "new", **cfg) -> dict:
+def run_variant(data, variant: str, stage: str, *, num_splits=None, **launch_cfg) -> dict:
     q, sinks = data["q"], data["sinks"]
     kv = data["caches"][variant]
     batch, kv_len = q.shape[0], int(kv.seq_lens[0])
-    knobs = {k: cfg.pop(k) for k in list(cfg) if k in KNOBS}
-    mod = da if impl == "new" else orig
     out = torch.full_like(q, float("nan"))
-
-    def call():
-        mod.paged_decode_attention(
-            q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, k_scale=kv.k_scale,
-            v_scale=kv.v_scale, sinks=sinks, max_seq_len=kv_len, out=out, **cfg)
-
-    rec = dict(stage=stage, impl=impl, variant=variant, batch=batch, kv=kv_len, **cfg, **knobs)
+    rec = dict(stage=stage, variant=variant, batch=batch, kv=kv_len, num_splits=num_splits,
+               **launch_cfg)
     try:
-        set_knobs(**knobs)
+        launch = DecodeLaunch(**launch_cfg)
+
+        def call():
+            paged_decode_attention(
+                q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, k_scale=kv.k_scale,
+                v_scale=kv.v_scale, sinks=sinks, max_seq_len=kv_len, out=out,
+                num_splits=num_splits, launch=launch)
+
         call()
         if q.is_cuda:
             torch.cuda.synchronize()
         rec["ratio"] = round(accuracy_ratio(out, q, kv, sinks, ROWS[batch]), 3)
-        moved = _bytes_moved(kv, q)
+        moved = decode_bytes_moved(kv, q)
         t = measure(call, flush_l2=moved < SMALL_WORKING_SET, max_time_s=0.25, min_rounds=10)
         rec.update(us=round(t.median_us, 1), gbps=round(moved / t.median_us / 1e3, 1),
-                   frac=round(moved / (t.median_us * 1e-6) / COPY_BW, 3))
+                   frac=round(moved / t.median_us / 1e3 / copy_gbps(), 3))
     except Exception as e:  # a variant that fails to compile or run is reported, not fatal
         rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    finally:
-        set_knobs()
     log(rec)
     print(fmt(rec), flush=True)
     return rec
@@ -121,7 +122,7 @@ def run_variant(data, variant: str, stage: str, *, impl: str = "new", **cfg) -> 
 
 def fmt(r: dict) -> str:
     cfg = " ".join(f"{k}={r[k]}" for k in CFG_KEYS if r.get(k) is not None)
-    head = f"{r['stage']:>5} {r['impl']:>4} {r['variant']:>10} kv{r['kv']:<6} {cfg:<62}"
+    head = f"{r['stage']:>5} {r['variant']:>10} kv{r['kv']:<6} {cfg:<62}"
     if "error" in r:
         return f"{head} ERROR {r['error']}"
     return (f"{head} {r['us']:8.1f} us {r['gbps']:7.1f} GB/s {r['frac']:.3f} "
@@ -154,32 +155,30 @@ def sweep(data, time_left) -> None:
         if time_left() < 120:
             break
         run_variant(data, "fp8_tensor", "sweep", block_n=bn, num_warps=w, num_stages=st,
-                    num_splits=sp, tile_cols=cols, precise_pv=False)
+                    num_splits=sp, max_tile_cols=cols, precise_pv=False)
     for r in best("sweep", "fp8_tensor", 2):
         run_variant(data, "fp8_tensor", "sweep", **{**cfg_of(r), "precise_pv": True})
         run_variant(data, "fp8_token", "sweep", **cfg_of(r))
     for bn, w, st, sp, cols in SWEEP_BF16:
         run_variant(data, "bf16", "sweep", block_n=bn, num_warps=w, num_stages=st,
-                    num_splits=sp, tile_cols=cols)
+                    num_splits=sp, max_tile_cols=cols)
 
 
 def gpu_spec_accuracy(precise: bool) -> None:
     """The GPU cases of test_decode_kernel.py with precise_pv set (the tests use defaults)."""
-    import test_decode_kernel as tdk
-
-    for spec in tdk.GPU_SPECS:
+    for spec in GPU_SPECS:
         case = make_decode_case(spec.lens, hq=spec.hq, hkv=spec.hkv, head_dim=spec.head_dim,
                                 page_size=spec.page_size, q_dtype=spec.q_dtype)
         kv = case.pack(spec.kv_dtype, spec.granularity)
         sinks = case.sinks if spec.sinks else None
-        out = da.paged_decode_attention(
+        out = paged_decode_attention(
             case.q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, k_scale=kv.k_scale,
             v_scale=kv.v_scale, sinks=sinks, window_left=spec.window_left,
-            num_splits=spec.num_splits, precise_pv=precise)
+            num_splits=spec.num_splits, launch=DecodeLaunch(precise_pv=precise))
         ref = paged_decode_attention_ref(
             case.q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, k_scale=kv.k_scale,
             v_scale=kv.v_scale, sinks=sinks, window_left=spec.window_left)
-        atol, rtol = TOLERANCES[out.dtype]
+        atol, rtol = DECODE_TOLERANCES[out.dtype]
         ratio = float(((out.double() - ref).abs() / (atol + rtol * ref.abs())).max())
         try:
             assert_matches_reference(out, ref, spec.id)
@@ -205,11 +204,10 @@ def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     batch, short, long_ = (64, 8192, 32768) if not args.smoke else (2, 64, 128)
     variants = ("bf16", "fp8_tensor", "fp8_token")
-    data = _build(batch, short, dev)
+    data = build_decode_workload(batch, short, dev)
     if "base" in stages:
-        for impl in ("orig", "new") if orig is not None else ("new",):
-            for v in variants:
-                run_variant(data, v, "base", impl=impl)
+        for v in variants:
+            run_variant(data, v, "base")
     if "sweep" in stages:
         sweep(data, time_left)
     if "spec" in stages and not args.smoke:
@@ -219,10 +217,9 @@ def main():
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if "long" in stages:
-        data = _build(batch, long_, dev)
-        for impl in ("orig", "new") if orig is not None else ("new",):
-            for v in variants:
-                run_variant(data, v, "long", impl=impl)
+        data = build_decode_workload(batch, long_, dev)
+        for v in variants:
+            run_variant(data, v, "long")
         for v in variants:
             for r in best("sweep", v, 1):
                 run_variant(data, v, "long", **cfg_of(r))
@@ -231,16 +228,15 @@ def main():
                 if time_left() < 20:
                     break
                 run_variant(data, "fp8_tensor", "long", block_n=bn, num_warps=w,
-                            num_stages=st, num_splits=sp, tile_cols=cols, precise_pv=False)
+                            num_stages=st, num_splits=sp, max_tile_cols=cols, precise_pv=False)
 
     print("\n=== summary: best passing variant per KV dtype and length ===")
     for kv_len in (short, long_):
         for v in variants:
-            for impl in ("orig", "new"):
-                rs = [r for r in results if r.get("variant") == v and r.get("kv") == kv_len
-                      and r.get("impl") == impl and "us" in r and r["ratio"] <= 1.0]
-                if rs:
-                    print(fmt(min(rs, key=lambda r: r["us"])))
+            rs = [r for r in results if r.get("variant") == v and r.get("kv") == kv_len
+                  and "us" in r and r["ratio"] <= 1.0]
+            if rs:
+                print(fmt(min(rs, key=lambda r: r["us"])))
     print(f"total {time.time() - T0:.0f}s")
 
 

@@ -1,6 +1,6 @@
 """Split-KV paged decode attention with attention sinks (Triton), for GQA models like gpt-oss.
 
-One query token per sequence attends to its paged KV cache (see ``kvperf_kernels.paged_kv``
+One query token per sequence attends to its paged KV cache (see ``kvperf_kernels.cache.paged_kv``
 for the layout). Sink semantics are FlashInfer's (AttentionSink variant / ``sinks=``):
 the sink is one natural-log logit per query head that joins the softmax denominator
 exactly once, with a zero value row and no sm_scale or k_scale applied:
@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kvperf_kernels._device import interpreted
-from kvperf_kernels.paged_kv import owned_page_ids
+from kvperf_kernels.cache.paged_kv import owned_page_ids
+from kvperf_kernels.device import interpreted
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
@@ -337,23 +338,58 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, kv_len: int, num_sms: 
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
 
-# [tuning] FP8 tiles decoded in inline PTX (not hoisted into the dot-operand layout):
-# bit 0 for K, bit 1 for V. GPU only (the interpreter cannot run PTX). K gains nothing
-# (its 8-bit operand loads are contiguous already), V ~30 % of the FP8 kernel's time.
-_DECODE_ASM = 2
-# [tuning] Columns of the program's KV tile: HP KV heads side by side, HP * D <= this
-# (for D 64: two heads, 128 contiguous bytes per token in FP8, 256 in BF16; measured
-# 15 % faster FP8 and 4 % faster BF16 on the H100 than one head per program).
-_MAX_TILE_COLS = 128
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Launch parameters of the decode kernel; None picks the tuned default for the KV dtype.
+
+    block_n: tokens per KV tile (a power of two >= 16); num_warps, num_stages: Triton's.
+    precise_pv: multiply V by p's 16-bit rounding residue too (p effectively ~16 bits
+        instead of 8 for BF16); False is FlashAttention's single rounding. None: on where
+        one rounding of p costs more than a fraction of the output's ulp, i.e. off only for
+        FP8 KV with a bf16 query (p in float16, 2^-11, under bf16's 2^-8 ulp).
+    decode_asm: [tuning] FP8 tiles decoded in inline PTX (not hoisted into the dot-operand
+        layout): bit 0 for K, bit 1 for V. GPU only (the interpreter cannot run PTX). K
+        gains nothing (its 8-bit operand loads are contiguous already), V ~30 % of the FP8
+        kernel's time.
+    max_tile_cols: [tuning] columns of the program's KV tile: HP KV heads side by side,
+        HP * D <= this (for D 64: two heads, 128 contiguous bytes per token in FP8, 256 in
+        BF16; measured 15 % faster FP8 and 4 % faster BF16 on the H100 than one head).
+    """
+
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
+    precise_pv: bool | None = None
+    decode_asm: int = 2
+    max_tile_cols: int = 128
+
+    def __post_init__(self):
+        bn = self.block_n
+        if bn is not None and (_not_int(bn) or bn < 16 or bn & (bn - 1)):
+            raise ValueError(f"DecodeLaunch.block_n must be a power of two >= 16, got {bn!r}")
+        for name in ("num_warps", "num_stages", "max_tile_cols"):
+            v = getattr(self, name)
+            if v is not None and (_not_int(v) or v < 1):
+                raise ValueError(f"DecodeLaunch.{name} must be an int >= 1, got {v!r}")
+        if self.decode_asm not in (0, 1, 2, 3):
+            raise ValueError(f"DecodeLaunch.decode_asm must be 0..3 (bit 0 K, bit 1 V), "
+                             f"got {self.decode_asm!r}")
 
 
-def _heads_per_program(group: int, num_kv_heads: int, head_dim: int) -> int:
+def _not_int(v) -> bool:
+    return isinstance(v, bool) or not isinstance(v, int)
+
+
+DEFAULT_LAUNCH = DecodeLaunch()
+
+
+def _heads_per_program(group: int, num_kv_heads: int, head_dim: int, max_tile_cols: int) -> int:
     """KV heads per program: the largest power of two that divides Hkv, keeps
     GROUP * HP <= 16 (the MMA's minimum rows, so the extra heads cost no MMA work) and
-    HP * D within _MAX_TILE_COLS."""
+    HP * D within max_tile_cols."""
     hp = 1
     while (group * hp * 2 <= 16 and num_kv_heads % (hp * 2) == 0
-           and hp * 2 * head_dim <= _MAX_TILE_COLS):
+           and hp * 2 * head_dim <= max_tile_cols):
         hp *= 2
     return hp
 
@@ -437,10 +473,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    precise_pv: bool | None = None,
+    launch: DecodeLaunch = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """Decode attention of one query token per sequence over a paged KV cache, with sinks.
 
@@ -458,11 +491,7 @@ def paged_decode_attention(
     max_seq_len: the longest length, used only for the split heuristic. When None it is read
         from seq_lens (one device sync) and the lengths and block-table entries are checked;
         pass it to skip that (no sync, CUDA-graph capturable).
-    block_n, num_warps, num_stages: tile and launch tuning (None: the launcher's choice).
-    precise_pv: multiply V by p's 16-bit rounding residue too (p effectively ~16 bits
-        instead of 8 for BF16); False is FlashAttention's single rounding. None: on where
-        one rounding of p costs more than a fraction of the output's ulp, i.e. off only for
-        FP8 KV with a bf16 query (p in float16, 2^-11, under bf16's 2^-8 ulp).
+    launch: tile and launch tuning (``DecodeLaunch``; the default holds the tuned choices).
     Returns [B, Hq, D] in q's dtype (written into ``out`` when given).
 
     Raises NotImplementedError for an FP8 query ("require BF16/FP16 query") or an unsupported
@@ -564,7 +593,9 @@ def paged_decode_attention(
     attended = max_seq_len if window_left < 0 else min(max_seq_len, window_left + 1)
 
     group = num_q_heads // num_kv_heads
-    hp = _heads_per_program(group, num_kv_heads, head_dim)
+    if not isinstance(launch, DecodeLaunch):
+        raise TypeError(f"launch must be a DecodeLaunch, got {type(launch).__name__}")
+    hp = _heads_per_program(group, num_kv_heads, head_dim, launch.max_tile_cols)
     default_block_n, default_warps, programs_per_sm = _launch_defaults(k_cache.dtype)
     if num_splits is None:
         sms = _sm_count(device.index or 0) if device.type == "cuda" else 1
@@ -574,11 +605,8 @@ def paged_decode_attention(
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not (
             1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
-    block_n = block_n or default_block_n
-    num_warps = num_warps or default_warps
-    num_stages = num_stages or 2
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    block_n = launch.block_n or default_block_n
+    num_warps = launch.num_warps or default_warps
 
     is_split = num_splits > 1
     if is_split:
@@ -598,7 +626,7 @@ def paged_decode_attention(
     # FP8 KV reaches the kernel as bytes (decoded there); 16-bit KV as itself.
     k_arg = k_cache.view(torch.uint8) if kv_format != _KV_16BIT else k_cache
     v_arg = v_cache.view(torch.uint8) if kv_format != _KV_16BIT else v_cache
-    decode_asm = 0 if kv_format == _KV_16BIT or interpreted() else _DECODE_ASM
+    decode_asm = 0 if kv_format == _KV_16BIT or interpreted() else launch.decode_asm
     grid = (num_kv_heads // hp, batch, num_splits)
     _paged_decode_kernel[grid](
         q, k_arg, v_arg, k_scale_t, v_scale_t, k_scale_v, v_scale_v,
@@ -617,9 +645,9 @@ def paged_decode_attention(
         KV_FORMAT=kv_format, K_SCALE_MODE=k_mode, V_SCALE_MODE=v_mode,
         HAS_SINKS=sinks is not None, IS_SPLIT=is_split, TILE=tile, DOT=dot,
         Q_RESCALE=q_type != tile, DECODE_ASM=decode_asm,
-        PRECISE_PV=bool(precise_pv if precise_pv is not None
+        PRECISE_PV=bool(launch.precise_pv if launch.precise_pv is not None
                         else not (tile == tl.float16 and q.dtype == torch.bfloat16)),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=launch.num_stages,
     )
     if is_split:
         _merge_splits_kernel[(batch, num_q_heads)](

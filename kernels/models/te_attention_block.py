@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvperf_kernels.compressed_attention import CompressedKV, compress, decompress
-from kvperf_kernels.kv_memory import check_positive
-from kvperf_kernels.te_recipes import (
+from kvperf_kernels.attention.compressed import CompressedKV, compress, decompress
+from kvperf_kernels.cache.kv_memory import check_positive
+from kvperf_kernels.te.availability import import_te
+from kvperf_kernels.te.recipes import (
     KV_FORMAT_FOR_RECIPE,
     LADDER,
-    import_te,
     make_calibration_recipe,
     make_recipe,
     te_autocast,

@@ -27,23 +27,20 @@ import torch
 import triton
 import triton.language as tl
 
-from kvperf_kernels.fp8_quant import (
-    check_group,
-    group_offsets,
-    tensor_amax,
-    tile_config,
+from kvperf_kernels.formats.checks import (
+    as_rows,
+    check_device,
+    check_float_input,
+    check_out_dtype,
+    use_hw_cast,
 )
-from kvperf_kernels.fp_formats import (
+from kvperf_kernels.formats.codecs import (
     E2M1_MAX,
     E4M3_MAX,
     FP32_MAX,
     IEEE_SUBNORMALS,
     RCP_E2M1_MAX,
-    as_rows,
     cast_out,
-    check_device,
-    check_float_input,
-    check_out_dtype,
     decode_e2m1,
     decode_e4m3,
     e2m1_decode_ref,
@@ -55,8 +52,8 @@ from kvperf_kernels.fp_formats import (
     pack_nibbles_ref,
     saturate,
     unpack_nibbles_ref,
-    use_hw_cast,
 )
+from kvperf_kernels.quant.groups import check_group, group_offsets, tensor_amax, tile_config
 
 NVFP4_BLOCK = 16
 _FP32_MAX = tl.constexpr(FP32_MAX)

@@ -1,8 +1,8 @@
 """Decode attention over a compressed KV cache: dequantise, then attend.
 
 One place that knows every KV storage format of the project (the names of
-``kvperf_kernels.kv_memory``) and how to store a K or V tensor in it with the project's
-quantisers (Triton kernels in ``fp8_quant``, ``mxfp8``, ``nvfp4``) and read it back.
+``kvperf_kernels.cache.kv_memory``) and how to store a K or V tensor in it with the project's
+quantisers (Triton kernels in ``quant.fp8``, ``quant.mxfp8``, ``quant.nvfp4``) and read it back.
 
 ``attend_compressed`` is the unfused path an engine without fused kernels pays for:
 the quantisers' dequantise kernels write a BF16 copy of K and V, then attention runs on
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvperf_kernels import fp8_quant, mxfp8, nvfp4
-from kvperf_kernels._device import run_where_kernels_run
-from kvperf_kernels.kv_memory import stored_bytes, tensor_bytes
+from kvperf_kernels.cache.kv_memory import stored_bytes, tensor_bytes
+from kvperf_kernels.device import run_where_kernels_run
+from kvperf_kernels.quant import fp8, mxfp8, nvfp4
 
 ATTN_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -65,13 +65,13 @@ def compress(x: torch.Tensor, fmt: str, *, global_amax: torch.Tensor | None = No
         dtype = torch.bfloat16 if fmt == "bf16" else torch.float16
         return CompressedKV(fmt, shape, {"values": x.to(dtype).contiguous()})
     if fmt == "fp8_per_tensor":
-        q, s = run_where_kernels_run(fp8_quant.quantize_per_tensor, x)
+        q, s = run_where_kernels_run(fp8.quantize_per_tensor, x)
         return CompressedKV(fmt, shape, {"q": q, "scale": s})
     if fmt == "fp8_per_token":
-        q, s = run_where_kernels_run(fp8_quant.quantize_per_token, x)
+        q, s = run_where_kernels_run(fp8.quantize_per_token, x)
         return CompressedKV(fmt, shape, {"q": q, "scale": s})
     if fmt == "fp8_per_block128":
-        q, s = run_where_kernels_run(fp8_quant.quantize_per_block, x, block=128)
+        q, s = run_where_kernels_run(fp8.quantize_per_block, x, block=128)
         return CompressedKV(fmt, shape, {"q": q, "scale": s})
     if fmt == "mxfp8":
         q, s = run_where_kernels_run(mxfp8.quantize_mxfp8, x)
@@ -88,7 +88,7 @@ def decompress(c: CompressedKV, dtype: torch.dtype = torch.float32) -> torch.Ten
     if c.fmt in ("bf16", "fp16"):
         return t["values"].to(dtype)
     if c.fmt.startswith("fp8_"):
-        return run_where_kernels_run(fp8_quant.dequantize, t["q"], t["scale"], dtype=dtype)
+        return run_where_kernels_run(fp8.dequantize, t["q"], t["scale"], dtype=dtype)
     if c.fmt == "mxfp8":
         return run_where_kernels_run(mxfp8.dequantize_mxfp8, t["q"], t["scale_e8m0"], dtype=dtype)
     if c.fmt == "nvfp4":

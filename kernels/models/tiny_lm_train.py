@@ -3,7 +3,7 @@
 Deterministic: seeded torch RNGs, CPU, float32, a fixed thread count (reduction order
 depends on it), fixed steps. Rebuild the shipped weights with
 
-    python -m kvperf_kernels.tiny_lm_train --out suites/sinks/tiny_lm_weights.pt
+    python -m kvperf_kernels.models.tiny_lm_train --out suites/sinks/tiny_lm_weights.pt
 
 (about a minute on 2 CPU cores). The same torch version and thread count give the same
 bytes; others give the same accuracy up to float rounding. The weights are stored in
@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kvperf_kernels.tiny_lm import (
+from kvperf_kernels.models.tiny_lm import (
     TinyLM,
     TinyLMConfig,
     checkpoint_blob,

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from kvperf_kernels.paged_kv import gather_paged
+from kvperf_kernels.cache.paged_kv import gather_paged
 
 
 def dequantize_kv(tokens: torch.Tensor, scale, dtype: torch.dtype = torch.float64) -> torch.Tensor:

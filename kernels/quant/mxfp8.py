@@ -24,15 +24,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kvperf_kernels.fp8_quant import amax_propagate_nan, check_group, group_offsets, tile_config
-from kvperf_kernels.fp_formats import (
-    E8M0_NAN,
-    RCP_E4M3_MAX,
+from kvperf_kernels.formats.checks import (
     as_rows,
-    cast_out,
     check_device,
     check_float_input,
     check_out_dtype,
+    use_hw_cast,
+)
+from kvperf_kernels.formats.codecs import (
+    E8M0_NAN,
+    RCP_E4M3_MAX,
+    cast_out,
     decode_e4m3,
     e4m3_encode_ref,
     e8m0_decode_ref,
@@ -40,8 +42,8 @@ from kvperf_kernels.fp_formats import (
     encode_e4m3,
     encode_e8m0,
     saturate,
-    use_hw_cast,
 )
+from kvperf_kernels.quant.groups import amax_propagate_nan, check_group, group_offsets, tile_config
 
 MX_BLOCK = 32
 _RCP_E4M3_MAX = tl.constexpr(RCP_E4M3_MAX)  # fl32(1/448): the constant TE multiplies by

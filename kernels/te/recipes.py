@@ -26,9 +26,7 @@ import importlib
 import logging
 from collections.abc import Mapping
 
-# import_te and TE_NOT_INSTALLED live with the plugin's TE checks (one wording for both);
-# re-exported here for the recipe ladder's callers.
-from pytest_kvperf.hardware import TE_NOT_INSTALLED, TransformerEngineSupport, import_te  # noqa: F401
+from kvperf_kernels.te.availability import TransformerEngineSupport
 
 LOG = logging.getLogger("kvperf.te")
 

@@ -9,8 +9,8 @@ Cache dtypes: bfloat16 / float16, or FP8 with a float32 dequantisation scale:
   attention launcher also takes a Python float);
 - per-token: one scale per (page, slot, kv head), float32 ``[num_pages, page_size, Hkv]``,
   i.e. one scale per token vector over head_dim, exactly what
-  ``kvperf_kernels.fp8_quant.quantize_per_token`` returns (its trailing 1 squeezed).
-``float8_e4m3fn`` goes through ``kvperf_kernels.fp8_quant`` (its torch references in the
+  ``kvperf_kernels.quant.fp8.quantize_per_token`` returns (its trailing 1 squeezed).
+``float8_e4m3fn`` goes through ``kvperf_kernels.quant.fp8`` (its torch references in the
 CPU interpreter, bit-exact with the kernels by that module's contract); ``float8_e4m3fnuz`` (bias 8,
 max 240, one NaN code 0x80) is quantised here with the same rule and its own max.
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvperf_kernels._device import interpreted, run_where_kernels_run
-from kvperf_kernels.fp8_quant import (
+from kvperf_kernels.device import interpreted, run_where_kernels_run
+from kvperf_kernels.quant.fp8 import (
     quantize_per_tensor,
     quantize_per_tensor_ref,
     quantize_per_token,

@@ -17,7 +17,7 @@ included, i.e. ``window_left = 15``), odd layers the full context.
 
 Decoding (``greedy_decode``): the prompt minus its last token is prefilled in float32 by
 the plain torch forward, its K (after RoPE) and V are written into a paged cache (BF16, or
-FP8 E4M3 with per-tensor or per-token scales from ``kvperf_kernels.fp8_quant``, through the
+FP8 E4M3 with per-tensor or per-token scales from ``kvperf_kernels.quant.fp8``, through the
 ``paged_kv`` helpers); then every generated token, the first included, comes from a decode
 step whose attention reads the paged cache, through our Triton ``paged_decode_attention``
 (``attention="kernel"``) or the float64 torch reference on the same stored bytes
@@ -38,10 +38,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from kvperf_kernels.decode_attention import paged_decode_attention
-from kvperf_kernels.decode_attention_ref import paged_decode_attention_ref
-from kvperf_kernels.fp_formats import e4m3_encode_ref
-from kvperf_kernels.paged_kv import (
+from kvperf_kernels.attention.decode import paged_decode_attention
+from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
+from kvperf_kernels.cache.paged_kv import (
     SCALE_GRANULARITIES,
     build_page_table,
     nan_fill,
@@ -50,6 +49,7 @@ from kvperf_kernels.paged_kv import (
     write_paged,
     write_tokens,
 )
+from kvperf_kernels.formats.codecs import e4m3_encode_ref
 
 BOS = 0  # the task's first token; content tokens are 1..vocab_size-1
 ATTENTION_BACKENDS = ("kernel", "reference")

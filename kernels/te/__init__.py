@@ -1,0 +1,3 @@
+"""Transformer Engine: whether it is here and what it supports (``availability``), and the
+recipe ladder (``recipes``).
+"""

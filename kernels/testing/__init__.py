@@ -1,0 +1,3 @@
+"""Helpers the suites share (inputs, comparisons, tolerances): imported as a package, never
+through conftest.
+"""

@@ -1,0 +1,68 @@
+"""Seeded inputs the suites share: KV-like tensors and decode cases over a poisoned paged cache.
+
+Drawn on the CPU from seeded generators (the same values on every machine), then moved.
+A decode case holds the dense K/V tokens once, so the same values can be packed as BF16,
+FP8 per-tensor or FP8 per-token KV over the same (seeded, shuffled) page table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvperf_kernels.cache.paged_kv import PagedKV, pack_paged_kv
+from kvperf_kernels.device import default_device
+
+
+def kv_like(shape, dtype, seed: int, device) -> torch.Tensor:
+    """Random KV-cache-like tensor [..., heads, head_dim] (or any shape, last dim = channels).
+
+    N(0, 1) times a per-channel log-normal spread: real keys have outlier channels, which
+    is what makes per-token and per-block scaling differ from per-tensor. Drawn on the
+    CPU from a seeded generator (the same values on every machine), then moved.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    channels = shape[-2:] if len(shape) >= 2 else shape[-1:]
+    spread = torch.exp(0.5 * torch.randn(*channels, generator=gen))
+    x = torch.randn(*shape, generator=gen) * spread
+    return x.to(device=device, dtype=dtype)
+
+
+@dataclass
+class DecodeCase:
+    q: torch.Tensor  # [B, Hq, D]
+    k_tokens: torch.Tensor  # [sum(lens), Hkv, D] float32
+    v_tokens: torch.Tensor
+    sinks: torch.Tensor  # float32 [Hq]
+    lens: list[int]
+    page_size: int
+    seed: int
+
+    def pack(self, kv_dtype: torch.dtype | None = None, granularity: str | None = None,
+             *, poison: bool = True) -> PagedKV:
+        """The case's K/V as a paged cache; the page table depends only on the seed."""
+        kv_dtype = kv_dtype or self.q.dtype
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        return pack_paged_kv(
+            self.k_tokens, self.v_tokens, self.lens, self.page_size, kv_dtype=kv_dtype,
+            scale_granularity=granularity, poison=poison, generator=gen,
+        )
+
+
+def make_decode_case(lens, *, hq: int, hkv: int, head_dim: int, page_size: int,
+                     q_dtype=torch.bfloat16, seed: int = 0, device=None) -> DecodeCase:
+    """Random decode inputs: K/V ~ N(0, 1) with a per-channel spread (real keys have outlier
+    channels), q ~ N(0, 1), sinks ~ N(1, 2) so that the sink's share is significant."""
+    device = device or default_device()
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lens)
+    channel = torch.exp(0.5 * torch.randn(hkv, head_dim, generator=gen))
+    k = torch.randn(total, hkv, head_dim, generator=gen) * channel
+    v = torch.randn(total, hkv, head_dim, generator=gen)
+    q = torch.randn(len(lens), hq, head_dim, generator=gen)
+    sinks = 1.0 + 2.0 * torch.randn(hq, generator=gen)
+    return DecodeCase(
+        q=q.to(device=device, dtype=q_dtype), k_tokens=k.to(device), v_tokens=v.to(device),
+        sinks=sinks.to(device), lens=list(lens), page_size=page_size, seed=seed,
+    )
