@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from packaging.version import InvalidVersion, Version
+
 from .hardware import PACKAGES, HardwareProfile, installed_version
 
 
@@ -87,16 +89,18 @@ def marker_lines() -> list[str]:
     return lines + list(PARAMETRIC_MARKERS.values())
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-        if not piece.isdigit():
-            break  # '0rc1', '2+cu130': keep the number, stop at the suffix
-    return tuple(parts)
+def version_satisfies(found: str, min_version: str) -> bool:
+    """found >= min_version by PEP 440 (packaging.version): '2.11.0+cu130' is 2.11.0 with a
+    local tag, below 2.11.1; a pre-release ('2.0.0rc1') is below its release."""
+    try:
+        wanted = Version(min_version)
+    except InvalidVersion:
+        raise ValueError(f"requires(..., min_version={min_version!r}): not a PEP 440 version") \
+            from None
+    try:
+        return Version(found) >= wanted
+    except InvalidVersion:
+        return False  # an unparsable installed version cannot be shown to be new enough
 
 
 def package_reason(package: str, min_version: str | None = None) -> str | None:
@@ -105,7 +109,7 @@ def package_reason(package: str, min_version: str | None = None) -> str | None:
     wanted = f"{package}>={min_version}" if min_version else package
     if found is None:
         return f"needs {wanted}; found {package} not installed"
-    if min_version and _version_tuple(found) < _version_tuple(min_version):
+    if min_version and not version_satisfies(found, min_version):
         return f"needs {wanted}; found {package} {found}"
     return None
 

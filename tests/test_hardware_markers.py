@@ -3,7 +3,7 @@
 import pytest
 
 from pytest_kvperf.hardware import PROFILES, UnknownProfileError, detect, named_profile
-from pytest_kvperf.markers import package_reason, skip_reasons
+from pytest_kvperf.markers import package_reason, skip_reasons, version_satisfies
 
 CPU = PROFILES["cpu"]
 
@@ -103,3 +103,22 @@ def test_detect_describes_this_machine():
         assert hw.describe().startswith("no CUDA GPU (")
     else:
         assert hw.capability and hw.sm_count > 0 and hw.memory_bytes > 0
+
+
+@pytest.mark.parametrize("found, wanted, ok", [
+    ("2.11.0+cu130", "2.11.1", False),  # was read as (2, 11, 130) and passed
+    ("2.11.0+cu130", "2.11.0", True),
+    ("2.11.1", "2.11.0+cu130", True),
+    ("2.0.0rc1", "2.0", False),  # a pre-release is not yet the release
+    ("0.7.2.post1", "0.7.2", True),
+    ("0.7.2", "0.7.2.post1", False),
+    ("3.10", "3.9", True),  # numeric, not lexical
+    ("not-a-version", "1.0", False),
+])
+def test_requires_compares_versions_by_pep440(found, wanted, ok):
+    assert version_satisfies(found, wanted) is ok
+
+
+def test_requires_rejects_a_malformed_min_version():
+    with pytest.raises(ValueError, match="min_version='two'"):
+        version_satisfies("2.0", "two")
