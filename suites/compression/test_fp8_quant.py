@@ -34,12 +34,9 @@ from kvperf_kernels.quant.fp8 import (
     quantize_per_token,
     quantize_per_token_ref,
 )
+from kvperf_kernels.testing.params import BF16, FLOAT_DTYPES, FP32, dtype_id, shape_id
 
-BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-DTYPES = [BF16, FP16, FP32]
 GPU = pytest.mark.gpu
-# NaN/Inf/zero-scale cases make numpy warn inside Triton's CPU interpreter (not on a GPU)
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 # (tokens, heads, head_dim) KV tensors. CPU shapes run in the Triton interpreter; the
 # large ones fill an H100 (64 MB .. 256 MB of input) and need the GPU.
@@ -66,14 +63,6 @@ QUANTISERS = {
 }
 
 
-def _shape_id(shape) -> str:
-    return "x".join(map(str, shape))
-
-
-def _dtype_id(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def record_roundtrip(kvperf, x: torch.Tensor, x_hat: torch.Tensor, prefix: str = "roundtrip_"):
     m = kvperf.errors(x_hat, x, prefix=prefix)
     assert torch.isfinite(x_hat).all()
@@ -86,8 +75,8 @@ def record_roundtrip(kvperf, x: torch.Tensor, x_hat: torch.Tensor, prefix: str =
 # Per-token suite (plugin core item 7)
 # ======================================================================================
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("shape", KV_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", KV_SHAPES, ids=shape_id)
 def test_per_token_matches_reference(shape, dtype, make_kv, kvperf, checks):
     x = make_kv(shape, dtype, seed=1)
     q, scale = quantize_per_token(x)
@@ -102,8 +91,8 @@ def test_per_token_matches_reference(shape, dtype, make_kv, kvperf, checks):
     kvperf.info("interpreted", interpreted())
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("shape", KV_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", KV_SHAPES, ids=shape_id)
 def test_per_token_roundtrip_accuracy(shape, dtype, make_kv, kvperf, checks):
     x = make_kv(shape, dtype, seed=2)
     q, scale = quantize_per_token(x)
@@ -115,8 +104,8 @@ def test_per_token_roundtrip_accuracy(shape, dtype, make_kv, kvperf, checks):
 
 @GPU
 @pytest.mark.fp8
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("shape", GPU_KV_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", GPU_KV_SHAPES, ids=shape_id)
 def test_per_token_speed(shape, dtype, make_kv, kv_bench, kvperf, checks):
     x = make_kv(shape, dtype, seed=3)
     tokens = x.numel() // x.shape[-1]
@@ -132,7 +121,7 @@ def test_per_token_speed(shape, dtype, make_kv, kv_bench, kvperf, checks):
 
 @GPU
 @pytest.mark.fp8
-@pytest.mark.parametrize("shape", [(65536, 8, 128)], ids=_shape_id)
+@pytest.mark.parametrize("shape", [(65536, 8, 128)], ids=shape_id)
 def test_dequantize_per_token_speed(shape, make_kv, kv_bench, checks):
     q, scale = quantize_per_token(make_kv(shape, BF16, seed=4))
     moved = q.numel() + scale.numel() * 4 + q.numel() * 2  # q + scales in, bf16 out
@@ -144,8 +133,8 @@ def test_dequantize_per_token_speed(shape, make_kv, kv_bench, checks):
 # Per-tensor and 1 x block scaling
 # ======================================================================================
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("shape", KV_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", KV_SHAPES, ids=shape_id)
 def test_per_tensor_matches_reference(shape, dtype, make_kv, kvperf, checks):
     x = make_kv(shape, dtype, seed=5)
     q, scale = quantize_per_tensor(x)
@@ -158,8 +147,8 @@ def test_per_tensor_matches_reference(shape, dtype, make_kv, kvperf, checks):
     checks.e4m3_error_bound(x.float(), x_hat, scale)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize(("shape", "block"), BLOCK_CASES, ids=lambda v: _shape_id(v)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(("shape", "block"), BLOCK_CASES, ids=lambda v: shape_id(v)
                          if isinstance(v, tuple) else f"block{v}")
 def test_per_block_matches_reference(shape, block, dtype, make_kv, kvperf, checks):
     x = make_kv(shape, dtype, seed=6)
@@ -177,7 +166,7 @@ def test_per_block_matches_reference(shape, block, dtype, make_kv, kvperf, check
 @GPU
 @pytest.mark.fp8
 @pytest.mark.parametrize(("shape", "block"), GPU_BLOCK_CASES[:1],
-                         ids=lambda v: _shape_id(v) if isinstance(v, tuple) else f"block{v}")
+                         ids=lambda v: shape_id(v) if isinstance(v, tuple) else f"block{v}")
 def test_per_block_speed(shape, block, make_kv, kv_bench, checks):
     x = make_kv(shape, BF16, seed=7)
     moved = x.numel() * 2 + x.numel() + (x.numel() // block) * 4
@@ -186,7 +175,7 @@ def test_per_block_speed(shape, block, make_kv, kv_bench, checks):
     checks.same_bytes(res.value[0], q_ref, "timed per-block q")
 
 
-@pytest.mark.parametrize("out_dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("granularity", ["per_token", "per_tensor", "per_block32"])
 def test_dequantize_matches_reference(granularity, out_dtype, make_kv, checks):
     x = make_kv((5, 3, 64), FP32, seed=8)
@@ -227,7 +216,7 @@ def _both(x: torch.Tensor):
     return quantize_per_token(x), quantize_per_token_ref(x)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("power", [0, -5, 7])
 def test_representable_values_roundtrip_exactly(power, dtype, quant_device, checks):
     """Every finite E4M3 value times 2^power in one token: scale 2^power, q = the codes."""
@@ -353,7 +342,7 @@ def test_hardware_cast_equals_integer_encoder(quant_device, checks):
     q_int, s_int = quantize_per_token(x, hw_cast=False)
     checks.same_floats(s_hw, s_int, "scales")
     checks.same_bytes(q_hw, q_int, "hardware vs integer E4M3 encode")
-    for dtype in DTYPES:
+    for dtype in FLOAT_DTYPES:
         checks.same_floats(dequantize(q_hw, s_hw, dtype, hw_cast=True),
                            dequantize(q_hw, s_hw, dtype, hw_cast=False), f"decode -> {dtype}")
 
