@@ -12,13 +12,13 @@ correctness check of the test still runs.
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 from . import timing as timing_mod
 from .derived import derive
+from .stats import quartiles, thin
 from .xdist_gpus import gpu_shared
 
 PROP_BENCH = "kvperf_benchmark"
@@ -38,19 +38,10 @@ class BenchResult:
     tokens_per_s: float | None = None
 
 
-def _thin(samples: list[float]) -> list[float]:
-    """Evenly spaced order statistics: the same distribution with fewer points."""
-    xs = sorted(samples)
-    if len(xs) <= _MAX_SPREAD_SAMPLES:
-        return xs
-    step = (len(xs) - 1) / (_MAX_SPREAD_SAMPLES - 1)
-    return [xs[round(i * step)] for i in range(_MAX_SPREAD_SAMPLES)]
-
-
 def _spread(samples: list[float]) -> dict:
-    xs = sorted(samples)
-    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
-    return {"median": q[1], "q1": q[0], "q3": q[2], "n": len(xs), "samples": _thin(xs)}
+    q1, med, q3 = quartiles(samples)
+    return {"median": med, "q1": q1, "q3": q3, "n": len(samples),
+            "samples": thin(samples, _MAX_SPREAD_SAMPLES)}
 
 
 def benchmarks_disabled(config) -> bool:

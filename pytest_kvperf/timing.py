@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .stats import quartiles, relative_ci_halfwidth
+
 # Below this per-call device time, event pairs mostly time launch overhead and event
 # resolution (~0.5 us), so graph replay is used instead (use_cuda_graph="auto").
 GRAPH_THRESHOLD_US = 20.0
@@ -99,43 +101,8 @@ class Timing:
 
 def summarize(samples_us: Sequence[float]) -> tuple[float, float, float, float]:
     """(median, q1, q3, stdev); quartiles interpolate linearly like numpy's default."""
-    xs = sorted(samples_us)
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0], 0.0
-    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return med, q1, q3, statistics.stdev(xs)
-
-
-def median_ci(samples: Sequence[float], confidence: float = _CI_CONFIDENCE) -> tuple[float, float]:
-    """Distribution-free CI of the median: order statistics x_(r) .. x_(n+1-r).
-
-    r is the largest rank with P(Binomial(n, 1/2) <= r-1) <= alpha/2 (exact up to n=60,
-    normal approximation above). Returns (-inf, inf) when n is too small for any r.
-    """
-    xs = sorted(samples)
-    n = len(xs)
-    tail = (1.0 - confidence) / 2.0
-    if n <= 60:
-        r, cdf = 0, 0.0
-        while r < n:
-            cdf += math.comb(n, r) / 2.0**n  # now P(Bin <= r)
-            if cdf > tail:
-                break
-            r += 1
-    else:
-        z = statistics.NormalDist().inv_cdf(1.0 - tail)
-        r = int(math.floor(n / 2.0 - z * math.sqrt(n) / 2.0))
-    if r < 1:
-        return -math.inf, math.inf
-    return xs[r - 1], xs[n - r]
-
-
-def relative_ci_halfwidth(samples: Sequence[float]) -> float:
-    lo, hi = median_ci(samples)
-    med = statistics.median(samples)
-    if not math.isfinite(lo) or med <= 0:
-        return math.inf
-    return (hi - lo) / 2.0 / med
+    q1, med, q3 = quartiles(samples_us)
+    return med, q1, q3, statistics.stdev(samples_us) if len(samples_us) > 1 else 0.0
 
 
 def measure(
@@ -276,7 +243,7 @@ def _sample(runner, min_rounds, max_rounds, max_time_s, rel_ci_target):
         n = len(samples)
         if n < min_rounds:
             continue
-        rel_ci = relative_ci_halfwidth(samples)
+        rel_ci = relative_ci_halfwidth(samples, _CI_CONFIDENCE)
         if rel_ci <= rel_ci_target:
             return samples, rel_ci, "ci"
         if n >= max_rounds:

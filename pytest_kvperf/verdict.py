@@ -28,7 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-_EXACT_BINOMIAL_MAX_N = 1000  # above this the binomial tail uses the normal approximation
+from .stats import binomial_upper_tail
+
 _WINDOW_SD = 8.0  # order statistics further than this many sd from the middle carry ~0 mass
 _Z_QUARTILE = statistics.NormalDist().inv_cdf(0.75)
 
@@ -201,7 +202,7 @@ def _median_bootstrap_distribution(xs, *, n=None, value_at=None):
     lo_j, hi_j = max(1, ranks[0] - half), min(n, ranks[-1] + half)
     values, cdf = [], []
     for j in range(lo_j, hi_j + 1):
-        p = sum(_binomial_upper_tail(n, j / n, k) for k in ranks) / len(ranks)
+        p = sum(binomial_upper_tail(n, j / n, k) for k in ranks) / len(ranks)
         values.append(value_at(j))
         cdf.append(p if j < hi_j else 1.0)
     return values, cdf
@@ -210,26 +211,6 @@ def _median_bootstrap_distribution(xs, *, n=None, value_at=None):
 def _draw(dist, u: float) -> float:
     values, cdf = dist
     return values[min(bisect.bisect_left(cdf, u), len(values) - 1)]
-
-
-def _binomial_upper_tail(n: int, p: float, k: int) -> float:
-    """P(Binomial(n, p) >= k)."""
-    if p >= 1.0:
-        return 1.0
-    if p <= 0.0:
-        return 0.0 if k > 0 else 1.0
-    if n > _EXACT_BINOMIAL_MAX_N:
-        sd = math.sqrt(n * p * (1 - p))
-        return 1.0 - statistics.NormalDist().cdf((k - 0.5 - n * p) / sd)
-    log_term = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-                + k * math.log(p) + (n - k) * math.log1p(-p))
-    term, total, odds, mean = math.exp(log_term), 0.0, p / (1 - p), n * p
-    for i in range(k, n + 1):
-        total += term
-        if i > mean and term < 1e-17 * total:
-            break
-        term *= (n - i) / (i + 1) * odds
-    return min(total, 1.0)
 
 
 def judge_speed_metric(base_metric: Mapping[str, Any],

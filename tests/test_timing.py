@@ -14,7 +14,8 @@ import time
 import pytest
 
 from pytest_kvperf import timing
-from pytest_kvperf.timing import measure, median_ci, relative_ci_halfwidth, summarize
+from pytest_kvperf.stats import median_ci, median_ci_rank, relative_ci_halfwidth
+from pytest_kvperf.timing import measure, summarize
 
 
 def busy_us(us: float) -> None:
@@ -195,6 +196,18 @@ def test_median_ci_uses_the_exact_order_statistic_ranks():
     assert median_ci(xs) == (2, 9)
     assert median_ci([1.0, 2.0, 3.0, 4.0, 5.0]) == (-math.inf, math.inf)  # n too small
     assert relative_ci_halfwidth([1.0, 2.0, 3.0]) == math.inf
+
+
+def test_median_ci_rank_is_the_exact_binomial_rank():
+    """r is the largest rank with P(Binomial(n, 1/2) <= r-1) <= 2.5 %, summed exactly."""
+    from fractions import Fraction
+
+    for n in (*range(1, 130), 400, 999):
+        r, cdf = 0, Fraction(0)
+        while r < n and cdf + Fraction(math.comb(n, r), 2**n) <= Fraction(1, 40):
+            cdf += Fraction(math.comb(n, r), 2**n)
+            r += 1
+        assert median_ci_rank(n, 0.95) == r, n
 
 
 @pytest.mark.parametrize("n", [12, 25, 200])
