@@ -22,6 +22,15 @@ in PTX (no 8-bit operand gathers from shared memory) 277; + heads fastest in the
 (one wave of ~8 resident programs per SM) 205 (0.87 of copy bandwidth). precise_pv costs
 2 % there (209); BF16 KV with two heads per program 368. At kv 32768 (longsweep) the
 defaults take 760 us (0.94); the best of 15 variants 754 (3 stages instead of 2), BF16 1437.
+
+Findings on the H200 (2026-12-02, Triton 3.6, copy peak measured 4227 GB/s; fractions
+below are of that): the same defaults give BF16 268 us (0.95) and FP8 per-tensor 177 us
+(0.72) at kv 8192, BF16 1023 us (0.99) and FP8 665 us (0.77) at kv 32768. The best of the
+15-variant FP8 sweep at 8192 is 169 us (0.75: 4 splits, 3 stages), which at 32768 is
+slower than the defaults (685 us). BF16 scales with the 1.4x bandwidth; FP8 does not, so
+FP8 is not HBM-bound there. Inferred (no counters read): with the H100's SMs and clocks the
+per-byte work (E4M3 decode, softmax over 8 query heads per KV byte) is the limit, so 0.85
+on the H200 needs fewer instructions per byte rather than other launch parameters.
 """
 
 from __future__ import annotations
