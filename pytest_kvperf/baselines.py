@@ -19,14 +19,13 @@ so a killed process leaves the old file whole and two writers lose no entries.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from . import jsonfile
 
 SCHEMA = "pytest-kvperf/baselines/1"
 DIRECTIONS = ("higher", "lower")
@@ -229,40 +228,6 @@ def not_applicable_entry(reason: str, versions: dict) -> dict:
     }
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock beside the file, so concurrent updaters merge instead of clobbering."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def write_atomic(path: Path, data: dict) -> None:
-    """Write a complete new file and rename it over the old: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file private; a baseline is a reviewed, shared file
-        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def apply_updates(path: Path, gpu: dict, updates: dict[str, dict]) -> dict[str, tuple]:
     """Merge `updates` (node id -> new entry) into the file; every other entry is kept.
 
@@ -270,7 +235,7 @@ def apply_updates(path: Path, gpu: dict, updates: dict[str, dict]) -> dict[str, 
     under the lock, so entries another process wrote since this run started survive.
     """
     path = Path(path)
-    with _locked(path):
+    with jsonfile.locked(path):
         data = load(path)
         data["schema"] = SCHEMA
         data["gpu"] = gpu
@@ -280,7 +245,7 @@ def apply_updates(path: Path, gpu: dict, updates: dict[str, dict]) -> dict[str, 
             changed[nodeid] = (old, new)
             data["entries"][nodeid] = new
         validate(path, data)  # never write what we would refuse to read
-        write_atomic(path, data)
+        jsonfile.replace(path, data)
     return changed
 
 

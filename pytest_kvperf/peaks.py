@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import jsonfile
 from .derived import gbps, tflops
 from .timing import measure
 
@@ -89,22 +89,12 @@ def load_cached(path: str | os.PathLike, gpu_name: str) -> Peaks | None:
 
 
 def store(path: str | os.PathLike, peaks: Peaks) -> None:
-    """Add/replace this GPU's entry, keeping the others; atomic (tmp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = _read(path)  # re-read just before writing: keep entries other processes added
-    gpus = data.get("gpus") if isinstance(data.get("gpus"), dict) else {}
-    gpus[peaks.gpu_name] = asdict(peaks)
-    fd, tmp = tempfile.mkstemp(prefix=".peaks-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": _CACHE_FORMAT, "gpus": gpus}, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Add/replace this GPU's entry, keeping the others (read again under the file's lock)."""
+    with jsonfile.locked(path):
+        data = _read(Path(path))
+        gpus = data.get("gpus") if isinstance(data.get("gpus"), dict) else {}
+        gpus[peaks.gpu_name] = asdict(peaks)
+        jsonfile.replace(path, {"format": _CACHE_FORMAT, "gpus": gpus})
 
 
 def _read(path: Path) -> dict:

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import baselines
+from . import baselines, jsonfile
 from .hardware import HardwareProfile, detect, named_profile
 
 # user_properties names: they travel from xdist workers and land in JUnit XML.
@@ -201,7 +201,7 @@ class KvperfSession:
         }
 
     def write_json(self, path: str | Path) -> None:
-        baselines.write_atomic(Path(path), self.results_document())
+        jsonfile.write(path, self.results_document())
 
     def skip_groups(self) -> dict[str, list[str]]:
         """Skipped tests by reason, the largest group first."""

@@ -3,10 +3,15 @@
 import json
 import multiprocessing
 import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
-from pytest_kvperf import baselines
+from pytest_kvperf import baselines, jsonfile
 
 
 def entry(value):
@@ -47,6 +52,61 @@ def test_concurrent_writers_lose_no_entries(tmp_path):
     entries = baselines.load(path)["entries"]
     assert len(entries) == 60
     assert entries["t::test_205"]["metrics"]["m"]["value"] == 205.0
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu.json"]  # no temp or lock file left
+
+
+def _killed_mid_write(path):
+    def kill(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)  # after the temp file is complete, before rename
+
+    os.replace = kill
+    baselines.apply_updates(path, {"key": "gpu"}, {"t::b": entry(2.0)})
+
+
+def test_next_writer_removes_a_killed_writers_temp_file(tmp_path):
+    path = tmp_path / "gpu.json"
+    baselines.apply_updates(path, {"key": "gpu"}, {"t::a": entry(1.0)})
+    child = multiprocessing.get_context("fork").Process(target=_killed_mid_write, args=(path,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    (stale,) = tmp_path.glob(".gpu.json.*.tmp")
+    assert "t::b" in json.loads(stale.read_text())["entries"]  # what the killed writer left
+    baselines.apply_updates(path, {"key": "gpu"}, {"t::c": entry(3.0)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json"]
+    assert sorted(baselines.load(path)["entries"]) == ["t::a", "t::c"]
+
+
+def _write_when_set(path, go):
+    go.wait(60)
+    jsonfile.write(path, {"writer": "waiting"})
+
+
+def test_a_waiting_writer_leaves_the_lock_holders_temp_file_alone(tmp_path):
+    path = tmp_path / "gpu.json"
+    ctx = multiprocessing.get_context("fork")
+    go = ctx.Event()
+    # forked before the lock is taken: a child must not inherit the holder's lock
+    waiting = ctx.Process(target=_write_when_set, args=(path, go))
+    waiting.start()
+    with jsonfile.locked(path):
+        live = tmp_path / ".gpu.json.live.tmp"  # the holder's write in progress
+        live.write_text("{}")
+        go.set()
+        time.sleep(0.5)
+        assert waiting.is_alive() and live.exists() and not path.exists()
+    waiting.join(60)
+    assert waiting.exitcode == 0
+    assert json.loads(path.read_text()) == {"writer": "waiting"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json"]  # stale once released
+
+
+def test_git_ignores_temp_files_in_baselines():
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs the project's git checkout")
+    for name in ("baselines/.cpu.json.k3j_x9a1.tmp", "baselines/cpu.json.lock"):
+        assert subprocess.run(["git", "check-ignore", "-q", name], cwd=root).returncode == 0, name
 
 
 def test_compare_value_directions():
