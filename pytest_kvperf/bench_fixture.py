@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from . import role
 from . import timing as timing_mod
 from .derived import derive
-from .stats import quartiles, thin
+from .metric import Spread
 from .xdist_gpus import gpu_shared
 
 PROP_BENCH = "kvperf_benchmark"
-_MAX_SPREAD_SAMPLES = 400  # enough for the bootstrap; keeps reports and JUnit small
 
 
 @dataclass
@@ -36,12 +36,6 @@ class BenchResult:
     frac_of_peak: float | None = None
     tflops: float | None = None
     tokens_per_s: float | None = None
-
-
-def _spread(samples: list[float]) -> dict:
-    q1, med, q3 = quartiles(samples)
-    return {"median": med, "q1": q1, "q3": q3, "n": len(samples),
-            "samples": thin(samples, _MAX_SPREAD_SAMPLES)}
 
 
 def benchmarks_disabled(config) -> bool:
@@ -118,7 +112,7 @@ class KvBench:
                 rec.info(f"{prefix}{name} (GPU shared, not compared)", value)
             else:
                 rec.speed(f"{prefix}{name}", value, better=better, unit=unit,
-                          spread=_spread(samples))
+                          spread=Spread.of(samples))
 
     def _add_to_pytest_benchmark(self, label, timing, derived) -> None:
         config = self.request.config
@@ -137,7 +131,7 @@ class KvBench:
                            **derived.as_dict()},
             "samples_s": [s * 1e-6 for s in timing.samples_us],
         }
-        if hasattr(config, "workerinput"):
+        if role.is_worker(config):
             # xdist worker: the controller adds it to the one benchmark JSON.
             node.user_properties.append((PROP_BENCH, json.dumps(record)))
         else:

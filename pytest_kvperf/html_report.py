@@ -7,13 +7,14 @@ import html
 import io
 from pathlib import Path
 
-from .report import change_line, key_metric, verdict_counts
+from .compare import change_line
+from .report import key_metric, verdict_counts
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 font-size:13px;text-align:left}th{background:#f2f2f2}
-.regressed,.failed,.error,.lost{background:#fde2e2}.improved{background:#e2f5e2}
+.regressed,.invalid,.failed,.error,.lost{background:#fde2e2}.improved{background:#e2f5e2}
 .new{background:#e8eefc}.na{color:#777}
 """
 
@@ -30,9 +31,9 @@ def _plot_changes(results) -> str | None:
     rows = []
     for r in results:
         for c in r.changes:
-            if c.get("base"):
-                rows.append((f"{r.nodeid.split('::', 1)[-1]} {c['name']}", c["value"] / c["base"],
-                             c["status"]))
+            if c.base:
+                rows.append((f"{r.nodeid.split('::', 1)[-1]} {c.name}", c.value / c.base,
+                             c.status))
     if not rows:
         return None
     colours = {"regressed": "#d9534f", "improved": "#5cb85c", "ok": "#8899aa"}

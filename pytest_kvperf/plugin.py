@@ -8,13 +8,13 @@ import signal
 
 import pytest
 
-from . import html_report, report, xdist_gpus
-from .baselines import BaselineError, compare_metrics
+from . import html_report, report, role, xdist_gpus
+from .baselines import BaselineError
 from .bench_fixture import PROP_BENCH, KvBench, add_benchmark_record
 from .hardware import UnknownProfileError, named_profile
 from .markers import HARDWARE_MARKERS, marker_lines, skip_reasons
 from .recorder import MetricRecorder
-from .session import PROP_GPU, PROP_METRICS, PROP_SKIP, KvperfSession
+from .session import PROP_GPU, PROP_SKIP, KvperfSession
 
 _recorder_key = pytest.StashKey[MetricRecorder]()
 _session_key = pytest.StashKey[KvperfSession]()
@@ -72,7 +72,7 @@ def pytest_load_initial_conftests(early_config, parser, args):
 
 def _plan_worker_gpus(config) -> None:
     workers = config.getoption("numprocesses", None)
-    if _is_worker(config) or not workers or config.getoption("dist", "no") == "no":
+    if role.is_worker(config) or not workers or config.getoption("dist", "no") == "no":
         return
     try:
         env = xdist_gpus.plan_for_workers(
@@ -86,7 +86,7 @@ def _plan_worker_gpus(config) -> None:
 def _finish_on_sigterm(config) -> None:
     """SIGTERM (`timeout`, a CI runner) becomes KeyboardInterrupt, so pytest still ends the
     session: tests that completed reach the results JSON and --update-baselines."""
-    if _is_worker(config) or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if role.is_worker(config) or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return
 
     def interrupt(signum, frame):
@@ -97,6 +97,7 @@ def _finish_on_sigterm(config) -> None:
 
 
 def pytest_configure(config):
+    role.decide(config)
     _plan_worker_gpus(config)
     _finish_on_sigterm(config)
     for line in marker_lines():
@@ -112,10 +113,6 @@ def pytest_configure(config):
 
 def _session(config) -> KvperfSession:
     return config.stash[_session_key]
-
-
-def _is_worker(config) -> bool:
-    return hasattr(config, "workerinput")
 
 
 @pytest.hookimpl(trylast=True)
@@ -155,52 +152,19 @@ def kv_bench(request, kvperf) -> KvBench:
     return KvBench(request, kvperf, _session(request.config).peaks)
 
 
-def _speed_judge():
-    try:
-        from .verdict import judge_speed_metric
-    except ImportError:
-        return None
-    return judge_speed_metric
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
+    session, recorder = _session(item.config), item.stash.get(_recorder_key, None)
     try:
         result = yield
     except BaseException:
         # The test's own failure is the story: record its numbers, add no second error.
-        _compare_and_attach(item, may_fail=False)
+        session.after_call(item, recorder, test_failed=True)
         raise
-    _compare_and_attach(item, may_fail=True)
+    failure = session.after_call(item, recorder, test_failed=False)
+    if failure:
+        pytest.fail(failure, pytrace=False)  # the message says it all; no plugin frames
     return result
-
-
-def _compare_and_attach(item, may_fail: bool) -> None:
-    """Compare recorded metrics with the baseline; fail on accuracy (and, if asked, speed)."""
-    recorder = item.stash.get(_recorder_key, None)
-    if recorder is None or not (recorder.metrics or recorder.info_values):
-        return
-    session = _session(item.config)
-    entry = session.entry(session.real_hw.key, item.nodeid)
-    verdict = compare_metrics(entry, recorder.metrics, _speed_judge())
-    payload = {
-        "metrics": recorder.metrics,
-        "info": recorder.info_values,
-        "verdict": verdict.status,
-        "changes": [vars(c) for c in verdict.changes],
-    }
-    item.user_properties.append((PROP_METRICS, json.dumps(payload)))
-    if session.update or not may_fail:
-        return  # the point of an update run is to accept new numbers after review
-    failures = verdict.regressed("accuracy")
-    if session.speed_policy == "fail":
-        failures += verdict.regressed("speed")
-    if failures:
-        lines = [report.change_line(c) for c in failures]
-        raise AssertionError(
-            f"regressed against baseline {session.baseline_file(session.real_hw.key)}:\n  "
-            + "\n  ".join(lines)
-        )
 
 
 class _ReportCollector:
@@ -213,7 +177,7 @@ class _ReportCollector:
     def pytest_runtest_logreport(self, report):
         self.session.on_report(report)
         for name, value in report.user_properties:
-            if name == PROP_BENCH and report.when == "call" and not _is_worker(self.config):
+            if name == PROP_BENCH and report.when == "call" and not role.is_worker(self.config):
                 # a worker's measurement joins the controller's one benchmark JSON
                 add_benchmark_record(self.config, json.loads(value))
 
@@ -237,7 +201,7 @@ def pytest_report_header(config):
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
-    if _is_worker(config):
+    if role.is_worker(config):
         return
     kv = _session(config)
     kv.classify()
@@ -250,7 +214,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if _is_worker(config):
+    if role.is_worker(config):
         return
     report.terminal_summary(terminalreporter, _session(config))
 

@@ -10,17 +10,17 @@ import math
 
 import pytest
 
-from .baselines import DIRECTIONS
+from .metric import DIRECTIONS, Metric, MetricError, Spread
 
 
 class MetricRecorder:
     def __init__(self, item: pytest.Item):
         self.item = item
-        self.metrics: dict[str, dict] = {}
+        self.metrics: dict[str, Metric] = {}
         self.info_values: dict[str, object] = {}
 
     def _record(self, kind: str, name: str, value, better: str, rtol: float, atol: float,
-                **extra) -> float:
+                **fields) -> float:
         if better not in DIRECTIONS:
             raise ValueError(f"metric {name!r}: better must be one of {DIRECTIONS}, got {better!r}")
         if isinstance(value, bool):
@@ -33,10 +33,10 @@ class MetricRecorder:
             raise AssertionError(f"metric {name!r} is {value}: NaN or Inf never pass")
         if name in self.metrics:
             raise ValueError(f"metric {name!r} recorded twice in one test")
-        self.metrics[name] = {
-            "value": value, "kind": kind, "better": better,
-            "rtol": float(rtol), "atol": float(atol), **extra,
-        }
+        try:
+            self.metrics[name] = Metric(value, kind, better, rtol, atol, **fields)
+        except MetricError as exc:
+            raise ValueError(f"metric {name!r}: {exc}") from None
         return value
 
     def accuracy(self, name: str, value, *, better: str, rtol: float = 0.05,
@@ -45,18 +45,15 @@ class MetricRecorder:
         return self._record("accuracy", name, value, better, rtol, atol, unit="")
 
     def speed(self, name: str, value, *, better: str, unit: str = "us", rtol: float | None = None,
-              atol: float = 0.0, spread: dict | None = None) -> float:
+              atol: float = 0.0, spread: Spread | None = None) -> float:
         """A speed metric; a regression follows --kvperf-speed (warn or fail).
 
-        `spread` (median, q1, q3, n and optionally samples) lets the noise-aware
+        `spread` (the distribution of the value over the timed rounds) lets the noise-aware
         verdict judge the change instead of a plain tolerance.
         """
         if rtol is None:
             rtol = self.speed_tolerance()
-        extra = {"unit": unit}
-        if spread is not None:
-            extra["spread"] = spread
-        return self._record("speed", name, value, better, rtol, atol, **extra)
+        return self._record("speed", name, value, better, rtol, atol, unit=unit, spread=spread)
 
     def speed_tolerance(self) -> float:
         marker = self.item.get_closest_marker("kvperf_tolerance")

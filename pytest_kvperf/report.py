@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .baselines import format_change
+from .compare import MetricChange, change_line, format_change
 
 STATUS_ORDER = (
-    "regressed", "failed", "error", "interrupted", "lost coverage", "improved", "new", "ok",
-    "passed", "n/a", "skipped",
+    "invalid", "regressed", "failed", "error", "interrupted", "lost coverage", "improved", "new",
+    "ok", "passed", "n/a", "skipped",
 )
 
 
@@ -18,30 +18,32 @@ def verdict_counts(session) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s])
 
 
-def change_line(change) -> str:
-    """'cosine 0.9991 -> 0.9712 (-2.8%) [accuracy, higher is better]' from a MetricChange/dict."""
-    c = change if isinstance(change, dict) else vars(change)
-    base = c.get("base")
-    text = f"{c['name']} "
-    if base is None:
-        text += f"{c['value']:.6g} (new)"
-    else:
-        text += format_change(base, c["value"])
-    text += f" [{c['kind']}, {c['better']} is better]"
-    if c.get("detail"):
-        text += f" {c['detail']}"
-    return text
-
-
-def key_metric(result) -> dict | None:
-    """The one change to show per test: a regressed one first, else the first speed metric."""
+def key_metric(result) -> MetricChange | None:
+    """The one change to show per test: a failing one first, else the first speed metric."""
     if not result.changes:
         return None
     for change in result.changes:
-        if change["status"] == "regressed":
+        if change.status in ("invalid", "regressed"):
             return change
-    speed = [c for c in result.changes if c["kind"] == "speed"]
+    speed = [c for c in result.changes if c.kind == "speed"]
     return (speed or result.changes)[0]
+
+
+def describe_change(nodeid: str, old, new) -> list[str]:
+    """Lines 'node: metric old -> new (+x%)' for the update summary (baselines.Entry)."""
+    if not new.measured:
+        return [f"{nodeid}: n/a ({new.hw_skip_reason})"]
+    old_metrics = old.metrics if old else {}
+    lines = []
+    for name, metric in sorted(new.metrics.items()):
+        prev = old_metrics.get(name)
+        if prev is None:
+            lines.append(f"{nodeid}: {name} new = {metric.value:.6g}")
+        else:
+            lines.append(f"{nodeid}: {name} {format_change(prev.value, metric.value)}")
+    for name in sorted(set(old_metrics) - set(new.metrics)):
+        lines.append(f"{nodeid}: {name} removed (was {old_metrics[name].value:.6g})")
+    return lines
 
 
 def terminal_summary(tr, session) -> None:

@@ -11,8 +11,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import baselines, jsonfile
+from . import baselines, jsonfile, report
+from .compare import MetricChange, compare_metrics, failure_message
 from .hardware import HardwareProfile, detect, named_profile
+from .metric import Metric
 
 # user_properties names: they travel from xdist workers and land in JUnit XML.
 PROP_SKIP = "hw_skip_reason"
@@ -29,10 +31,10 @@ class TestResult:
     skip_reason: str = ""
     hw_skip_reason: str = ""
     gpu_key: str = ""
-    metrics: dict = field(default_factory=dict)
+    metrics: dict[str, Metric] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
-    verdict: str = ""  # new | ok | regressed | improved (from the comparison)
-    changes: list = field(default_factory=list)
+    verdict: str = ""  # new | ok | regressed | improved | invalid (from the comparison)
+    changes: list[MetricChange] = field(default_factory=list)
     status: str = ""  # final classification, see classify()
 
 
@@ -50,7 +52,7 @@ class KvperfSession:
         self.update_lines: list[str] = []
         self._real: HardwareProfile | None = None
         self._decision: HardwareProfile | None = None
-        self._files: dict[str, dict] = {}
+        self._files: dict[str, baselines.BaselineFile] = {}
         self._peaks = None
         self._peaks_measured = False
 
@@ -96,10 +98,33 @@ class KvperfSession:
     def baseline_file(self, key: str) -> Path:
         return self.baseline_dir / f"{key}.json"
 
-    def entry(self, key: str, nodeid: str) -> dict | None:
+    def entry(self, key: str, nodeid: str) -> baselines.Entry | None:
         if key not in self._files:
             self._files[key] = baselines.load(self.baseline_file(key))
-        return self._files[key]["entries"].get(nodeid)
+        return self._files[key].entries.get(nodeid)
+
+    # -------------------------------------------------------------- in the test's process
+    def after_call(self, item, recorder, test_failed: bool) -> str:
+        """Compare the test's metrics with its baseline and attach them to its report.
+
+        Returns the failure message when the comparison fails the test, else ''. A test
+        that failed by itself gets no second error; an update run accepts new numbers.
+        """
+        if recorder is None or not (recorder.metrics or recorder.info_values):
+            return ""
+        key = self.real_hw.key
+        entry = self.entry(key, item.nodeid)
+        verdict = compare_metrics(entry.metrics if entry else None, recorder.metrics)
+        payload = {
+            "metrics": {name: m.to_dict() for name, m in recorder.metrics.items()},
+            "info": recorder.info_values,
+            "verdict": verdict.status,
+            "changes": [c.to_dict() for c in verdict.changes],
+        }
+        item.user_properties.append((PROP_METRICS, json.dumps(payload)))
+        if test_failed or self.update:
+            return ""
+        return failure_message(item.nodeid, verdict, self.baseline_file(key), self.speed_policy)
 
     # -------------------------------------------------------------- reports
     def on_report(self, report) -> None:
@@ -110,10 +135,10 @@ class KvperfSession:
             result.hw_skip_reason = props[PROP_SKIP]
         if PROP_METRICS in props:
             payload = json.loads(props[PROP_METRICS])
-            result.metrics = payload["metrics"]
-            result.info = payload.get("info", {})
-            result.verdict = payload.get("verdict", "")
-            result.changes = payload.get("changes", [])
+            result.metrics = {k: Metric.from_dict(m) for k, m in payload["metrics"].items()}
+            result.info = payload["info"]
+            result.verdict = payload["verdict"]
+            result.changes = [MetricChange.from_dict(c) for c in payload["changes"]]
         if report.skipped:
             result.outcome = "skipped"
             longrepr = report.longrepr
@@ -128,7 +153,7 @@ class KvperfSession:
         """ok / regressed / improved / new / n/a / lost coverage / skipped / failed, per test."""
         for result in self.results.values():
             entry = self.entry(result.gpu_key, result.nodeid) if result.gpu_key else None
-            measured_before = bool(entry and entry["status"] == "measured")
+            measured_before = bool(entry and entry.measured)
             if result.outcome == "skipped":
                 if measured_before:
                     result.status = "lost coverage"
@@ -144,23 +169,21 @@ class KvperfSession:
                 result.status = "passed"
 
     # -------------------------------------------------------------- update
-    def baseline_updates(self) -> dict[str, dict[str, dict]]:
+    def baseline_updates(self) -> dict[str, dict[str, baselines.Entry]]:
         """{gpu key: {node id: new entry}}: passed tests' metrics, and n/a for hw skips."""
         versions = self.real_hw.versions
-        updates: dict[str, dict[str, dict]] = defaultdict(dict)
+        updates: dict[str, dict[str, baselines.Entry]] = defaultdict(dict)
         for r in self.results.values():
             if not r.gpu_key:
                 continue
             if r.outcome == "passed" and r.metrics:
-                updates[r.gpu_key][r.nodeid] = baselines.measured_entry(
-                    baselines.without_samples(r.metrics), versions
-                )
+                updates[r.gpu_key][r.nodeid] = baselines.measured_entry(r.metrics, versions)
             elif r.outcome == "skipped" and r.hw_skip_reason and not self.hw_spec:
                 # (an injected profile's reasons describe another machine: never stored)
                 entry = self.entry(r.gpu_key, r.nodeid)
                 # A test that was measured before and now skips keeps its numbers:
                 # that is lost coverage to look at, not a fact to record.
-                if entry is None or entry["status"] == "n/a":
+                if entry is None or not entry.measured:
                     updates[r.gpu_key][r.nodeid] = baselines.not_applicable_entry(
                         r.hw_skip_reason, versions
                     )
@@ -175,7 +198,7 @@ class KvperfSession:
             changed = baselines.apply_updates(path, gpu, updates)
             self.update_lines.append(f"{path}: {len(changed)} entries written")
             for nodeid, (old, new) in sorted(changed.items()):
-                self.update_lines.extend(baselines.describe_change(nodeid, old, new))
+                self.update_lines.extend(report.describe_change(nodeid, old, new))
 
     # -------------------------------------------------------------- output
     def results_document(self) -> dict:
@@ -192,8 +215,8 @@ class KvperfSession:
                     "hw_skip_reason": r.hw_skip_reason or None,
                     "skip_reason": r.skip_reason or None,
                     "gpu_key": r.gpu_key or None,
-                    "metrics": r.metrics,
-                    "changes": r.changes,
+                    "metrics": {name: m.to_dict() for name, m in r.metrics.items()},
+                    "changes": [c.to_dict() for c in r.changes],
                     "info": r.info,
                 }
                 for r in sorted(self.results.values(), key=lambda r: r.nodeid)

@@ -213,26 +213,16 @@ def _draw(dist, u: float) -> float:
     return values[min(bisect.bisect_left(cdf, u), len(values) - 1)]
 
 
-def judge_speed_metric(base_metric: Mapping[str, Any],
-                       metric: Mapping[str, Any]) -> tuple[str, str]:
-    """The plugin's speed judge: (status, detail) for one recorded speed metric.
+def judge_speed_metric(base_metric, metric) -> tuple[str, str]:
+    """(status, detail) of a speed metric.Metric against its stored one, both with a spread.
 
-    Both metric dicts are recorder entries ({value, better, rtol, atol[, spread]}); a
-    ``spread`` ({median, q1, q3, n[, samples]}) describes the distribution of the metric's
-    own value, in its own unit. With a spread on both sides the bootstrap verdict decides;
-    otherwise the plain tolerance rtol*|base| + atol does. A change within atol is ok.
+    A spread ({median, q1, q3, n[, samples]}) describes the distribution of the metric's
+    own value, in its own unit. A change within the metric's atol is ok.
     """
-    better, rtol = metric["better"], float(metric["rtol"])
-    atol = float(metric.get("atol", 0.0))
-    value, base_value = float(metric["value"]), float(base_metric["value"])
-    base_spread, cur_spread = base_metric.get("spread"), metric.get("spread")
-    if not (base_spread and cur_spread):
-        from .baselines import compare_value
-
-        status = compare_value(value, base_value, better, rtol, atol)
-        return status, f"no spread recorded on both sides: plain tolerance rtol={rtol}"
+    better, rtol, atol = metric.better, metric.rtol, metric.atol
+    cur_spread = metric.spread.to_dict()
     samples = cur_spread.get("samples")
-    if samples is None or len(samples) == 0:
+    if not samples:
         # rebuild the current run's samples from its quartiles, as for a baseline
         med, q1, q3, n = _summary(cur_spread, "current spread")
         samples = [_split_normal_sample(med, q1, q3, n)(j) for j in range(1, n + 1)]
@@ -241,7 +231,8 @@ def judge_speed_metric(base_metric: Mapping[str, Any],
         n = _thinned_count(cur_spread, xs)
         if n > len(xs):
             samples = [_empirical_quantile_sample(xs, n)(j) for j in range(1, n + 1)]
-    v = speed_verdict(base_spread, samples, better=better, rtol=rtol)
-    if v.status != "ok" and abs(value - base_value) <= atol:
-        return "ok", f"{v.reason}, but |change| {abs(value - base_value):.4g} <= atol {atol}"
+    v = speed_verdict(base_metric.spread.to_dict(), samples, better=better, rtol=rtol)
+    change = abs(metric.value - base_metric.value)
+    if v.status != "ok" and change <= atol:
+        return "ok", f"{v.reason}, but |change| {change:.4g} <= atol {atol}"
     return v.status, v.reason

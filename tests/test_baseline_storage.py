@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from pytest_kvperf import baselines, jsonfile
+from pytest_kvperf.compare import compare_value
+from pytest_kvperf.metric import Metric, MetricError
 
 
 def entry(value):
-    return baselines.measured_entry(
-        {"m": {"value": value, "kind": "accuracy", "better": "lower", "rtol": 0, "atol": 0}}, {}
-    )
+    return baselines.measured_entry({"m": Metric(value, "accuracy", "lower", 0, 0)}, {})
 
 
 def test_interrupted_write_leaves_old_file(tmp_path, monkeypatch):
@@ -49,9 +49,9 @@ def test_concurrent_writers_lose_no_entries(tmp_path):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    entries = baselines.load(path)["entries"]
+    entries = baselines.load(path).entries
     assert len(entries) == 60
-    assert entries["t::test_205"]["metrics"]["m"]["value"] == 205.0
+    assert entries["t::test_205"].metrics["m"].value == 205.0
     assert [p.name for p in tmp_path.iterdir()] == ["gpu.json"]  # no temp or lock file left
 
 
@@ -74,7 +74,7 @@ def test_next_writer_removes_a_killed_writers_temp_file(tmp_path):
     assert "t::b" in json.loads(stale.read_text())["entries"]  # what the killed writer left
     baselines.apply_updates(path, {"key": "gpu"}, {"t::c": entry(3.0)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json"]
-    assert sorted(baselines.load(path)["entries"]) == ["t::a", "t::c"]
+    assert sorted(baselines.load(path).entries) == ["t::a", "t::c"]
 
 
 def _write_when_set(path, go):
@@ -110,22 +110,23 @@ def test_git_ignores_temp_files_in_baselines():
 
 
 def test_compare_value_directions():
-    assert baselines.compare_value(1.2, 1.0, "lower", 0.1, 0) == "regressed"
-    assert baselines.compare_value(0.8, 1.0, "lower", 0.1, 0) == "improved"
-    assert baselines.compare_value(1.05, 1.0, "lower", 0.1, 0) == "ok"
-    assert baselines.compare_value(0.8, 1.0, "higher", 0.1, 0) == "regressed"
-    assert baselines.compare_value(1.2, 1.0, "higher", 0.1, 0) == "improved"
-    assert baselines.compare_value(0.98, 1.0, "higher", 0.0, 0.05) == "ok"
+    assert compare_value(1.2, 1.0, "lower", 0.1, 0) == "regressed"
+    assert compare_value(0.8, 1.0, "lower", 0.1, 0) == "improved"
+    assert compare_value(1.05, 1.0, "lower", 0.1, 0) == "ok"
+    assert compare_value(0.8, 1.0, "higher", 0.1, 0) == "regressed"
+    assert compare_value(1.2, 1.0, "higher", 0.1, 0) == "improved"
+    assert compare_value(0.98, 1.0, "higher", 0.0, 0.05) == "ok"
 
 
 def test_write_refuses_invalid_content(tmp_path):
     path = tmp_path / "gpu.json"
-    bad = {"status": "measured", "metrics": {"m": {"value": float("inf"), "kind": "speed",
-                                                   "better": "lower"}}}
-    with pytest.raises(baselines.BaselineError, match="finite number"):
+    with pytest.raises(MetricError, match="finite number"):  # cannot even be built
+        Metric(float("inf"), "speed", "lower", 0, 0)
+    bad = baselines.Entry("n/a", hw_skip_reason="")
+    with pytest.raises(baselines.BaselineError, match="non-empty 'hw_skip_reason'"):
         baselines.apply_updates(path, {"key": "gpu"}, {"t::a": bad})
     assert not path.exists()
-    json.dumps(entry(1.0))  # entries are plain JSON
+    json.dumps(baselines.encode(baselines.BaselineFile({}, {"t::a": entry(1.0)})))  # plain JSON
 
 
 def test_new_file_is_readable_by_others_and_mode_is_kept(tmp_path):

@@ -68,12 +68,12 @@ def recorded(pytester, monkeypatch):
 
 
 def test_first_update_records_measured_and_na(pytester, recorded):
-    entries = recorded["entries"]
-    assert entries["test_lab.py::test_err"]["metrics"]["max_abs_err"]["value"] == 0.010
-    assert entries["test_lab.py::test_speed"]["metrics"]["median_us"]["kind"] == "speed"
+    entries = recorded.entries
+    assert entries["test_lab.py::test_err"].metrics["max_abs_err"].value == 0.010
+    assert entries["test_lab.py::test_speed"].metrics["median_us"].kind == "speed"
     # Reasons found under an injected profile describe another machine: not stored.
     assert "test_lab.py::test_blackwell" not in entries
-    assert entries["test_lab.py::test_err"]["versions"]["pytest_benchmark"]
+    assert entries["test_lab.py::test_err"].versions["pytest_benchmark"]
 
 
 def test_unchanged_rerun_is_ok(pytester, monkeypatch, recorded):
@@ -124,8 +124,8 @@ def test_hw_skip_recorded_as_na_then_reported_na(pytester, monkeypatch, recorded
     if detect().capability and detect().capability[0] == 10:
         pytest.skip("the sm100 test runs here")
     run(pytester, monkeypatch, "--update-baselines").assert_outcomes(passed=5, skipped=1)
-    entry = load(baseline_path(pytester))["entries"]["test_lab.py::test_blackwell"]
-    assert entry["status"] == "n/a" and entry["hw_skip_reason"].startswith("needs sm100")
+    entry = load(baseline_path(pytester)).entries["test_lab.py::test_blackwell"]
+    assert entry.status == "n/a" and entry.hw_skip_reason.startswith("needs sm100")
     run(pytester, monkeypatch)
     assert statuses(pytester)["test_blackwell"] == "n/a"
 
@@ -143,12 +143,12 @@ def test_update_rewrites_only_passed_tests_and_keeps_others(pytester, monkeypatc
     )
     result.assert_outcomes(passed=3, failed=1, skipped=2)
     result.stdout.fnmatch_lines(["*test_err: max_abs_err 0.01 -> 0.02 (+100.0%)*"])
-    entries = load(path)["entries"]
-    assert entries["test_lab.py::test_err"]["metrics"]["max_abs_err"]["value"] == 0.02
+    entries = load(path).entries
+    assert entries["test_lab.py::test_err"].metrics["max_abs_err"].value == 0.02
     # failed: old numbers kept; skipped (lost coverage): old numbers kept; unrelated: kept
-    assert entries["test_lab.py::test_fails_when_asked"]["metrics"]["max_abs_err"]["value"] == 0.2
-    assert entries["test_lab.py::test_maybe_skips"]["metrics"]["max_abs_err"]["value"] == 0.5
-    assert entries["test_gone.py::test_elsewhere"]["metrics"]["x"]["value"] == 1.0
+    assert entries["test_lab.py::test_fails_when_asked"].metrics["max_abs_err"].value == 0.2
+    assert entries["test_lab.py::test_maybe_skips"].metrics["max_abs_err"].value == 0.5
+    assert entries["test_gone.py::test_elsewhere"].metrics["x"].value == 1.0
 
 
 @pytest.mark.parametrize(
@@ -227,7 +227,7 @@ def test_run_stopped_by_sigterm_still_records_completed_tests(pytester):
                                            timeout=60)
     assert result.ret == pytest.ExitCode.INTERRUPTED
     (path,) = (pytester.path / "baselines").glob("*.json")
-    entries = load(path)["entries"]
+    entries = load(path).entries
     assert sorted(k.split("::")[1] for k in entries) == ["test_a", "test_b"]
     # the test that was running is reported as interrupted, never as passed
     doc = json.loads((pytester.path / "r.json").read_text())["tests"]

@@ -14,6 +14,8 @@ import statistics
 import pytest
 
 from pytest_kvperf import verdict as V
+from pytest_kvperf.compare import judge
+from pytest_kvperf.metric import Metric, Spread
 from pytest_kvperf.stats import binomial_upper_tail
 from pytest_kvperf.verdict import judge_speed_metric, speed_verdict
 
@@ -178,16 +180,15 @@ def test_binomial_tail_normal_approximation_is_close_for_large_n():
 
 
 def metric(value, *, spread=None, better="lower", rtol=0.05, atol=0.0):
-    m = {"value": value, "kind": "speed", "better": better, "rtol": rtol, "atol": atol,
-         "unit": "us"}
     if spread is not None:
-        m["spread"] = spread
-    return m
+        spread = Spread.from_dict({**summary(spread["samples"]), **spread}
+                                  if "median" not in spread else spread)
+    return Metric(value, "speed", better, rtol, atol, "us", spread=spread)
 
 
 def test_judge_uses_the_bootstrap_when_both_sides_have_a_spread():
     base, cur = draw(1, 60, 100.0, 0.02), draw(2, 60, 110.0, 0.02)
-    status, detail = judge_speed_metric(
+    status, detail = judge(
         metric(statistics.median(base), spread={"samples": base, **summary(base)}),
         metric(statistics.median(cur), spread={"samples": cur, **summary(cur)}))
     assert status == "regressed" and "CI" in detail
@@ -198,9 +199,12 @@ def test_judge_uses_the_bootstrap_when_both_sides_have_a_spread():
 
 
 def test_judge_without_spread_falls_back_to_the_plain_tolerance():
-    assert judge_speed_metric(metric(100.0), metric(104.0))[0] == "ok"
-    assert judge_speed_metric(metric(100.0), metric(106.0))[0] == "regressed"
-    assert judge_speed_metric(metric(100.0), metric(94.0))[0] == "improved"
+    assert judge(metric(100.0), metric(104.0))[0] == "ok"
+    assert judge(metric(100.0), metric(106.0))[0] == "regressed"
+    assert judge(metric(100.0), metric(94.0))[0] == "improved"
+    # a spread on one side only is not enough for the bootstrap
+    one_sided = metric(100.0, spread=summary(draw(1, 60, 100.0, 0.02)))
+    assert judge(one_sided, metric(106.0)) == judge(metric(100.0), metric(106.0))
 
 
 def test_judge_keeps_changes_within_atol_ok():
