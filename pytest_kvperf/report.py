@@ -29,6 +29,20 @@ def key_metric(result) -> MetricChange | None:
     return (speed or result.changes)[0]
 
 
+def describe_update(path, update) -> list[str]:
+    """The update summary of one baseline file (a baselines.Update)."""
+    if not update.written:
+        return [f"{path}: unchanged (no number changed)"]
+    lines = [f"{path}: {len(update.changed)} entries written"]
+    before, after = update.versions
+    for name in sorted(set(before) | set(after)):
+        if before and before.get(name) != after.get(name):
+            lines.append(f"versions: {name} {before.get(name)} -> {after.get(name)}")
+    for nodeid, (old, new) in sorted(update.changed.items()):
+        lines.extend(describe_change(nodeid, old, new))
+    return lines
+
+
 def describe_change(nodeid: str, old, new) -> list[str]:
     """Lines 'node: metric old -> new (+x%)' for the update summary (baselines.Entry)."""
     if not new.measured:

@@ -195,10 +195,8 @@ class KvperfSession:
             if key == self.real_hw.key:
                 gpu.update(name=self.real_hw.name, sm=self.real_hw.sm)
             path = self.baseline_file(key)
-            changed = baselines.apply_updates(path, gpu, updates)
-            self.update_lines.append(f"{path}: {len(changed)} entries written")
-            for nodeid, (old, new) in sorted(changed.items()):
-                self.update_lines.extend(report.describe_change(nodeid, old, new))
+            update = baselines.apply_updates(path, gpu, updates)
+            self.update_lines.extend(report.describe_update(path, update))
 
     # -------------------------------------------------------------- output
     def results_document(self) -> dict:

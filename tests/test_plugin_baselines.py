@@ -234,3 +234,105 @@ def test_run_stopped_by_sigterm_still_records_completed_tests(pytester):
     (running,) = (v for k, v in doc.items() if k.endswith("::test_c"))
     assert running["status"] == "interrupted"
     result.stdout.fnmatch_lines(["*verdicts:*1 interrupted*"])
+
+
+def test_update_that_changes_no_number_leaves_the_file_byte_identical(
+        pytester, monkeypatch, recorded):
+    from pytest_kvperf import baselines
+
+    path = baseline_path(pytester)
+    before = path.read_bytes()
+    # a later clock: an entry rewritten for nothing would show a new `recorded` time
+    monkeypatch.setattr(baselines, "_utc_now", lambda: "2099-01-01T00:00:00+00:00")
+    result = run(pytester, monkeypatch, "--update-baselines", "--kvperf-hw=h100")
+    result.assert_outcomes(passed=5, skipped=1)
+    assert path.read_bytes() == before
+    result.stdout.fnmatch_lines(["*cpu.json: unchanged (no number changed)*"])
+    # one number changed: only that entry (its value and its time) differs
+    run(pytester, monkeypatch, "--update-baselines", "--kvperf-hw=h100", err=0.02)
+    old, new = json.loads(before), json.loads(path.read_text())
+    assert {k for k in new["entries"] if new["entries"][k] != old["entries"][k]} == {
+        "test_lab.py::test_err"}
+    assert new["entries"]["test_lab.py::test_err"]["recorded"] == "2099-01-01T00:00:00+00:00"
+
+
+def test_library_upgrade_is_one_line_of_the_diff(pytester, monkeypatch, recorded):
+    import difflib
+
+    from pytest_kvperf import hardware
+
+    path = baseline_path(pytester)
+    before = path.read_text()
+    real = hardware.package_versions
+    monkeypatch.setattr(hardware, "package_versions",
+                        lambda: {**real(), "pytest_benchmark": "99.1"})
+    result = run(pytester, monkeypatch, "--update-baselines", "--kvperf-hw=h100")
+    result.assert_outcomes(passed=5, skipped=1)
+    old_version = real()["pytest_benchmark"]
+    result.stdout.fnmatch_lines(["*cpu.json: 0 entries written*",
+                                 f"*versions: pytest_benchmark {old_version} -> 99.1*"])
+    diff = [line for line in difflib.unified_diff(before.splitlines(), path.read_text()
+                                                   .splitlines(), n=0, lineterm="")
+            if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert diff == [f'-  "pytest_benchmark": "{old_version}",', '+  "pytest_benchmark": "99.1",']
+    assert all(e.versions["pytest_benchmark"] == "99.1" for e in load(path).entries.values())
+
+
+def test_entry_recorded_with_other_versions_names_only_what_differs(tmp_path):
+    from pytest_kvperf import baselines
+    from pytest_kvperf.metric import Metric
+
+    def entry(torch):
+        return baselines.measured_entry({"e": Metric(1.0, "accuracy", "lower", 0.5, 0.0)},
+                                        {"torch": torch, "triton": "3.9.0"})
+
+    path = tmp_path / "gpu.json"
+    baselines.apply_updates(path, {"key": "gpu"}, {"t::a": entry("2.13"), "t::b": entry("2.13"),
+                                                   "t::c": entry("2.12")})
+    data = json.loads(path.read_text())
+    assert data["versions"] == {"torch": "2.13", "triton": "3.9.0"}
+    assert "versions" not in data["entries"]["t::a"]
+    assert data["entries"]["t::c"]["versions"] == {"torch": "2.12"}
+    assert load(path).entries["t::c"].versions == {"torch": "2.12", "triton": "3.9.0"}
+
+
+SCHEMA_1_FILE = {
+    "schema": "pytest-kvperf/baselines/1",
+    "gpu": {"key": "cpu", "name": "cpu", "sm": "cpu"},
+    "entries": {"test_old.py::test_roundtrip": {
+        "status": "measured", "recorded": "2026-11-23T13:30:24+00:00",
+        "versions": {"torch": "2.13.0+cpu", "pytest_benchmark": "5.2.3"},
+        "metrics": {
+            "max_abs_err": {"value": 0.01, "kind": "accuracy", "better": "lower", "rtol": 0.05,
+                            "atol": 0.0, "unit": ""},
+            "cosine": {"value": 0.9997, "kind": "accuracy", "better": "higher", "rtol": 0.05,
+                       "atol": 0.0, "unit": ""}}}}}
+
+
+def test_schema_1_file_is_read_and_its_cosine_becomes_a_removed_metric(pytester):
+    from pytest_kvperf.hardware import detect
+
+    if detect().has_gpu:
+        pytest.skip("the schema-1 file below is a CPU baseline")
+    pytester.makepyfile(test_old="""
+        def test_roundtrip(kvperf):
+            kvperf.accuracy("max_abs_err", 0.01, better="lower")
+            kvperf.accuracy("cosine_distance", 3e-4, better="lower")
+    """)
+    path = pytester.path / "baselines" / "cpu.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(SCHEMA_1_FILE))
+    result = pytester.runpytest("-p", "no:cacheprovider", "--kvperf-json=r.json", "-v")
+    result.assert_outcomes(passed=1)
+    changes = json.loads((pytester.path / "r.json").read_text())["tests"][
+        "test_old.py::test_roundtrip"]["changes"]
+    assert {c["name"]: c["status"] for c in changes} == {"max_abs_err": "ok",
+                                                         "cosine_distance": "new"}
+    result = pytester.runpytest("-p", "no:cacheprovider", "--update-baselines")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*test_roundtrip: cosine_distance new = 0.0003*",
+                                 "*test_roundtrip: cosine removed (was 0.9997)*"])
+    data = json.loads(path.read_text())
+    assert data["schema"] == SCHEMA and "versions" in data
+    assert set(data["entries"]["test_old.py::test_roundtrip"]["metrics"]) == {
+        "max_abs_err", "cosine_distance"}
