@@ -33,9 +33,9 @@ import triton.language as tl
 
 from kvperf_kernels.formats.checks import (
     as_rows,
-    check_device,
     check_float_input,
     check_out_dtype,
+    check_stored,
     use_hw_cast,
 )
 from kvperf_kernels.formats.codecs import (
@@ -52,6 +52,7 @@ from kvperf_kernels.quant.groups import (
     check_group,
     group_offsets,
     tensor_amax,
+    tensor_amax_ref,
     tile_config,
 )
 
@@ -164,8 +165,8 @@ def _quantize_groups(x: torch.Tensor, group: int, hw_cast: bool | None):
     n_groups = rows.shape[0] * groups_per_row
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(n_groups, dtype=torch.float32, device=x.device)
+    hw = use_hw_cast(x.device, hw_cast)
     if n_groups:
-        hw = use_hw_cast(x.device, hw_cast)
         block_m, block_d, num_warps = tile_config(n_groups, group, x.element_size())
         _quantize_groups_kernel[(triton.cdiv(n_groups, block_m),)](
             rows, q.view(torch.uint8), scale, n_groups, row_stride,
@@ -184,7 +185,7 @@ def quantize_per_token(x: torch.Tensor, *, hw_cast: bool | None = None):
     """
     check_float_input(x, "x")
     d = x.shape[-1] if x.dim() else 0
-    check_group(d, "last dim")
+    check_group(d, "x: last dim")
     q, scale = _quantize_groups(x, d, hw_cast)
     return q, scale.view(*x.shape[:-1], 1)
 
@@ -211,12 +212,12 @@ def quantize_per_tensor(x: torch.Tensor, *, hw_cast: bool | None = None):
     check_float_input(x, "x")
     rows, row_stride = as_rows(x, "x")
     n_rows, d = rows.shape
-    check_group(d, "last dim")
+    check_group(d, "x: last dim")
+    hw = use_hw_cast(x.device, hw_cast)
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     amax = tensor_amax(rows, row_stride)
     scale = _scale_from_amax(amax)
     if n_rows:
-        hw = use_hw_cast(x.device, hw_cast)
         block_m, block_d, num_warps = tile_config(n_rows, d, x.element_size())
         _quantize_tensor_scale_kernel[(triton.cdiv(n_rows, block_m),)](
             rows, q.view(torch.uint8), scale, n_rows, row_stride, GROUP=d, BLOCK_M=block_m,
@@ -256,23 +257,16 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
         raise TypeError(
             f"scale: expected a float32 tensor, got {getattr(scale, 'dtype', type(scale))}"
         )
-    check_out_dtype(dtype, "dequantize")
+    check_out_dtype(dtype, "dtype")
     if q.dim() == 0 or q.shape[-1] == 0:
         raise ValueError(f"q: expected a non-empty last dim, got shape {tuple(q.shape)}")
-    if not q.is_contiguous():
-        raise ValueError(f"q must be contiguous, got shape {tuple(q.shape)} stride {q.stride()}")
-    if not scale.is_contiguous():
-        raise ValueError(f"scale must be contiguous, got stride {scale.stride()}")
-    check_device(q, "q")
-    check_device(scale, "scale")
-    if scale.device != q.device:
-        raise ValueError(f"scale is on {scale.device} but q is on {q.device}")
+    check_stored((q, "q"), (scale, "scale"))
     group, scale_stride = _scale_layout(q, scale)
-    check_group(group, "scale group")
+    check_group(group, "scale: group")
+    hw = use_hw_cast(q.device, hw_cast)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     n_groups = q.numel() // group
     if n_groups:
-        hw = use_hw_cast(q.device, hw_cast)
         block_m, block_d, num_warps = tile_config(n_groups, group, 4)
         _dequantize_kernel[(triton.cdiv(n_groups, block_m),)](
             q.view(torch.uint8), scale, out, n_groups, scale_stride,
@@ -303,9 +297,8 @@ def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def quantize_per_tensor_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.float()
-    scale = _scale_from_amax(xf.abs().amax().reshape(1))
-    return _encode(xf, scale), scale
+    scale = _scale_from_amax(tensor_amax_ref(x))
+    return _encode(x.float(), scale), scale
 
 
 def quantize_per_block_ref(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ _TILE_BYTES = 16384  # input bytes per program: enough loads in flight per SM to
 
 
 def check_group(group: int, what: str) -> None:
+    """A scale group one program holds in registers (``what`` names the argument)."""
     if group > MAX_ROW_ELEMENTS:
         raise ValueError(
             f"{what} = {group} exceeds {MAX_ROW_ELEMENTS}, the largest group one program "
@@ -67,6 +68,14 @@ def _amax_partial_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     amax = amax_propagate_nan(x, None)  # None: over the whole tile
     tl.store(partial_ptr + pid, amax)
+
+
+def tensor_amax_ref(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the whole tensor as float32 (1,), NaN-propagating; 0 for an empty
+    tensor (as ``tensor_amax``)."""
+    if x.numel() == 0:
+        return torch.zeros(1, dtype=torch.float32, device=x.device)
+    return x.float().abs().amax().reshape(1)
 
 
 def tensor_amax(rows: torch.Tensor, row_stride: int) -> torch.Tensor:

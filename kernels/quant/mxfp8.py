@@ -26,9 +26,9 @@ import triton.language as tl
 
 from kvperf_kernels.formats.checks import (
     as_rows,
-    check_device,
     check_float_input,
     check_out_dtype,
+    check_stored,
     use_hw_cast,
 )
 from kvperf_kernels.formats.codecs import (
@@ -115,13 +115,13 @@ def quantize_mxfp8(x: torch.Tensor, *, hw_cast: bool | None = None):
     check_float_input(x, "x")
     rows, row_stride = as_rows(x, "x", block=MX_BLOCK)
     d = x.shape[-1]
-    check_group(d, "last dim")
+    check_group(d, "x: last dim")
     blocks_per_row = d // MX_BLOCK
     n_blocks = rows.shape[0] * blocks_per_row
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((*x.shape[:-1], blocks_per_row), dtype=torch.uint8, device=x.device)
+    hw = use_hw_cast(x.device, hw_cast)
     if n_blocks:
-        hw = use_hw_cast(x.device, hw_cast)
         block_m, _, num_warps = tile_config(n_blocks, MX_BLOCK, x.element_size())
         _quantize_mxfp8_kernel[(triton.cdiv(n_blocks, block_m),)](
             rows, q.view(torch.uint8), scale, n_blocks, row_stride,
@@ -154,15 +154,12 @@ def dequantize_mxfp8(q: torch.Tensor, scale_e8m0: torch.Tensor,
                      dtype: torch.dtype = torch.float32, *, hw_cast: bool | None = None):
     """x_hat = float(q) * 2^(e - 127) per 32-element block, rounded once to ``dtype``."""
     _check_mx_pair(q, scale_e8m0)
-    check_out_dtype(dtype, "dequantize_mxfp8")
-    for t, what in ((q, "q"), (scale_e8m0, "scale_e8m0")):
-        if not t.is_contiguous():
-            raise ValueError(f"{what} must be contiguous, got stride {t.stride()}")
-        check_device(t, what)
+    check_out_dtype(dtype, "dtype")
+    check_stored((q, "q"), (scale_e8m0, "scale_e8m0"))
+    hw = use_hw_cast(q.device, hw_cast)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     n_blocks = q.numel() // MX_BLOCK
     if n_blocks:
-        hw = use_hw_cast(q.device, hw_cast)
         block_m, _, num_warps = tile_config(n_blocks, MX_BLOCK, 4)
         _dequantize_mxfp8_kernel[(triton.cdiv(n_blocks, block_m),)](
             q.view(torch.uint8), scale_e8m0, out, n_blocks, BLOCK_M=block_m, HW_CAST=hw,
@@ -203,5 +200,5 @@ def quantize_mxfp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_mxfp8_ref(q: torch.Tensor, scale_e8m0: torch.Tensor,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     _check_mx_pair(q, scale_e8m0)
-    qb = q.float().reshape(*q.shape[:-1], -1, MX_BLOCK)
+    qb = q.float().reshape(*q.shape[:-1], q.shape[-1] // MX_BLOCK, MX_BLOCK)  # empty too
     return (qb * e8m0_decode_ref(scale_e8m0).unsqueeze(-1)).to(dtype).reshape(q.shape)

@@ -29,9 +29,10 @@ import triton.language as tl
 
 from kvperf_kernels.formats.checks import (
     as_rows,
-    check_device,
     check_float_input,
     check_out_dtype,
+    check_same_device,
+    check_stored,
     use_hw_cast,
 )
 from kvperf_kernels.formats.codecs import (
@@ -53,7 +54,13 @@ from kvperf_kernels.formats.codecs import (
     saturate,
     unpack_nibbles_ref,
 )
-from kvperf_kernels.quant.groups import check_group, group_offsets, tensor_amax, tile_config
+from kvperf_kernels.quant.groups import (
+    check_group,
+    group_offsets,
+    tensor_amax,
+    tensor_amax_ref,
+    tile_config,
+)
 
 NVFP4_BLOCK = 16
 _FP32_MAX = tl.constexpr(FP32_MAX)
@@ -83,14 +90,16 @@ def _given_global_amax(x: torch.Tensor, global_amax) -> torch.Tensor:
                 "global_amax: expected a float32 tensor with one element, got "
                 f"{global_amax.dtype} of shape {tuple(global_amax.shape)}"
             )
-        if global_amax.device != x.device:
-            raise ValueError(f"global_amax is on {global_amax.device} but x is on {x.device}")
+        check_same_device(global_amax, "global_amax", x, "x")
         return global_amax.reshape(1)
     if isinstance(global_amax, bool) or not isinstance(global_amax, (int, float)):
         raise TypeError(f"global_amax: expected None, a float or a tensor, got {global_amax!r}")
     if not global_amax >= 0:
         raise ValueError(f"global_amax must be >= 0, got {global_amax!r}")
-    return torch.tensor([float(global_amax)], dtype=torch.float32, device=x.device)
+    # float32 rounds a larger value to +Inf (global scale 1, as for amax 0); an int beyond
+    # float64 would not convert at all
+    amax = min(global_amax, FP32_MAX * 2) if isinstance(global_amax, int) else global_amax
+    return torch.tensor([float(amax)], dtype=torch.float32, device=x.device)
 
 
 # --------------------------------------------------------------------------------------
@@ -174,7 +183,8 @@ def quantize_nvfp4(x: torch.Tensor, global_amax=None, *, hw_cast: bool | None = 
     check_float_input(x, "x")
     rows, row_stride = as_rows(x, "x", block=NVFP4_BLOCK)
     d = x.shape[-1]
-    check_group(d, "last dim")
+    check_group(d, "x: last dim")
+    hw = use_hw_cast(x.device, hw_cast)
     if global_amax is None:
         amax = tensor_amax(rows, row_stride)
     else:
@@ -187,7 +197,6 @@ def quantize_nvfp4(x: torch.Tensor, global_amax=None, *, hw_cast: bool | None = 
     if not n_blocks:  # nothing to launch: the scale from the same torch steps
         return packed, block_scale, global_scales(amax)[:1].clone()
     global_scale = torch.empty(1, dtype=torch.float32, device=x.device)
-    hw = use_hw_cast(x.device, hw_cast)
     block_m, _, num_warps = tile_config(n_blocks, NVFP4_BLOCK, x.element_size())
     _quantize_nvfp4_kernel[(triton.cdiv(n_blocks, block_m),)](
         rows, packed.view(torch.int32), block_scale.view(torch.uint8), amax, global_scale,
@@ -229,17 +238,13 @@ def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor,
                      hw_cast: bool | None = None) -> torch.Tensor:
     """x_hat = (e2m1 * block_scale) * global_scale, shape [..., 2 * packed.shape[-1]]."""
     _check_nvfp4_triple(packed, block_scale, global_scale)
-    check_out_dtype(dtype, "dequantize_nvfp4")
-    for t, what in ((packed, "packed"), (block_scale, "block_scale"),
-                    (global_scale, "global_scale")):
-        if not t.is_contiguous():
-            raise ValueError(f"{what} must be contiguous, got stride {t.stride()}")
-        check_device(t, what)
+    check_out_dtype(dtype, "dtype")
+    check_stored((packed, "packed"), (block_scale, "block_scale"), (global_scale, "global_scale"))
+    hw = use_hw_cast(packed.device, hw_cast)
     out = torch.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=dtype,
                       device=packed.device)
     n_blocks = block_scale.numel()
     if n_blocks:
-        hw = use_hw_cast(packed.device, hw_cast)
         block_m, _, num_warps = tile_config(n_blocks, NVFP4_BLOCK, 4)
         _dequantize_nvfp4_kernel[(triton.cdiv(n_blocks, block_m),)](
             packed, block_scale.view(torch.uint8), global_scale, out, n_blocks,
@@ -258,7 +263,7 @@ def quantize_nvfp4_ref(x: torch.Tensor, global_amax=None):
         raise ValueError(f"x: last dim {d} is not a multiple of the block size {NVFP4_BLOCK}")
     xf = x.float()
     if global_amax is None:
-        g = global_scales(xf.abs().amax().reshape(1))  # NaN propagates
+        g = global_scales(tensor_amax_ref(xf))  # NaN propagates
     else:
         g = global_scales(_given_global_amax(x, global_amax))
     g_dec, g_mult = g[0], g[1]
