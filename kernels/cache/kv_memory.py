@@ -102,7 +102,11 @@ def tensor_bytes(shape: tuple[int, ...], fmt: str, *, scale_layout: str = "compa
     _check_format(fmt, scale_layout)
     if len(shape) < 1:
         raise ValueError("shape must have at least one dimension")
-    check_positive(**{f"shape[{i}]": s for i, s in enumerate(shape)})
+    *lead, _ = shape
+    check_positive(**{f"shape[{len(lead)}]": shape[-1]})
+    for i, s in enumerate(lead):  # an empty batch (a 0 leading dim) stores no values
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"shape[{i}] must be an int >= 0, got {s!r}")
     value_bits, group, scale_bytes, global_bytes, te_block = _FORMATS[fmt]
     d = shape[-1]
     rows = math.prod(shape[:-1])
