@@ -44,8 +44,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kvperf_kernels.cache.paged_kv import owned_page_ids
+from kvperf_kernels.cache.paged_kv import check_table_stats, table_stats
 from kvperf_kernels.device import interpreted
+from kvperf_kernels.formats.checks import (
+    check_device,
+    check_flag,
+    check_int,
+    check_same_device,
+    check_scale_value,
+    check_tensor,
+)
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
@@ -122,11 +130,12 @@ def _token_scales_by_row(base, stride_h, n_mask, r_head, HP: tl.constexpr):
     return x
 
 
-# window_left is -1 or a length: keep Triton from turning the value 1 into a constant.
-@triton.jit(do_not_specialize=["window_left"])
+# window_left is -1 or a length, max_tokens and num_pages are sizes: keep Triton from turning
+# the value 1 into a constant (or compiling a variant per divisibility by 16).
+@triton.jit(do_not_specialize=["window_left", "max_tokens", "num_pages"])
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, k_scale_value, v_scale_value,
-    block_tables_ptr, seq_lens_ptr, sinks_ptr,
+    block_tables_ptr, seq_lens_ptr, sinks_ptr, max_tokens, num_pages,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     sm_scale_log2, window_left,
     stride_qb, stride_qh,
@@ -151,7 +160,12 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
 
-    seq_len = tl.load(seq_lens_ptr + b)
+    # Memory safety for any seq_lens / block_tables (checked=False trusts the caller): the
+    # length is clamped to the block-table row's capacity (max_tokens = max_pages * page_size),
+    # so no read passes the row, and page ids below to [0, num_pages), so none leaves the
+    # cache. Free: one scalar min/max per program here, two integer ops per token lane of a
+    # tile below (the tile's loads and dots are HP * D wide, the softmax per element).
+    seq_len = tl.minimum(tl.maximum(tl.load(seq_lens_ptr + b), 0), max_tokens)
     # Sliding window: the decode query sits at seq_len - 1 and sees window_left + 1 tokens.
     first = tl.where(window_left >= 0, tl.maximum(seq_len - 1 - window_left, 0), 0)
     # Chunks are whole BLOCK_N tiles so only a sequence's last tile is ragged.
@@ -221,7 +235,8 @@ def _paged_decode_kernel(
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
-        page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)  # see seq_len
         slot = offs_n % PAGE_SIZE
         k_rows = page * stride_kp + slot * stride_ks + kv_head0 * stride_kh
         k = _load_kv_tile(k_ptr, k_rows[:, None] + k_cols[None, :], n_mask[:, None],
@@ -417,14 +432,15 @@ def _kv_format(kv_dtype: torch.dtype, q_dtype: torch.dtype) -> int:
     if kv_dtype in (torch.bfloat16, torch.float16):
         if kv_dtype != q_dtype:
             raise TypeError(
-                f"16-bit KV cache must have the query's dtype: query {q_dtype}, KV {kv_dtype}"
+                f"k_cache: 16-bit KV cache must have the query's dtype: query {q_dtype}, "
+                f"KV {kv_dtype}"
             )
         return _KV_16BIT
     supported = ["torch.bfloat16", "torch.float16", "torch.float8_e4m3fn"]
     if _E4M3FNUZ is not None:
         supported.append("torch.float8_e4m3fnuz")
     raise NotImplementedError(
-        f"paged_decode_attention: KV cache dtype {kv_dtype} is not supported "
+        f"paged_decode_attention: k_cache: KV cache dtype {kv_dtype} is not supported "
         f"(supported: {', '.join(supported)})"
     )
 
@@ -437,14 +453,10 @@ def _scale_args(name: str, scale, cache: torch.Tensor):
     if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be None, a float or a float32 tensor, got {type(scale)}")
     if not torch.is_tensor(scale):
-        value = float(scale)
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite positive number, got {value}")
-        return _SCALE_SCALAR, cache, value, dummy_strides
+        return _SCALE_SCALAR, cache, check_scale_value(scale, name), dummy_strides
     if scale.dtype != torch.float32:
         raise TypeError(f"{name} must be float32, got {scale.dtype}")
-    if scale.device != cache.device:
-        raise ValueError(f"{name} is on {scale.device}, the cache on {cache.device}")
+    check_same_device(scale, name, cache, "the cache")
     if scale.numel() == 1:
         return _SCALE_TENSOR1, scale, 1.0, dummy_strides
     per_token = tuple(cache.shape[:3])
@@ -456,6 +468,43 @@ def _scale_args(name: str, scale, cache: torch.Tensor):
             f"[num_pages, page_size, Hkv] (per-token), got {tuple(scale.shape)}"
         )
     return _SCALE_PER_TOKEN, scale, 1.0, tuple(scale.stride())
+
+
+def _bad_scales(scale: torch.Tensor) -> torch.Tensor:
+    """Elements that are not a finite positive scale (NaN, +-Inf, 0, negative)."""
+    return ~((scale > 0) & (scale < math.inf))
+
+
+def _check_values(block_tables, seq_lens, page_size: int, num_pages: int,
+                  max_seq_len: int | None, sinks, scales) -> int:
+    """The checked mode: every data check on the device, one sync for all; max(seq_lens)."""
+    counts = [table_stats(block_tables, seq_lens, page_size, num_pages)]
+    zero = torch.zeros((), dtype=torch.int64, device=seq_lens.device)
+    counts.append(zero if sinks is None else (torch.isnan(sinks) | (sinks == math.inf)).sum())
+    for _, mode, scale in scales:
+        if mode == _SCALE_TENSOR1:
+            counts.append(_bad_scales(scale).sum())
+        elif mode == _SCALE_PER_TOKEN:  # the slots the sequences own (the rest may be NaN)
+            tok = torch.arange(block_tables.shape[1] * page_size, device=seq_lens.device)
+            owned = tok[None, :] < seq_lens.long()[:, None]  # [B, capacity]
+            pages = block_tables.long().clamp(0, num_pages - 1)[:, tok // page_size]
+            values = scale[pages, tok % page_size]  # [B, capacity, Hkv]
+            counts.append((owned[..., None] & _bad_scales(values)).sum())
+        else:
+            counts.append(zero)
+    *stats, bad_sinks, bad_k, bad_v = torch.cat([c.reshape(-1) for c in counts]).tolist()
+    check_table_stats(stats, 1, block_tables.shape[1], page_size, num_pages)
+    lens_max = stats[1]
+    if max_seq_len is not None and lens_max > max_seq_len:
+        raise ValueError(f"seq_lens: seq_len {lens_max} exceeds max_seq_len {max_seq_len}")
+    if bad_sinks:
+        raise ValueError(f"sinks: {bad_sinks} NaN or +inf of {sinks.numel()} (a sink is a "
+                         "logit; -inf means none)")
+    for (name, _, _), bad in zip(scales, (bad_k, bad_v), strict=True):
+        if bad:
+            raise ValueError(f"{name}: {bad} scales the sequences read are not finite and "
+                             "positive")
+    return lens_max
 
 
 def paged_decode_attention(
@@ -472,6 +521,7 @@ def paged_decode_attention(
     window_left: int = -1,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    checked: bool | None = None,
     out: torch.Tensor | None = None,
     launch: DecodeLaunch = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
@@ -488,30 +538,46 @@ def paged_decode_attention(
     sinks: [Hq] natural-log logits (FlashInfer's definition, see the module docstring) or None.
     sm_scale: default 1/sqrt(D). window_left: -1 (off) or w >= 0 (last w+1 tokens).
     num_splits: split-KV count; None picks one from B*Hkv, the length and the SM count.
-    max_seq_len: the longest length, used only for the split heuristic. When None it is read
-        from seq_lens (one device sync) and the lengths and block-table entries are checked;
-        pass it to skip that (no sync, CUDA-graph capturable).
+    max_seq_len: the longest length, for the split heuristic; at most the block table's
+        capacity (max_pages * page_size, checked on the host). When None it is read from
+        seq_lens (one device sync).
+    checked: the data checks, one device sync: every seq_len in [1, capacity] (and <=
+        max_seq_len when given), the page ids the sequences own in [0, num_pages), sinks
+        neither NaN nor +inf (-inf is no sink), tensor scales finite and > 0 (per-token: at
+        the slots the sequences own). None (default): checked when max_seq_len is None.
+        False: none of them, no sync (CUDA-graph capturable; the split heuristic takes the
+        capacity when max_seq_len is None). The kernel itself clamps every length to the
+        capacity and every page id into the cache, so lying inputs give garbage in their
+        own outputs (unchecked mode only), never a read outside the table or the cache.
     launch: tile and launch tuning (``DecodeLaunch``; the default holds the tuned choices).
-    Returns [B, Hq, D] in q's dtype (written into ``out`` when given).
+    Returns [B, Hq, D] in q's dtype (written into ``out`` when given); B == 0 returns the
+    empty output without a launch.
 
     Raises NotImplementedError for an FP8 query ("require BF16/FP16 query") or an unsupported
-    KV dtype, TypeError for other dtype mismatches, ValueError for shapes and values.
+    KV dtype, TypeError for other types and dtype mismatches, ValueError for shapes and
+    values; every message names the argument.
     """
     # --- dtypes: the lab's error contract -------------------------------------------------
-    if not torch.is_tensor(q):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q)}")
+    check_tensor(q, "q")
     if q.dtype in _FP8_QUERY_DTYPES:
         raise NotImplementedError(
-            f"paged_decode_attention: got an FP8 query ({q.dtype}); decode attention with sinks "
-            f"and FP8 KV require BF16/FP16 query"
+            f"paged_decode_attention: got an FP8 query q ({q.dtype}); decode attention with "
+            f"sinks and FP8 KV require BF16/FP16 query"
         )
     if q.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"paged_decode_attention: query dtype {q.dtype}; require BF16/FP16 query")
+        raise TypeError(f"paged_decode_attention: query q dtype {q.dtype}; require BF16/FP16 "
+                        "query")
+    check_tensor(k_cache, "k_cache")
+    check_tensor(v_cache, "v_cache")
     if k_cache.dtype != v_cache.dtype:
         raise TypeError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
     kv_format = _kv_format(k_cache.dtype, q.dtype)
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
+        check_tensor(t, name)
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
 
-    # --- shapes ---------------------------------------------------------------------------
+    # --- shapes, layouts, devices ---------------------------------------------------------
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4:
@@ -523,78 +589,89 @@ def paged_decode_attention(
     batch, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, kv_dim = k_cache.shape
     if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim {head_dim} is not supported (supported: {HEAD_DIMS})")
+        raise ValueError(f"q: head_dim {head_dim} is not supported (supported: {HEAD_DIMS})")
     if kv_dim != head_dim:
-        raise ValueError(f"KV head_dim {kv_dim} != query head_dim {head_dim}")
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"k_cache: KV head_dim {kv_dim} != query head_dim {head_dim}")
+    if num_pages < 1 or page_size < 1:
+        raise ValueError(f"k_cache needs >= 1 page of >= 1 slot, got {tuple(k_cache.shape)}")
+    if num_kv_heads < 1 or num_q_heads < 1 or num_q_heads % num_kv_heads:
         raise ValueError(
-            f"Hq ({num_q_heads}) must be a multiple of Hkv ({num_kv_heads}) for GQA"
+            f"q: Hq ({num_q_heads}) must be a positive multiple of Hkv ({num_kv_heads}) of "
+            "k_cache for GQA"
         )
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in head_dim (stride(-1) == 1), "
                              f"got strides {t.stride()}")
-    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
     if block_tables.dim() != 2 or block_tables.shape[0] != batch:
         raise ValueError(f"block_tables must be [B={batch}, max_pages], got "
                          f"{tuple(block_tables.shape)}")
-    if block_tables.stride(1) != 1:
+    if block_tables.stride(1) != 1 and block_tables.shape[1] > 1:
         raise ValueError("block_tables must be contiguous along its page dimension")
     if seq_lens.shape != (batch,):
         raise ValueError(f"seq_lens must be [B={batch}], got {tuple(seq_lens.shape)}")
     if not seq_lens.is_contiguous():
         raise ValueError("seq_lens must be contiguous")
     device = q.device
+    check_device(q, "q")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache),
                     ("block_tables", block_tables), ("seq_lens", seq_lens)):
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, q on {device}")
+        check_same_device(t, name, q, "q")
     if sinks is not None:
         if not torch.is_tensor(sinks) or not sinks.dtype.is_floating_point:
             got = getattr(sinks, "dtype", type(sinks))
             raise TypeError(f"sinks must be a float tensor [Hq], got {got}")
         if sinks.shape != (num_q_heads,):
             raise ValueError(f"sinks must be [Hq={num_q_heads}], got {tuple(sinks.shape)}")
-        if sinks.device != device:
-            raise ValueError(f"sinks is on {sinks.device}, q on {device}")
+        check_same_device(sinks, "sinks", q, "q")
         sinks = sinks.to(torch.float32).contiguous()
-    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
-        raise ValueError(f"window_left must be -1 (off) or an int >= 0, got {window_left!r}")
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(head_dim)
-    if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a finite positive float, got {sm_scale!r}")
+
+    # --- Python scalars and options -------------------------------------------------------
+    check_int(window_left, "window_left (-1: off)", -1)
+    # A window of the cache's int32 lengths or more is the whole sequence: clamped, the
+    # kernel argument stays int32 whatever the caller passes.
+    window_left = min(window_left, 2**31 - 2)
+    sm_scale = check_scale_value(1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale,
+                                 "sm_scale")
     k_mode, k_scale_t, k_scale_v, k_scale_strides = _scale_args("k_scale", k_scale, k_cache)
     v_mode, v_scale_t, v_scale_v, v_scale_strides = _scale_args("v_scale", v_scale, v_cache)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
+        check_tensor(out, "out")
         if out.shape != q.shape or out.dtype != q.dtype or out.device != device:
             raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {device}, got "
                              f"{tuple(out.shape)} {out.dtype} on {out.device}")
         if out.stride(-1) != 1:
             raise ValueError("out must be contiguous in head_dim")
-
-    # --- values (one device sync; skipped when max_seq_len is given) ------------------------
-    if max_seq_len is None:
-        lens_min, lens_max = (int(x) for x in torch.aminmax(seq_lens))
-        if lens_min < 1:
-            raise ValueError(f"every seq_len must be >= 1, got min {lens_min}")
-        capacity = block_tables.shape[1] * page_size
-        if lens_max > capacity:
-            raise ValueError(f"seq_len {lens_max} exceeds block_tables capacity "
+    if num_splits is not None:
+        check_int(num_splits, "num_splits", 1)
+        if num_splits > MAX_SPLITS:
+            raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits}")
+    if not isinstance(launch, DecodeLaunch):
+        raise TypeError(f"launch must be a DecodeLaunch, got {type(launch).__name__}")
+    check_flag(checked, "checked")
+    # The kernel clamps lengths to this (its block-table row) and page ids into the cache.
+    capacity = min(block_tables.shape[1] * page_size, 2**31 - 1)
+    if max_seq_len is not None:
+        check_int(max_seq_len, "max_seq_len", 1)
+        if max_seq_len > capacity:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds block_tables capacity "
                              f"{block_tables.shape[1]} pages x {page_size}")
-        entries = owned_page_ids(block_tables, seq_lens, page_size)
-        if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= num_pages):
-            raise ValueError(f"block_tables holds page ids outside [0, {num_pages})")
-        max_seq_len = lens_max
+    if batch == 0:
+        return out
+
+    # --- values (one device sync) ---------------------------------------------------------
+    if checked or (checked is None and max_seq_len is None):
+        lens_max = _check_values(block_tables, seq_lens, page_size, num_pages, max_seq_len,
+                                 sinks, (("k_scale", k_mode, k_scale_t), ("v_scale", v_mode,
+                                                                          v_scale_t)))
+        max_seq_len = max_seq_len or lens_max
+    elif max_seq_len is None:
+        max_seq_len = capacity  # unchecked, no sync: the split heuristic's bound
     attended = max_seq_len if window_left < 0 else min(max_seq_len, window_left + 1)
 
     group = num_q_heads // num_kv_heads
-    if not isinstance(launch, DecodeLaunch):
-        raise TypeError(f"launch must be a DecodeLaunch, got {type(launch).__name__}")
     hp = _heads_per_program(group, num_kv_heads, head_dim, launch.max_tile_cols)
     default_block_n, default_warps, programs_per_sm = _launch_defaults(k_cache.dtype)
     if num_splits is None:
@@ -602,9 +679,6 @@ def paged_decode_attention(
         # The grid has Hkv / HP programs per sequence and split.
         num_splits = choose_num_splits(batch, num_kv_heads // hp, attended, sms,
                                        programs_per_sm=programs_per_sm)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not (
-            1 <= num_splits <= MAX_SPLITS):
-        raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     block_n = launch.block_n or default_block_n
     num_warps = launch.num_warps or default_warps
 
@@ -630,7 +704,8 @@ def paged_decode_attention(
     grid = (num_kv_heads // hp, batch, num_splits)
     _paged_decode_kernel[grid](
         q, k_arg, v_arg, k_scale_t, v_scale_t, k_scale_v, v_scale_v,
-        block_tables, seq_lens, sinks if sinks is not None else q,
+        block_tables, seq_lens, sinks if sinks is not None else q, capacity,
+        min(num_pages, 2**31 - 1),
         out, part_acc, part_m, part_l,
         sm_scale * LOG2E, window_left,
         q.stride(0), q.stride(1),

@@ -92,6 +92,8 @@ def paged_decode_attention_ref(
     float64.
     """
     page_size = k_cache.shape[1]
+    if q.shape[0] == 0:  # an empty batch, as the kernel: nothing to attend
+        return torch.empty(q.shape, dtype=dtype, device=q.device)
 
     def gathered(cache, scale):
         tokens = gather_paged(cache, block_tables, seq_lens, page_size)

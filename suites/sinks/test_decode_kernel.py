@@ -147,13 +147,18 @@ def test_strided_views_and_out(decode_case, matches_reference):
 
 
 def test_no_sync_path_matches_checked_path(decode_case):
-    """max_seq_len given (no device sync, graph-capturable) launches the same kernel."""
+    """max_seq_len given (no device sync, graph-capturable) launches the same kernel; so do
+    the checked mode with it (data checks, one sync) and checked=False without it."""
     case = decode_case(RAGGED, hq=8, hkv=2, head_dim=64, page_size=16, seed=7)
     kv = case.pack(E4M3, "per_tensor")
     checked = _launch(case, kv, sinks=case.sinks, num_splits=2)
     unchecked = _launch(case, kv, sinks=case.sinks, num_splits=2, max_seq_len=max(RAGGED))
     assert torch.isfinite(checked).all()
     assert torch.equal(checked, unchecked)
+    both = _launch(case, kv, sinks=case.sinks, num_splits=2, max_seq_len=max(RAGGED),
+                   checked=True)
+    assert torch.equal(checked, both)
+    assert torch.equal(checked, _launch(case, kv, sinks=case.sinks, num_splits=2, checked=False))
 
 
 @pytest.mark.parametrize("batch, hkv, kv_len", [(64, 8, 8192), (1, 8, 32768), (4, 8, 1024),

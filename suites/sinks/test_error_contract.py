@@ -25,19 +25,23 @@ if hasattr(torch, "float8_e5m2fnuz"):
     BAD_KV.append(torch.float8_e5m2fnuz)
 
 
-@pytest.fixture(scope="module")
-def inputs():
-    """A valid small call: any error below comes from the one argument each test breaks."""
-    gen = torch.Generator().manual_seed(0)
+def _valid_call(lens, seed: int, **pack) -> dict:
+    """The arguments of a valid call over lens (pages of 16, Hq 8, Hkv 2, D 64)."""
+    gen = torch.Generator().manual_seed(seed)
     dev = default_device()
-    lens = (5, 20)
     k = torch.randn(sum(lens), 2, 64, generator=gen).to(dev)
-    kv = pack_paged_kv(k, k.flip(0), lens, 16, kv_dtype=torch.float8_e4m3fn,
-                       scale_granularity="per_token", generator=gen)
-    q = torch.randn(2, 8, 64, generator=gen).to(dev, torch.bfloat16)
+    kv = pack_paged_kv(k, k.flip(0), lens, 16, generator=gen, **pack)
+    q = torch.randn(len(lens), 8, 64, generator=gen).to(dev, torch.bfloat16)
     sinks = torch.randn(8, generator=gen).to(dev)
     return dict(q=q, k_cache=kv.k_cache, v_cache=kv.v_cache, block_tables=kv.block_tables,
                 seq_lens=kv.seq_lens, k_scale=kv.k_scale, v_scale=kv.v_scale, sinks=sinks)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """A valid small call: any error below comes from the one argument each test breaks."""
+    return _valid_call((5, 20), 0, kv_dtype=torch.float8_e4m3fn,
+                       scale_granularity="per_token")
 
 
 def _call(inputs, **override):
@@ -111,6 +115,20 @@ def test_float32_query_is_a_type_error(inputs):
         (lambda i: dict(launch=DecodeLaunch(block_n=48)), ValueError, "block_n"),
         (lambda i: dict(out=torch.empty_like(i["q"], dtype=torch.float16)), ValueError,
          "out must be"),
+        (lambda i: dict(max_seq_len=33), ValueError, "max_seq_len 33 exceeds block_tables"),
+        (lambda i: dict(max_seq_len=0), ValueError, "max_seq_len"),
+        (lambda i: dict(max_seq_len=10, checked=True), ValueError,
+         "seq_len 20 exceeds max_seq_len 10"),
+        (lambda i: dict(checked="yes"), TypeError, "checked"),
+        (lambda i: dict(sinks=i["sinks"].clone().fill_(float("inf"))), ValueError, "sinks"),
+        (lambda i: dict(k_scale=i["k_scale"].clone().fill_(float("nan"))), ValueError,
+         "k_scale: .* not finite and positive"),
+        (lambda i: dict(v_scale=float("inf")), ValueError, "v_scale must be a finite positive"),
+        (lambda i: dict(v_scale=1e39), ValueError, "float32's range"),
+        (lambda i: dict(sm_scale=True), TypeError, "sm_scale"),
+        (lambda i: dict(block_tables=i["block_tables"] - 1000), ValueError, "page ids outside"),
+        (lambda i: dict(block_tables=i["block_tables"].tolist()), TypeError, "block_tables"),
+        (lambda i: dict(seq_lens=i["seq_lens"].to("meta")), ValueError, "seq_lens is on meta"),
     ],
     ids=[
         "fp16-query-bf16-kv", "k-v-dtype-mismatch", "q-2d", "cache-3d", "hq-not-multiple",
@@ -118,6 +136,9 @@ def test_float32_query_is_a_type_error(inputs):
         "scale-float64", "negative-scale", "block-tables-int64", "seq-lens-shape",
         "seq-len-zero", "seq-len-past-table", "page-id-out-of-range", "q-not-contiguous",
         "zero-splits", "window-minus-2", "sm-scale-nan", "block-n-not-pow2", "out-dtype",
+        "max-seq-len-past-table", "max-seq-len-zero", "checked-len-past-max-seq-len",
+        "checked-not-bool", "inf-sinks", "nan-scale-tensor", "inf-scale", "scale-beyond-fp32",
+        "sm-scale-bool", "negative-page-id", "block-tables-list", "seq-lens-on-meta",
     ],
 )
 def test_bad_input_raises_clear_error(inputs, override, exc, pattern):
@@ -134,3 +155,64 @@ def test_valid_call_matches_reference(inputs, matches_reference):
         sinks=inputs["sinks"],
     )
     matches_reference(out, ref, "valid call")
+
+
+# --- the three failures of "launchers that never crash" -----------------------------------
+
+@pytest.fixture(scope="module")
+def table_of_48():
+    """Two sequences (20 and 48 tokens) in pages of 16: a table of 3 pages (48 tokens) each."""
+    call = _valid_call((20, 48), 1)
+    assert call["block_tables"].shape[1] * 16 == 48
+    return call
+
+
+def test_length_past_the_table_is_an_error_or_clamped_never_a_fault(table_of_48,
+                                                                     matches_reference):
+    """seq_lens [20, 999] with max_seq_len=999 over a 48-token table segfaulted the
+    interpreter (an out-of-bounds read on a GPU). Now: max_seq_len past the table is a host
+    error (no sync); the checked mode names seq_lens; unchecked, the kernel clamps the
+    length to the table (the 48 tokens sequence 1 owns), so nothing is read outside it."""
+    i = table_of_48
+    lying = torch.tensor([20, 999], dtype=torch.int32, device=i["q"].device)
+    with pytest.raises(ValueError, match="max_seq_len 999 exceeds block_tables capacity"):
+        _call(i, seq_lens=lying, max_seq_len=999)
+    with pytest.raises(ValueError, match="seq_lens: seq_len 999 exceeds block_tables"):
+        _call(i, seq_lens=lying, max_seq_len=48, checked=True)
+    with pytest.raises(ValueError, match="seq_lens: seq_len 999 exceeds block_tables"):
+        _call(i, seq_lens=lying)  # no max_seq_len: checked by default
+    ref = paged_decode_attention_ref(i["q"], i["k_cache"], i["v_cache"], i["block_tables"],
+                                     i["seq_lens"], sinks=i["sinks"])  # bf16 KV: no scales
+    for num_splits in (1, 3):
+        out = _call(i, seq_lens=lying, max_seq_len=48, checked=False, num_splits=num_splits)
+        matches_reference(out, ref, f"unchecked, clamped to the table, {num_splits} splits")
+
+
+@pytest.mark.parametrize("with_max_seq_len", [False, True], ids=["checked", "max_seq_len"])
+def test_empty_batch_gives_an_empty_result(inputs, with_max_seq_len):
+    """A batch of 0 raised an internal torch error (aminmax of nothing)."""
+    extra = dict(max_seq_len=16) if with_max_seq_len else {}
+    empty = dict(q=inputs["q"][:0], block_tables=inputs["block_tables"][:0],
+                 seq_lens=inputs["seq_lens"][:0], **extra)
+    out = _call(inputs, **empty)
+    assert out.shape == (0, 8, 64) and out.dtype == torch.bfloat16
+    given = torch.empty(0, 8, 64, dtype=torch.bfloat16, device=inputs["q"].device)
+    assert _call(inputs, out=given, **empty) is given
+    ref = paged_decode_attention_ref(inputs["q"][:0], inputs["k_cache"], inputs["v_cache"],
+                                     inputs["block_tables"][:0], inputs["seq_lens"][:0])
+    assert ref.shape == (0, 8, 64)
+
+
+def test_nan_sinks_are_rejected_like_non_finite_scales(inputs):
+    """NaN sinks were accepted and made every output NaN, while a NaN scale was rejected."""
+    sinks = inputs["sinks"].clone()
+    sinks[3] = float("nan")
+    with pytest.raises(ValueError, match="sinks: 1 NaN or \\+inf of 8"):
+        _call(inputs, sinks=sinks)
+    with pytest.raises(ValueError, match="sinks"):
+        _call(inputs, sinks=sinks, max_seq_len=20, checked=True)
+    # -inf is a valid sink (no sink); unchecked mode takes NaN as given (garbage, no fault)
+    sinks[3] = float("-inf")
+    assert torch.isfinite(_call(inputs, sinks=sinks)).all()
+    sinks[3] = float("nan")
+    assert _call(inputs, sinks=sinks, max_seq_len=20).shape == inputs["q"].shape
