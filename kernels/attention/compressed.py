@@ -25,6 +25,13 @@ import torch.nn.functional as F
 
 from kvperf_kernels.cache.kv_memory import stored_bytes, tensor_bytes
 from kvperf_kernels.device import run_where_kernels_run
+from kvperf_kernels.formats.checks import (
+    QUANT_INPUT_DTYPES,
+    check_out_dtype,
+    check_same_device,
+    check_scale_value,
+    check_tensor,
+)
 from kvperf_kernels.quant import fp8, mxfp8, nvfp4
 
 ATTN_DTYPES = (torch.bfloat16, torch.float16)
@@ -52,10 +59,10 @@ def compress(x: torch.Tensor, fmt: str, *, global_amax: torch.Tensor | None = No
     """Store ``x`` (last dim = head_dim) in ``fmt`` with the project's quantisers.
 
     ``global_amax`` (NVFP4 only) fixes the tensor-level scale, e.g. from calibration, so a
-    cache that grows token by token keeps one global scale.
+    cache that grows token by token keeps one global scale. x: bf16/fp16/fp32, any leading
+    dims (0 too: an empty batch stores empty tensors).
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(x, "x", QUANT_INPUT_DTYPES)
     shape = tuple(x.shape)
     # known format and its shape rules (block multiples), with kv_memory's messages
     tensor_bytes(shape, fmt)
@@ -84,6 +91,9 @@ def compress(x: torch.Tensor, fmt: str, *, global_amax: torch.Tensor | None = No
 
 def decompress(c: CompressedKV, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The stored tensor read back as ``dtype`` (the quantisers' dequantise kernels)."""
+    if not isinstance(c, CompressedKV):
+        raise TypeError(f"c must be a CompressedKV (from compress), got {type(c).__name__}")
+    check_out_dtype(dtype, "dtype")
     t = c.tensors
     if c.fmt in ("bf16", "fp16"):
         return t["values"].to(dtype)
@@ -101,10 +111,13 @@ def decompress(c: CompressedKV, dtype: torch.dtype = torch.float32) -> torch.Ten
 # Attention
 # --------------------------------------------------------------------------------------
 
-def _check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         sm_scale) -> float | None:
+    """Shapes, devices and sm_scale (None or a finite positive float, returned as float)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(t, name)
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} has dtype {t.dtype}; attention takes float tensors")
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {tuple(q.shape)}")
     if k.dim() != 4 or k.shape != v.shape:
@@ -116,17 +129,19 @@ def _check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
     if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
     if k.shape[1] < 1:
-        raise ValueError("context must hold at least one token")
-    if hq % k.shape[2]:
-        raise ValueError(f"q_heads {hq} is not a multiple of kv_heads {k.shape[2]} (GQA)")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+        raise ValueError("k: context must hold at least one token")
+    if d < 1 or hq < 1 or k.shape[2] < 1 or hq % k.shape[2]:
+        raise ValueError(f"q: q_heads {hq} is not a multiple of kv_heads {k.shape[2]} (GQA), "
+                         f"or a dim is 0 (head_dim {d})")
+    check_same_device(k, "k", q, "q")
+    check_same_device(v, "v", q, "q")
+    return None if sm_scale is None else check_scale_value(sm_scale, "sm_scale")
 
 
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                          sm_scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * sm_scale) v per query head, in float64; returns float64 [B, Hq, D]."""
-    _check_decode_inputs(q, k, v)
+    sm_scale = _check_decode_inputs(q, k, v, sm_scale)
     b, hq, d = q.shape
     hkv = k.shape[2]
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
@@ -140,7 +155,7 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      sm_scale: float | None = None) -> torch.Tensor:
     """BF16/FP16 decode attention with torch SDPA (the baseline the compressed paths pay on)."""
-    _check_decode_inputs(q, k, v)
+    sm_scale = _check_decode_inputs(q, k, v, sm_scale)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in ATTN_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; attention takes bfloat16 or float16")
@@ -163,8 +178,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 def attend_compressed(q: torch.Tensor, k: CompressedKV, v: CompressedKV, *,
                       sm_scale: float | None = None) -> torch.Tensor:
     """Dequantise K and V to q's dtype, then ``decode_attention`` (the unfused path)."""
+    check_tensor(q, "q")
     if q.dtype not in ATTN_DTYPES:
         raise TypeError(f"q has dtype {q.dtype}; attention takes bfloat16 or float16")
+    for name, c in (("k", k), ("v", v)):
+        if not isinstance(c, CompressedKV):
+            raise TypeError(f"{name} must be a CompressedKV (from compress), got "
+                            f"{type(c).__name__}")
     return decode_attention(q, decompress(k, q.dtype), decompress(v, q.dtype), sm_scale=sm_scale)
 
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from kvperf_kernels.attention.compressed import CompressedKV, compress, decompress
 from kvperf_kernels.cache.kv_memory import check_positive
+from kvperf_kernels.formats.checks import check_same_device, check_tensor
+from kvperf_kernels.quant.groups import tensor_amax_ref
 from kvperf_kernels.te.availability import import_te
 from kvperf_kernels.te.recipes import (
     KV_FORMAT_FOR_RECIPE,
@@ -111,8 +113,9 @@ def random_weights(dims: BlockDims, *, generator: torch.Generator, device=None,
 
 
 def _check_hidden(x: torch.Tensor, dims: BlockDims, what: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(x, what)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{what} must be a float tensor, got {x.dtype}")
     if x.dim() != 3 or x.shape[-1] != dims.hidden:
         raise ValueError(f"{what} must be [batch, tokens, hidden={dims.hidden}], "
                          f"got {tuple(x.shape)}")
@@ -132,7 +135,7 @@ def _causal_decode_mask(new: int, past: int, device) -> torch.Tensor:
 
 
 def _amax(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().abs().amax().float().reshape(1)
+    return tensor_amax_ref(t.detach())  # 0 for no tokens
 
 
 # --------------------------------------------------------------------------------------
@@ -147,8 +150,15 @@ def attention_block_ref(w: BlockWeights, dims: BlockDims, x_past: torch.Tensor,
     stored in that format (NVFP4 with the past tokens' amax as global amax, as the TE
     block without calibration does) and read back before attending.
     """
+    if not isinstance(w, BlockWeights) or not isinstance(dims, BlockDims):
+        raise TypeError(f"w and dims must be BlockWeights and BlockDims, got "
+                        f"{type(w).__name__} and {type(dims).__name__}")
     _check_hidden(x_past, dims, "x_past")
     _check_hidden(x_new, dims, "x_new")
+    if x_new.shape[0] != x_past.shape[0]:
+        raise ValueError(f"x_new batch {x_new.shape[0]} != x_past batch {x_past.shape[0]}")
+    check_same_device(x_past, "x_past", w.qkv_weight, "the weights")
+    check_same_device(x_new, "x_new", w.qkv_weight, "the weights")
     f32 = torch.float32
 
     def project(x):
@@ -246,7 +256,9 @@ class TEAttentionBlock:
         _check_hidden(x, self.dims, what)
         if x.dtype != torch.bfloat16:
             raise TypeError(f"{what} must be bfloat16, got {x.dtype}")
-        _check_multiple(f"{what} batch*tokens", x.shape[0] * x.shape[1])
+        check_same_device(x, what, self.qkv.weight, "the block")
+        if x.numel():  # no tokens (an empty batch) runs no GEMM
+            _check_multiple(f"{what} batch*tokens", x.shape[0] * x.shape[1])
 
     def _project_qkv(self, x, recipe, **autocast_kw):
         with te_autocast(self.te, recipe, **autocast_kw):
@@ -264,6 +276,8 @@ class TEAttentionBlock:
         k_amax = v_amax = None
         for x in batches:
             self._check_tokens(x, "calibration batch")
+            if not x.numel():
+                continue
             q, k, v = self._project_qkv(x, cal, **kw)
             attn = self._attend(q, k.to(torch.bfloat16), v.to(torch.bfloat16), past=0)
             self._project_out(attn, cal, **kw)
@@ -292,7 +306,11 @@ class TEAttentionBlock:
     @torch.no_grad()
     def prefill(self, x_past: torch.Tensor) -> None:
         self._check_tokens(x_past, "x_past")
-        _, k, v = self._project_qkv(x_past, self.recipe)
+        if x_past.numel():
+            _, k, v = self._project_qkv(x_past, self.recipe)
+        else:  # no tokens: an empty cache of the right shape, no GEMM
+            d = self.dims
+            k = v = x_past.new_empty(*x_past.shape[:2], d.kv_heads, d.head_dim)
         if self.kv_format == "nvfp4" and self.kv_amax is None:
             self.kv_amax = (_amax(k), _amax(v))
         self.k_cache, self.v_cache = self._compress(k, v)
@@ -306,6 +324,8 @@ class TEAttentionBlock:
         if x_new.shape[0] != self.k_cache.shape[0]:
             raise ValueError(f"x_new batch {x_new.shape[0]} != cache batch "
                              f"{self.k_cache.shape[0]}")
+        if not x_new.numel():  # an empty batch or no new tokens: nothing to attend
+            return x_new.new_empty(x_new.shape)
         q, k, v = self._project_qkv(x_new, self.recipe)
         k_new, v_new = self._compress(k, v)
         k_all, v_all = _cat_compressed(self.k_cache, k_new), _cat_compressed(self.v_cache, v_new)

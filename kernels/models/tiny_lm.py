@@ -49,6 +49,7 @@ from kvperf_kernels.cache.paged_kv import (
     write_paged,
     write_tokens,
 )
+from kvperf_kernels.formats.checks import check_int, check_tensor
 from kvperf_kernels.formats.codecs import e4m3_encode_ref
 
 BOS = 0  # the task's first token; content tokens are 1..vocab_size-1
@@ -141,6 +142,19 @@ class TinyLM(torch.nn.Module):
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(rms_norm(h, self.final_norm, self.cfg.norm_eps))
 
+    def check_tokens(self, tokens, what: str, dim: int) -> None:
+        """Token ids: an integer tensor of ``dim`` dims on the model's device, every id in
+        [0, vocab_size) (one sync: the embedding would raise IndexError, or a device assert)."""
+        check_tensor(tokens, what, (torch.int32, torch.int64), dim=dim)
+        device = self.embed.weight.device
+        if tokens.device != device:
+            raise ValueError(f"{what} is on {tokens.device}, the model on {device}")
+        if tokens.numel():
+            lo, hi = (int(t) for t in torch.aminmax(tokens))
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"{what}: token ids must be in [0, {self.cfg.vocab_size}), got "
+                                 f"[{lo}, {hi}]")
+
     # --- full-sequence forward (training, prefill, no-cache reference) ---------------------
     def forward(self, tokens: torch.Tensor, *, return_kv: bool = False):
         """tokens [B, T] -> logits [B, T, V] float32 (and per layer (k, v) [B, T, Hkv, D]).
@@ -149,6 +163,7 @@ class TinyLM(torch.nn.Module):
         column with a zero value row, one softmax.
         """
         cfg = self.cfg
+        self.check_tokens(tokens, "tokens", 2)
         batch, seq = tokens.shape
         pos = torch.arange(seq, device=tokens.device)
         h = self.embed(tokens)
@@ -179,6 +194,17 @@ class TinyLM(torch.nn.Module):
                     caches: list[PagedLayerCache], attention: str) -> torch.Tensor:
         """tokens, positions [B] -> logits [B, V]; appends each layer's K/V to its cache and
         attends through ``attention`` ("kernel" or "reference") with BF16 q and output."""
+        self.check_tokens(tokens, "tokens", 1)
+        check_tensor(positions, "positions", (torch.int32, torch.int64), dim=1)
+        if positions.shape != tokens.shape:
+            raise ValueError(f"positions must be [B={tokens.shape[0]}], got "
+                             f"{tuple(positions.shape)}")
+        if not isinstance(caches, (list, tuple)) or len(caches) != self.cfg.num_layers or not all(
+                isinstance(c, PagedLayerCache) for c in caches):
+            raise TypeError(f"caches must be {self.cfg.num_layers} PagedLayerCache (one per "
+                            "layer)")
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h[:, None], positions[:, None])
@@ -251,6 +277,10 @@ class PagedLayerCache:
     def __init__(self, block_tables: torch.Tensor, num_pages: int, page_size: int,
                  num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
                  granularity: str | None):
+        check_tensor(block_tables, "block_tables", (torch.int32,), dim=2)
+        for name, value in (("num_pages", num_pages), ("page_size", page_size),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            check_int(value, name, 1)
         if kv_dtype == torch.float8_e4m3fn:
             if granularity not in SCALE_GRANULARITIES:
                 raise ValueError(f"FP8 KV needs a granularity in {SCALE_GRANULARITIES}, "
@@ -259,7 +289,7 @@ class PagedLayerCache:
             if granularity is not None:
                 raise ValueError(f"BF16 KV takes no scales, got granularity {granularity!r}")
         else:
-            raise NotImplementedError(f"KV dtype {kv_dtype}: use bfloat16 or float8_e4m3fn")
+            raise NotImplementedError(f"kv_dtype {kv_dtype}: use bfloat16 or float8_e4m3fn")
         device = block_tables.device
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.block_tables, self.page_size = block_tables, page_size
@@ -275,7 +305,8 @@ class PagedLayerCache:
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> None:
         """Write the first ``lens[b]`` tokens of each sequence: k, v [sum(lens), Hkv, D]."""
-        slots = slot_mapping(self.block_tables, lens, self.page_size)
+        slots = slot_mapping(self.block_tables, lens, self.page_size,
+                             num_pages=self.k_cache.shape[0])
         # Per-tensor FP8 scales are fixed here, from the prefilled tokens (static afterwards).
         self.k_scale = write_tokens(self.k_cache, slots, k, self.granularity, self.k_scale)
         self.v_scale = write_tokens(self.v_cache, slots, v, self.granularity, self.v_scale)
@@ -283,6 +314,10 @@ class PagedLayerCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Write one token per sequence (k, v [B, Hkv, D]) at ``positions`` [B]."""
+        check_tensor(positions, "positions", (torch.int32, torch.int64), dim=1)
+        if positions.shape != self.seq_lens.shape:
+            raise ValueError(f"positions must be [B={self.seq_lens.shape[0]}], got "
+                             f"{tuple(positions.shape)}")
         if not torch.equal(positions.to(self.seq_lens.device), self.seq_lens.long()):
             raise ValueError("append: positions must equal the current seq_lens")
         pages = self.block_tables.gather(1, (positions // self.page_size)[:, None].to(
@@ -326,6 +361,27 @@ class DecodeResult:
     caches: list[PagedLayerCache]
 
 
+def _prompt_lengths(prompts, vocab_size: int, *, min_len: int) -> list[int]:
+    """Lengths of ``prompts`` (a list of token-id lists, each id in [0, vocab_size), each
+    prompt at least min_len long), else TypeError/ValueError naming prompts."""
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple))
+                                                         for p in prompts):
+        raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    for b, p in enumerate(prompts):
+        if len(p) < min_len:
+            raise ValueError(f"prompts[{b}] has {len(p)} tokens; every prompt needs >= {min_len}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+                   for t in p):
+            raise ValueError(f"prompts[{b}]: token ids must be ints in [0, {vocab_size})")
+    return [len(p) for p in prompts]
+
+
+def _no_sequences(new_tokens: int, vocab_size: int, device) -> DecodeResult:
+    """An empty batch's result: no tokens, no logits, no caches."""
+    return DecodeResult(torch.zeros(0, new_tokens, dtype=torch.long, device=device),
+                        torch.zeros(0, new_tokens, vocab_size, device=device), [])
+
+
 @torch.no_grad()
 def greedy_decode(model: TinyLM, prompts: list[list[int]], new_tokens: int, *,
                   kv_dtype: torch.dtype = torch.bfloat16, granularity: str | None = None,
@@ -342,17 +398,20 @@ def greedy_decode(model: TinyLM, prompts: list[list[int]], new_tokens: int, *,
     """
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
-    if new_tokens < 1:
-        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    check_int(new_tokens, "new_tokens", 1)
+    check_int(page_size, "page_size", 1)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     cfg = model.cfg
     batch = len(prompts)
-    lens = [len(p) for p in prompts]
-    if min(lens) < 2:
-        raise ValueError("every prompt needs >= 2 tokens (prefill all but the last)")
-    if forced is not None and tuple(forced.shape) != (batch, new_tokens - 1):
-        raise ValueError(f"forced must be [B={batch}, N-1={new_tokens - 1}], "
-                         f"got {tuple(forced.shape)}")
+    lens = _prompt_lengths(prompts, cfg.vocab_size, min_len=2)  # prefill all but the last
+    if forced is not None:
+        check_tensor(forced, "forced")
+        if tuple(forced.shape) != (batch, new_tokens - 1):
+            raise ValueError(f"forced must be [B={batch}, N-1={new_tokens - 1}], "
+                             f"got {tuple(forced.shape)}")
+        model.check_tokens(forced.to(device), "forced", 2)
+    if batch == 0:
+        return _no_sequences(new_tokens, cfg.vocab_size, device)
 
     # Page table for the final lengths (last generated token is never written).
     final = [n + new_tokens - 1 for n in lens]
@@ -392,7 +451,10 @@ def greedy_decode_no_cache(model: TinyLM, prompts: list[list[int]], new_tokens: 
     """The float32 reference: each step re-runs the full forward over prompt + generated
     tokens (no cache, no 16-bit rounding). Rows are right-padded: the mask is causal, so
     padding after a row's last token never reaches its logits."""
+    check_int(new_tokens, "new_tokens", 1)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if not _prompt_lengths(prompts, model.cfg.vocab_size, min_len=1):
+        return _no_sequences(new_tokens, model.cfg.vocab_size, device)
     lens = torch.tensor([len(p) for p in prompts], device=device)
     seqs = torch.full((len(prompts), int(lens.max()) + new_tokens), BOS, dtype=torch.long,
                       device=device)
