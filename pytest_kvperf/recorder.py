@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from .accuracy import ERROR_DOMAINS, ERROR_RTOL, RATE_ATOL, RELATIVE_FLOOR, errors_and_floors
 from .metric import DIRECTIONS, Metric, MetricError, Spread
 
 
@@ -39,10 +40,33 @@ class MetricRecorder:
             raise ValueError(f"metric {name!r}: {exc}") from None
         return value
 
-    def accuracy(self, name: str, value, *, better: str, rtol: float = 0.05,
-                 atol: float = 0.0) -> float:
-        """An accuracy metric; a regression beyond rtol*|base|+atol fails the test."""
-        return self._record("accuracy", name, value, better, rtol, atol, unit="")
+    def accuracy(self, name: str, value, *, better: str, rtol: float | None = None,
+                 atol: float | None = None, domain=None) -> float:
+        """An accuracy metric; a regression beyond rtol*|base| + atol fails the test.
+
+        Defaults, so that a realistic regression fails: better="lower" (an error or a
+        distance) rtol 0.5, atol 1e-12, failing at 1.5x; better="higher" (a rate or a
+        score in [0, 1]) rtol 0, atol 0.02, failing 0.02 below. Give rtol for other
+        scales. domain=(low, high) (None: unbounded) declares where a value can lie;
+        error() and rate() declare it for you.
+        """
+        default_rtol, default_atol = (ERROR_RTOL, RELATIVE_FLOOR) if better == "lower" else (
+            0.0, RATE_ATOL)
+        return self._record("accuracy", name, value, better,
+                            default_rtol if rtol is None else rtol,
+                            default_atol if atol is None else atol, domain=domain)
+
+    def error(self, name: str, value, *, rtol: float = ERROR_RTOL,
+              atol: float = RELATIVE_FLOOR) -> float:
+        """An error or distance (>= 0, lower is better); fails above base*(1+rtol) + atol."""
+        return self.accuracy(name, value, better="lower", rtol=rtol, atol=atol,
+                             domain=(0.0, None))
+
+    def rate(self, name: str, value, *, atol: float = RATE_ATOL) -> float:
+        """A fraction in [0, 1], higher is better (token match, task accuracy); a drop of
+        more than atol below the baseline fails."""
+        return self.accuracy(name, value, better="higher", rtol=0.0, atol=atol,
+                             domain=(0.0, 1.0))
 
     def speed(self, name: str, value, *, better: str, unit: str = "us", rtol: float | None = None,
               atol: float = 0.0, spread: Spread | None = None) -> float:
@@ -53,7 +77,8 @@ class MetricRecorder:
         """
         if rtol is None:
             rtol = self.speed_tolerance()
-        return self._record("speed", name, value, better, rtol, atol, unit=unit, spread=spread)
+        return self._record("speed", name, value, better, rtol, atol, unit=unit,
+                            domain=(0.0, None), spread=spread)  # times and rates are >= 0
 
     def speed_tolerance(self) -> float:
         marker = self.item.get_closest_marker("kvperf_tolerance")
@@ -63,15 +88,17 @@ class MetricRecorder:
         """Context for the report (which backend ran, shapes); stored, never compared."""
         self.info_values[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
 
-    def errors(self, out, ref, *, prefix: str = "", rtol: float = 0.05,
-               atol: float = 0.0) -> dict[str, float]:
-        """Record max_abs_err, rel_l2_err and cosine of `out` against `ref`; NaN/Inf fail."""
-        from .accuracy import error_metrics
+    def errors(self, out, ref, *, prefix: str = "", rtol: float = ERROR_RTOL) -> dict[str, float]:
+        """Record max_abs_err, rel_l2_err and cosine_distance of `out` against `ref`.
 
-        values = error_metrics(out, ref)
-        for name, value in values.items():
-            self.accuracy(prefix + name, value, better="higher" if name == "cosine" else "lower",
-                          rtol=rtol, atol=atol)
+        Each fails above base*(1+rtol) + a floor of float64 rounding (a relative error of
+        1e-12, see accuracy.py). Returns those and the cosine, for hard asserts. NaN/Inf
+        in out fail.
+        """
+        values, floors = errors_and_floors(out, ref)
+        for name, domain in ERROR_DOMAINS.items():
+            self.accuracy(prefix + name, values[name], better="lower", rtol=rtol,
+                          atol=floors[name], domain=domain)
         return values
 
     def skip(self, reason: str) -> None:

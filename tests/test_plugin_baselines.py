@@ -93,6 +93,19 @@ def test_accuracy_regression_fails_and_improvement_is_reported(pytester, monkeyp
     assert s["test_err"] == "regressed" and s["test_cos"] == "improved"
 
 
+def test_regression_message_is_short_and_shows_no_plugin_frames(pytester, monkeypatch, recorded):
+    result = run(pytester, monkeypatch, "--tb=long", err=0.02)
+    result.assert_outcomes(passed=4, failed=1, skipped=1)
+    path = baseline_path(pytester)
+    result.stdout.fnmatch_lines([
+        "*_ test_err _*",
+        f"test_lab.py::test_err regressed against baseline {path}:",
+        "  max_abs_err 0.01 -> 0.02 (+100.0%) ?accuracy, lower is better; rtol 0.1, atol 1e-12?",
+        "if intended: review the change, then rerun with --update-baselines",
+    ])
+    assert "pytest_kvperf/" not in result.stdout.str()  # no frame of the plugin's code
+
+
 def test_within_tolerance_is_ok(pytester, monkeypatch, recorded):
     run(pytester, monkeypatch, err=0.0109, cos=0.9895).assert_outcomes(passed=5, skipped=1)
     assert statuses(pytester)["test_err"] == "ok" and statuses(pytester)["test_cos"] == "ok"
@@ -169,6 +182,20 @@ def test_update_rewrites_only_passed_tests_and_keeps_others(pytester, monkeypatc
         (
             json.dumps({"schema": SCHEMA, "entries": {"t::a": {"status": "n/a"}}}),
             "needs a non-empty 'hw_skip_reason'",
+        ),
+        (
+            json.dumps({"schema": SCHEMA, "entries": {"t::a": {"status": "measured", "metrics": {
+                "x.cosine_distance": {"value": -0.04, "kind": "accuracy", "better": "lower",
+                                      "domain": [0, 2]}}}}}),
+            "entries?'t::a'?.metrics?'x.cosine_distance'?.value: -0.04 is outside the metric's "
+            "domain ?0, 2?",
+        ),
+        (
+            json.dumps({"schema": SCHEMA, "entries": {"t::a": {"status": "measured", "metrics": {
+                "token_match": {"value": 1.04, "kind": "accuracy", "better": "higher",
+                                "domain": [0, 1]}}}}}),
+            "entries?'t::a'?.metrics?'token_match'?.value: 1.04 is outside the metric's "
+            "domain ?0, 1?",
         ),
     ],
 )

@@ -155,7 +155,8 @@ def test_nvfp4_keys_cost_more_than_values(kvperf):
         assert m_k4["rel_l2_err"] > m_v4["rel_l2_err"], (seed, m_k4, m_v4)
         ratios.append(m_k4["rel_l2_err"] / m_v4["rel_l2_err"])
     geo_mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
-    kvperf.accuracy("k_over_v_nvfp4_rel_l2_geomean", geo_mean, better="higher")
+    kvperf.accuracy("k_over_v_nvfp4_rel_l2_geomean", geo_mean, better="higher", rtol=0.05,
+                    atol=0.0, domain=(0.0, None))
     assert geo_mean >= 1.5, [round(r, 2) for r in ratios]
 
 
@@ -208,7 +209,7 @@ def test_block_scaling_keeps_small_tokens_per_tensor_loses_them(sink_value_scale
     worst = {}
     for fmt in ("fp8_per_tensor", "fp8_per_block128", "mxfp8"):
         worst[fmt] = worst_token_rel_error(decompress(compress(v, fmt)), v)
-        kvperf.accuracy(f"{fmt}.worst_token_rel_err", worst[fmt], better="lower")
+        kvperf.error(f"{fmt}.worst_token_rel_err", worst[fmt])
     for fmt in ("fp8_per_block128", "mxfp8"):
         assert worst[fmt] <= 2**-4, worst  # E4M3: 3 mantissa bits, <= 2^-4 per element
     if sink_value_scale <= 1e-4:
