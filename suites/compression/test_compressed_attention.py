@@ -41,7 +41,7 @@ from kvperf_kernels.attention.compressed import (
     worst_token_rel_error,
 )
 from kvperf_kernels.device import default_device
-from pytest_kvperf.accuracy import error_metrics
+from pytest_kvperf import error_metrics
 
 # Lab floors for the roundtrip cosine of one tensor: FP8 >= 0.99, NVFP4 >= 0.98.
 ROUNDTRIP_MIN_COSINE = {

@@ -1,7 +1,7 @@
 """Tuning sweep for the paged decode kernel at gpt-oss shapes (a script, not a test).
 
 Times launcher variants (tile, warps, stages, splits, heads per program, precise P.V, PTX
-decode) with ``pytest_kvperf.timing.measure`` (L2 flushed only where the working set could
+decode) with ``pytest_kvperf.measure`` (L2 flushed only where the working set could
 sit in it, as the speed suite does) and checks every variant against the float64 reference
 on a few sequences with the suite's tolerance (ratio = max err / bound; <= 1 passes).
 Prints one line per variant and a summary; writes JSON lines to $OUT/tune.jsonl when OUT
@@ -61,8 +61,7 @@ from kvperf_kernels.testing.decode_workloads import (  # noqa: E402
     decode_bytes_moved,
 )
 from kvperf_kernels.testing.inputs import make_decode_case  # noqa: E402
-from pytest_kvperf.peaks import get_peaks  # noqa: E402
-from pytest_kvperf.timing import measure  # noqa: E402
+from pytest_kvperf import get_peaks, measure  # noqa: E402
 
 LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "precise_pv", "decode_asm",
                "max_tile_cols")

@@ -157,8 +157,7 @@ def main(argv=None) -> int:
     import triton
     from triton.testing import do_bench, do_bench_cudagraph
 
-    from pytest_kvperf.timing import measure
-    from pytest_kvperf.verdict import speed_verdict
+    from pytest_kvperf import measure, speed_verdict
 
     t_start = time.perf_counter()
     # Bring clocks and the memory system to their working state before anything is timed.
