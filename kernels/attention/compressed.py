@@ -163,6 +163,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     b, hq, d = q.shape
     hkv = k.shape[2]
+    if b == 0:  # torch 2.11's CUDA SDPA returns None for an empty batch (seen on the H200)
+        return q.new_empty(q.shape)
     qh = q.unsqueeze(2)  # [B, Hq, 1, D]
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D] views, last dim contiguous
     if hkv != hq:

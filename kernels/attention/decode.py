@@ -448,12 +448,16 @@ def _kv_format(kv_dtype: torch.dtype, q_dtype: torch.dtype) -> int:
 def _scale_args(name: str, scale, cache: torch.Tensor):
     """(mode, tensor for the pointer, scalar value, strides) for one K or V scale."""
     dummy_strides = (0, 0, 0)
+    # A scalar scale's pointer is never read: FP8 caches pass it as bytes, as the caches
+    # themselves go (Triton has no float8_e4m3fnuz pointer on NVIDIA GPUs: with the cache as
+    # the dummy, fnuz KV with a float or no scale did not compile on the H200).
+    dummy = cache.view(torch.uint8) if cache.element_size() == 1 else cache
     if scale is None:
-        return _SCALE_SCALAR, cache, 1.0, dummy_strides
+        return _SCALE_SCALAR, dummy, 1.0, dummy_strides
     if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be None, a float or a float32 tensor, got {type(scale)}")
     if not torch.is_tensor(scale):
-        return _SCALE_SCALAR, cache, check_scale_value(scale, name), dummy_strides
+        return _SCALE_SCALAR, dummy, check_scale_value(scale, name), dummy_strides
     if scale.dtype != torch.float32:
         raise TypeError(f"{name} must be float32, got {scale.dtype}")
     check_same_device(scale, name, cache, "the cache")

@@ -512,6 +512,16 @@ def test_attend_compressed_matches_the_reference_on_the_stored_cache(data):
     torch.testing.assert_close(out.double().cpu(), ref.cpu(), atol=2e-2, rtol=2**-6)
 
 
+def test_attention_of_an_empty_batch_is_empty():
+    """Found on the H200: torch 2.11's CUDA SDPA returned None for a batch of 0."""
+    q = torch.zeros(0, 4, 128, dtype=BF16, device=DEV)
+    k = torch.zeros(0, 3, 2, 128, dtype=BF16, device=DEV)
+    for fmt in FORMATS:
+        out = attend_compressed(q, compress(k, fmt), compress(k, fmt))
+        assert out.shape == q.shape and out.dtype == BF16, fmt
+    assert decode_attention_ref(q, k, k).shape == q.shape
+
+
 @property_settings(cpu_examples=20)
 @given(x=kv_tensors(batch=1), r=st.randoms(use_true_random=False))
 def test_decode_attention_rejects_broken_arguments(x, r):
