@@ -69,7 +69,8 @@ def render(session) -> str:
                  "<th>key metric: baseline → now</th><th>reason</th></tr>")
     for r in results:
         change = key_metric(r)
-        css = {"lost coverage": "lost", "n/a": "na"}.get(r.status, r.status)
+        css = {"lost coverage": "lost", "n/a": "na", "ran (no metrics)": "ran"}.get(
+            r.status, r.status)
         parts.append(
             f"<tr class='{esc(css)}'><td>{esc(r.status)}</td><td>{esc(r.nodeid)}</td>"
             f"<td>{esc(change_line(change)) if change else ''}</td>"

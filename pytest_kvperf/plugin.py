@@ -14,7 +14,7 @@ from .bench_fixture import PROP_BENCH, KvBench, add_benchmark_record
 from .hardware import UnknownProfileError, named_profile
 from .markers import HARDWARE_MARKERS, marker_lines, skip_reasons
 from .recorder import MetricRecorder
-from .session import PROP_GPU, PROP_SKIP, KvperfSession
+from .session import PROP_GPU, PROP_SKIP, SPEED_POLICIES, KvperfSession
 
 _recorder_key = pytest.StashKey[MetricRecorder]()
 _session_key = pytest.StashKey[KvperfSession]()
@@ -43,11 +43,12 @@ def pytest_addoption(parser):
     )
     group.addoption(
         "--kvperf-baselines", default=None, metavar="DIR",
-        help="baseline directory (default: <rootdir>/baselines)",
+        help="baseline directory (default: ini kvperf_baselines, else <rootdir>/baselines)",
     )
     group.addoption(
-        "--kvperf-speed", choices=("warn", "fail"), default="warn",
-        help="what a speed regression does: warn (report it) or fail the test (default warn)",
+        "--kvperf-speed", choices=SPEED_POLICIES, default=None,
+        help="what a speed regression does: warn (report it) or fail the test "
+        "(default: ini kvperf_speed, else warn)",
     )
     group.addoption(
         "--kvperf-share-gpus", action="store_true", default=False,
@@ -57,12 +58,17 @@ def pytest_addoption(parser):
     group.addoption(
         "--kvperf-report", default=None, metavar="PATH.html",
         help="write a self-contained HTML report (plots against the baselines) and "
-        "PATH.json beside it",
+        "PATH.json beside it (default: ini kvperf_report, else none)",
     )
     group.addoption(
         "--kvperf-json", default=None, metavar="PATH",
         help="write every test's outcome, verdict, metrics and hw_skip_reason as JSON",
     )
+    # ini defaults (pyproject.toml [tool.pytest.ini_options], pytest.ini, ...): the
+    # command-line option wins; a relative path is relative to the ini file's folder
+    parser.addini("kvperf_speed", "default of --kvperf-speed: warn or fail", default="")
+    parser.addini("kvperf_baselines", "default of --kvperf-baselines (a folder)", default="")
+    parser.addini("kvperf_report", "default of --kvperf-report (PATH.html)", default="")
 
 
 def pytest_load_initial_conftests(early_config, parser, args):

@@ -8,7 +8,7 @@ from .compare import MetricChange, change_line, format_change
 
 STATUS_ORDER = (
     "invalid", "regressed", "failed", "error", "interrupted", "lost coverage", "improved", "new",
-    "ok", "passed", "n/a", "skipped",
+    "ok", "ran (no metrics)", "n/a", "skipped",
 )
 
 

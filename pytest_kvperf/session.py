@@ -11,6 +11,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from . import baselines, jsonfile, report
 from .compare import MetricChange, compare_metrics, failure_message
 from .hardware import HardwareProfile, detect, named_profile
@@ -20,6 +22,22 @@ from .metric import Metric
 PROP_SKIP = "hw_skip_reason"
 PROP_GPU = "kvperf_gpu"
 PROP_METRICS = "kvperf_metrics"
+
+# The status of a test that ran and passed but recorded no metric: nothing to compare.
+# Not "passed", which stood beside pytest's own "passed" (which counts every test that ran).
+RAN_NO_METRICS = "ran (no metrics)"
+
+
+SPEED_POLICIES = ("warn", "fail")
+
+
+def _ini_path(config, name: str) -> str | None:
+    """An ini path option, relative to the ini file's folder (None when not set)."""
+    value = str(config.getini(name)).strip()
+    if not value:
+        return None
+    base = Path(config.inipath).parent if config.inipath else Path(config.rootpath)
+    return str(base / value)
 
 
 @dataclass
@@ -42,11 +60,21 @@ class KvperfSession:
     def __init__(self, config):
         self.config = config
         opt = config.getoption
-        self.baseline_dir = Path(opt("kvperf_baselines") or Path(config.rootpath) / "baselines")
+        self.baseline_dir = Path(
+            opt("kvperf_baselines") or _ini_path(config, "kvperf_baselines")
+            or Path(config.rootpath) / "baselines"
+        )
         self.update = bool(opt("update_baselines"))
-        self.speed_policy = opt("kvperf_speed")
+        self.speed_policy = (
+            opt("kvperf_speed") or str(config.getini("kvperf_speed")).strip() or "warn"
+        )
+        if self.speed_policy not in SPEED_POLICIES:
+            raise pytest.UsageError(
+                f"ini option kvperf_speed = {self.speed_policy!r}: use one of "
+                + ", ".join(SPEED_POLICIES)
+            )
         self.json_path = opt("kvperf_json")
-        self.report_path = opt("kvperf_report")
+        self.report_path = opt("kvperf_report") or _ini_path(config, "kvperf_report")
         self.hw_spec = opt("kvperf_hw")
         self.results: dict[str, TestResult] = {}
         self.update_lines: list[str] = []
@@ -150,7 +178,8 @@ class KvperfSession:
             result.outcome = "passed"
 
     def classify(self) -> None:
-        """ok / regressed / improved / new / n/a / lost coverage / skipped / failed, per test."""
+        """ok / regressed / improved / new / ran (no metrics) / n/a / lost coverage / skipped /
+        failed, per test."""
         for result in self.results.values():
             entry = self.entry(result.gpu_key, result.nodeid) if result.gpu_key else None
             measured_before = bool(entry and entry.measured)
@@ -166,7 +195,7 @@ class KvperfSession:
             elif result.metrics:
                 result.status = result.verdict or "new"
             else:
-                result.status = "passed"
+                result.status = RAN_NO_METRICS
 
     # -------------------------------------------------------------- update
     def baseline_updates(self) -> dict[str, dict[str, baselines.Entry]]:
