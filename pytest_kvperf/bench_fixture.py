@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from . import role
 from . import timing as timing_mod
 from .derived import derive
@@ -23,6 +25,12 @@ from .metric import Spread
 from .xdist_gpus import gpu_shared
 
 PROP_BENCH = "kvperf_benchmark"
+
+# pytest-benchmark's own skip reasons (its pytest_collection_modifyitems): a test skipped
+# with one of them was deselected by --benchmark-only / --benchmark-skip, like -k.
+SKIP_BENCH_REASON = "Skipping benchmark (--benchmark-skip active)."
+SKIP_OTHER_REASON = "Skipping non-benchmark (--benchmark-only active)."
+BENCHMARK_SELECTION_REASONS = (SKIP_BENCH_REASON, SKIP_OTHER_REASON)
 
 
 @dataclass
@@ -44,6 +52,57 @@ def benchmarks_disabled(config) -> bool:
     return bool(config.getoption("benchmark_disable")) and not config.getoption(
         "benchmark_enable"
     )
+
+
+def select_for_benchmark_options(config, items) -> None:
+    """--benchmark-only / --benchmark-skip mean for `kv_bench` tests what they mean for
+    pytest-benchmark's `benchmark` ones: a kv_bench test is a benchmark.
+
+    Runs after pytest-benchmark's pytest_collection_modifyitems, which skipped kv_bench
+    tests as non-benchmarks under --benchmark-only and did not skip them under
+    --benchmark-skip.
+    """
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None:  # -p no:benchmark
+        return
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "kv_bench" not in names or "benchmark" in names:
+            continue  # pytest-benchmark decided a `benchmark` test itself
+        if bs.only:
+            item.own_markers[:] = [
+                m for m in item.own_markers
+                if not (m.name == "skip" and m.kwargs.get("reason") == SKIP_OTHER_REASON)
+            ]
+        if bs.skip:
+            item.add_marker(pytest.mark.skip(reason=SKIP_BENCH_REASON))
+
+
+def keep_gpus_apart(config, gpu_key: str) -> None:
+    """pytest-benchmark's machine id, and so its storage folder (`.benchmarks/<id>/`),
+    gets the GPU key: --benchmark-compare then compares with runs on the same GPU model
+    only, even on a shared `.benchmarks/`.
+
+    pytest-benchmark has no hook for the id: it reads `get_machine_id()` when it creates
+    its session (its trylast pytest_configure, which also loads the compared runs), so
+    this wraps that function from the plugin's earlier pytest_configure until unconfigure.
+    """
+    if not config.pluginmanager.has_plugin("benchmark"):
+        return
+    import re
+
+    import pytest_benchmark.session as bench_session
+
+    previous = bench_session.get_machine_id
+    original = getattr(previous, "__wrapped__", previous)  # (a pytester run inside a run)
+    suffix = re.sub(r"[^A-Za-z0-9_.-]", "_", gpu_key)
+
+    def get_machine_id() -> str:
+        return f"{original()}-{suffix}"
+
+    get_machine_id.__wrapped__ = original
+    bench_session.get_machine_id = get_machine_id
+    config.add_cleanup(lambda: setattr(bench_session, "get_machine_id", previous))
 
 
 class KvBench:

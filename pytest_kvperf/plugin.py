@@ -10,7 +10,13 @@ import pytest
 
 from . import html_report, report, role, xdist_gpus
 from .baselines import BaselineError
-from .bench_fixture import PROP_BENCH, KvBench, add_benchmark_record
+from .bench_fixture import (
+    PROP_BENCH,
+    KvBench,
+    add_benchmark_record,
+    keep_gpus_apart,
+    select_for_benchmark_options,
+)
 from .hardware import UnknownProfileError, named_profile
 from .markers import HARDWARE_MARKERS, marker_lines, skip_reasons
 from .recorder import MetricRecorder
@@ -114,6 +120,7 @@ def pytest_configure(config):
     except BaselineError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_session_key] = session
+    keep_gpus_apart(config, session.real_hw.key)
     config.pluginmanager.register(_ReportCollector(session, config), "kvperf-reports")
 
 
@@ -124,6 +131,7 @@ def _session(config) -> KvperfSession:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     session = _session(config)
+    select_for_benchmark_options(config, items)
     hardware_names = set(HARDWARE_MARKERS) | {"multi_gpu", "requires"}
     for item in items:
         item.user_properties.append((PROP_GPU, session.real_hw.key))

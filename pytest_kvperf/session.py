@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from . import baselines, jsonfile, report
+from .bench_fixture import BENCHMARK_SELECTION_REASONS
 from .compare import MetricChange, compare_metrics, failure_message
 from .hardware import HardwareProfile, detect, named_profile
 from .metric import Metric
@@ -184,7 +185,9 @@ class KvperfSession:
             entry = self.entry(result.gpu_key, result.nodeid) if result.gpu_key else None
             measured_before = bool(entry and entry.measured)
             if result.outcome == "skipped":
-                if measured_before:
+                if result.skip_reason in BENCHMARK_SELECTION_REASONS:
+                    result.status = "skipped"  # --benchmark-only/-skip select, like -k
+                elif measured_before:
                     result.status = "lost coverage"
                 elif result.hw_skip_reason:
                     result.status = "n/a"
