@@ -365,9 +365,12 @@ class TeacherForced:
 
 
 def nll_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-position next-token NLL (float64) of logits [T, V] for tokens [T]."""
-    lp = torch.log_softmax(logits[:-1].double(), -1)
-    return -lp.gather(1, tokens[1:].to(lp.device)[:, None])[:, 0]
+    """Per-position next-token NLL of logits [T, V] for tokens [T]: logsumexp - target
+    logit, float32 per position (a float64 copy of the logits costs more than it buys),
+    returned as float64."""
+    x = logits[:-1].float()
+    target = x.gather(1, tokens[1:].to(x.device)[:, None])[:, 0]
+    return (torch.logsumexp(x, -1) - target).double()
 
 
 @torch.no_grad()
