@@ -83,3 +83,11 @@ def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, what: str) ->
             f"{what}: {int(bad.sum())} of {out.numel()} elements beyond atol={atol} rtol={rtol}; "
             f"worst at [b, h, d]={idx}: out {out64[idx].item():.6g} vs ref {ref64[idx].item():.6g}"
         )
+
+
+def match_rate(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of positions where two token sequences agree (two free-running greedy
+    decodes, or a decode and the task's answers); sequences of other shapes are an error."""
+    if a.shape != b.shape:
+        raise ValueError(f"token shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return (a.cpu() == b.cpu()).double().mean().item()

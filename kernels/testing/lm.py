@@ -21,13 +21,6 @@ CONTROLS = ("lost_scales", "swapped_kv_layer")
 SWAPPED_LAYER = 15  # the control's layer: the middle of the 30
 
 
-def match_rate(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of (prompt, step) positions where two free-running greedy decodes agree."""
-    if a.shape != b.shape:
-        raise ValueError(f"token shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return (a.cpu() == b.cpu()).double().mean().item()
-
-
 def check_finite(t: torch.Tensor, what: str) -> None:
     bad = int((~torch.isfinite(t)).sum())
     if bad:

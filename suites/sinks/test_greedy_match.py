@@ -51,6 +51,7 @@ from kvperf_kernels.models.tiny_lm import (
     induction_prompts,
     load_tiny_lm,
 )
+from kvperf_kernels.testing.compare import match_rate
 
 WEIGHTS = Path(__file__).with_name("tiny_lm_weights.pt")
 # sha256 of the file as shipped (torch.save's archive also holds the file's stem: rebuild
@@ -123,12 +124,6 @@ def checked(res: DecodeResult, what) -> DecodeResult:
     bad = ~torch.isfinite(res.logits)
     assert not bad.any(), f"{what}: {int(bad.sum())} NaN/Inf logits"
     return res
-
-
-def match_rate(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of positions where two token sequences agree (two free-running greedy
-    decodes, or a decode and the task's answers)."""
-    return (a.cpu() == b.cpu()).double().mean().item()
 
 
 def accuracy(tokens: torch.Tensor, answers: torch.Tensor) -> float:
