@@ -20,7 +20,9 @@ so the second order's first step also reuses another process's build.
 
 JIT cost: one head_dim (64), one page size (16), gpt-oss heads (64/8), window only in the
 three `*-window` cases. The sink wrapper's module name lacks the KV dtype, so each dtype
-switch recompiles it (15-80 s on an H100): expect several minutes on a cold cache.
+switch recompiles it (15-80 s on an H100): expect several minutes on a cold cache, fewer
+with the routes in parallel (`-n 4 --dist loadgroup --kvperf-share-gpus`: no test here is
+timed, so sharing the GPU changes no number).
 """
 
 from __future__ import annotations
@@ -74,8 +76,12 @@ ROUTES = [
     Route("xqa-window", "xqa", "xqa", window_left=127, orders=(("bf16", "fp8"),),
           tolerance={"bf16": TOL_16BIT_P, "fp8": TOL_XQA_FP8}),
 ]
+# One xdist group per route: a route's orders share JIT module paths (the sink wrapper's name
+# lacks the KV dtype), so they run in one worker, one after the other; routes build in
+# parallel under `-n K --dist loadgroup` (.ci/gpu-session's fi part).
 CASES = [
-    pytest.param(route, order, id=f"{route.name}-{'-then-'.join(order)}")
+    pytest.param(route, order, id=f"{route.name}-{'-then-'.join(order)}",
+                 marks=pytest.mark.xdist_group(route.name))
     for route in ROUTES for order in route.orders
 ]
 # Lengths: one token, a page boundary, and longer than the 128-token window.
