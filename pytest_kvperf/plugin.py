@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from . import html_report, report, role, xdist_gpus
+from . import arch_selection, html_report, report, role, xdist_gpus
 from .baselines import BaselineError
 from .bench_fixture import (
     PROP_BENCH,
@@ -18,7 +18,7 @@ from .bench_fixture import (
     select_for_benchmark_options,
 )
 from .hardware import UnknownProfileError, named_profile
-from .markers import HARDWARE_MARKERS, marker_lines, skip_reasons
+from .markers import marker_lines, skip_reasons
 from .recorder import MetricRecorder
 from .session import PROP_GPU, PROP_SKIP, SPEED_POLICIES, KvperfSession
 
@@ -128,18 +128,22 @@ def _session(config) -> KvperfSession:
     return config.stash[_session_key]
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
-    session = _session(config)
+    # Before pytest's -m deselection: -m sm90 selects every test that applies to sm90.
+    for item in items:
+        arch_selection.add_architecture_marks(item)
+    result = yield
+    # After every other plugin's (pytest-benchmark's skips), on the selected items only.
     select_for_benchmark_options(config, items)
-    hardware_names = set(HARDWARE_MARKERS) | {"multi_gpu", "requires"}
+    _skip_for_hardware(_session(config), items)
+    return result
+
+
+def _skip_for_hardware(session: KvperfSession, items) -> None:
     for item in items:
         item.user_properties.append((PROP_GPU, session.real_hw.key))
-        marks = [
-            (m.name, tuple(m.args), dict(m.kwargs))
-            for m in item.iter_markers()
-            if m.name in hardware_names
-        ]
+        marks = arch_selection.requirement_marks(item)
         if not marks:
             continue
         try:
