@@ -36,8 +36,10 @@ in ~368 us; see suites/sinks/tune_decode.py for the sweep.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +66,16 @@ _FP8_QUERY_DTYPES = tuple(
     if hasattr(torch, name)
 )
 _E4M3FNUZ = getattr(torch, "float8_e4m3fnuz", None)
-# KV formats the kernel decodes (constexpr KV_FORMAT).
-_KV_16BIT, _KV_E4M3FN, _KV_E4M3FNUZ = 0, 1, 2
+# KV formats the kernel decodes (constexprs K_FORMAT, V_FORMAT: each side its own, so a K FP8
+# + V NVFP4 cache is one kernel): 16-bit, FP8 (fn / fnuz), MXFP8 (E4M3 codes with an E8M0
+# scale per 32 along head_dim), NVFP4 (E2M1 pairs, an E4M3 scale per 16, a global scale).
+_KV_16BIT, _KV_E4M3FN, _KV_E4M3FNUZ, _KV_MXFP8, _KV_NVFP4 = 0, 1, 2, 3, 4
+KV_FORMAT_NAMES = {_KV_16BIT: "16bit", _KV_E4M3FN: "fp8_e4m3fn", _KV_E4M3FNUZ: "fp8_e4m3fnuz",
+                   _KV_MXFP8: "mxfp8", _KV_NVFP4: "nvfp4"}
+MX_BLOCK, NVFP4_BLOCK = 32, 16
+# NVFP4 tiles hold e2m1 * block scale * 2^-14 (exact in float16, see _load_kv_tile); the
+# 2^14 joins the global scale in the score / output multiplier.
+_NVFP4_TILE_UNSCALE = 16384.0
 # How a scale reaches the kernel (constexpr *_SCALE_MODE).
 _SCALE_SCALAR, _SCALE_TENSOR1, _SCALE_PER_TOKEN = 0, 1, 2
 
@@ -93,14 +103,28 @@ def _e4m3fn_bytes_to_f16(raw, OPAQUE: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(ptr, offs, mask, KV_FORMAT: tl.constexpr, TILE: tl.constexpr,
-                  OPAQUE: tl.constexpr):
+def _load_kv_tile(ptr, offs, mask, blk_ptr, blk_offs, hi_nibble, KV_FORMAT: tl.constexpr,
+                  TILE: tl.constexpr, OPAQUE: tl.constexpr):
     """Load a [BLOCK_N, D] KV tile as TILE (16-bit). FP8 goes to float16, which holds every
     E4M3 value exactly and is one packed hardware convert per two bytes on sm89+ (bfloat16
     would take an extra per-element convert: that was the FP8 kernel's bottleneck).
-    OPAQUE (FP8 only, GPU only): decode before the dot-operand layout conversion."""
+    OPAQUE (FP8 only, GPU only): decode before the dot-operand layout conversion.
+    MXFP8: the E4M3 codes only (the caller applies the E8M0 block scales, _mx_apply).
+    NVFP4: offs address each column's byte, hi_nibble picks its nibble; blk_offs the
+    column's E4M3 block scale."""
     if KV_FORMAT == 0:
         return tl.load(ptr + offs, mask=mask, other=0.0).to(TILE)
+    elif KV_FORMAT == 4:
+        raw = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
+        nib = tl.where(hi_nibble, raw >> 4, raw & 15)
+        # E2M1 (sign, 2 exponent bits with bias 1, 1 mantissa bit) placed in float16's
+        # sign / low exponent / top mantissa bits is its value * 2^-14 (code 1, 0.5, lands
+        # on a subnormal); times an E4M3 block scale (4 significant bits, >= 2^-9) it stays
+        # exact in float16: a multiple of 2^-24, at most 6 * 448 * 2^-14.
+        bits = ((nib & 7) << 9) | ((nib & 8) << 12)
+        x = bits.to(tl.uint16).to(tl.float16, bitcast=True)
+        sc = _e4m3fn_bytes_to_f16(tl.load(blk_ptr + blk_offs, mask=mask, other=0), False)
+        return (x * sc).to(TILE)
     else:
         raw = tl.load(ptr + offs, mask=mask, other=0)  # uint8 (the launcher passes bytes)
         x = _e4m3fn_bytes_to_f16(raw, OPAQUE)
@@ -130,11 +154,46 @@ def _token_scales_by_row(base, stride_h, n_mask, r_head, HP: tl.constexpr):
     return x
 
 
+@triton.jit
+def _mx_scale(ref):
+    """2^(ref - 127) for E8M0 codes 1..254, NaN for 0xFF."""
+    return tl.where(ref == 255, float("nan"), _pow2_from_biased_exponent(tl.minimum(ref, 254)))
+
+
+@triton.jit
+def _mx_exponents(blk_ptr, blk_offs, n_mask, c_head, r_head, ROWS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HP: tl.constexpr):
+    """MXFP8 block exponents of a tile: (E8M0 code per column [BLOCK_N, HP * D], the
+    reference exponent per column (its token and head's largest code, >= 1), the token
+    scale 2^(reference - 127) per row [ROWS, BLOCK_N], NaN where a block's code is 0xFF).
+    The tile is taken relative to the reference (factors <= 1, exact in float16 down to
+    2^-15 below the token's largest block) and the reference scales the token's score
+    column (K) or probability column (V) as a per-token FP8 scale does."""
+    e = tl.load(blk_ptr + blk_offs, mask=n_mask[:, None], other=127).to(tl.int32)
+    ref = tl.maximum(tl.max(tl.where(c_head[None, :] == 0, e, 0), axis=1), 1)
+    ref_c = tl.where(c_head[None, :] == 0, ref[:, None], 0)
+    tok = tl.zeros([ROWS, BLOCK_N], tl.float32) + _mx_scale(ref)[None, :]
+    for h in tl.static_range(1, HP):
+        ref_h = tl.maximum(tl.max(tl.where(c_head[None, :] == h, e, 0), axis=1), 1)
+        ref_c = tl.where(c_head[None, :] == h, ref_h[:, None], ref_c)
+        tok = tl.where(r_head[:, None] == h, _mx_scale(ref_h)[None, :], tok)
+    return e, ref_c, tok
+
+
+@triton.jit
+def _mx_apply(x, e, ref_c, TILE: tl.constexpr):
+    """x * 2^(e - ref) per element (x decoded E4M3), rounded to TILE (exact unless the
+    block is > 2^15 below its token's largest one)."""
+    delta = tl.minimum(ref_c - e, 126)
+    return (x.to(tl.float32) * _pow2_from_biased_exponent(127 - delta)).to(TILE)
+
+
 # window_left is -1 or a length, max_tokens and num_pages are sizes: keep Triton from turning
 # the value 1 into a constant (or compiling a variant per divisibility by 16).
 @triton.jit(do_not_specialize=["window_left", "max_tokens", "num_pages"])
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, k_scale_value, v_scale_value,
+    k_blk_ptr, v_blk_ptr,
     block_tables_ptr, seq_lens_ptr, sinks_ptr, max_tokens, num_pages,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     sm_scale_log2, window_left,
@@ -143,12 +202,15 @@ def _paged_decode_kernel(
     stride_vp, stride_vs, stride_vh,
     stride_ksp, stride_kss, stride_ksh,
     stride_vsp, stride_vss, stride_vsh,
+    stride_kbp, stride_kbs, stride_kbh,
+    stride_vbp, stride_vbs, stride_vbh,
     stride_bt,
     stride_ob, stride_oh,
     num_q_heads,
     GROUP: tl.constexpr, HP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    KV_FORMAT: tl.constexpr, K_SCALE_MODE: tl.constexpr, V_SCALE_MODE: tl.constexpr,
+    K_FORMAT: tl.constexpr, V_FORMAT: tl.constexpr,
+    K_SCALE_MODE: tl.constexpr, V_SCALE_MODE: tl.constexpr,
     HAS_SINKS: tl.constexpr, IS_SPLIT: tl.constexpr,
     TILE: tl.constexpr, DOT: tl.constexpr, Q_RESCALE: tl.constexpr, PRECISE_PV: tl.constexpr,
     DECODE_ASM: tl.constexpr,
@@ -185,11 +247,20 @@ def _paged_decode_kernel(
     r_head = offs_r // GROUP  # which of the HP KV heads (>= HP: padding row)
     c_head = offs_c // HEAD_DIM
     c_d = offs_c % HEAD_DIM
+    # NVFP4 tiles are read nibble-planar: a head's first D/2 columns are its bytes' low
+    # nibbles (even d), the next D/2 their high nibbles (odd d), so each column is one
+    # byte load and no interleave is needed. q takes K's column order (the dot sums over
+    # columns in any order), the output V's; both are the identity for other formats.
+    half = c_d % (HEAD_DIM // 2)
+    hi_nibble = (c_d >= HEAD_DIM // 2)[None, :]
+    d_planar = tl.where(c_d < HEAD_DIM // 2, 2 * c_d, 2 * half + 1)
+    q_d = d_planar if K_FORMAT == 4 else c_d
+    o_d = d_planar if V_FORMAT == 4 else c_d
     r_mask = offs_r < GROUP * HP
     own = r_mask[:, None] & (r_head[:, None] == c_head[None, :])  # [ROWS, HP * D]
     heads = kv_head0 * GROUP + offs_r  # query heads
     q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + c_d[None, :],
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + q_d[None, :],
         mask=own, other=0.0,
     ).to(tl.float32)
     if Q_RESCALE:
@@ -214,9 +285,14 @@ def _paged_decode_kernel(
         out_mult = v_scale_value
     elif V_SCALE_MODE == 1:
         out_mult = tl.load(v_scale_ptr)
-    if KV_FORMAT == 2:  # e4m3fnuz tiles hold twice the value (see _load_kv_tile)
+    if K_FORMAT == 2:  # e4m3fnuz tiles hold twice the value (see _load_kv_tile)
         score_mult = score_mult * 0.5
+    elif K_FORMAT == 4:
+        score_mult = score_mult * 16384.0  # _NVFP4_TILE_UNSCALE
+    if V_FORMAT == 2:
         out_mult = out_mult * 0.5
+    elif V_FORMAT == 4:
+        out_mult = out_mult * 16384.0
 
     row_mult = tl.full([ROWS], 1.0, tl.float32) * score_mult
     if Q_RESCALE:
@@ -230,8 +306,12 @@ def _paged_decode_kernel(
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HP * HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    k_cols = c_head * stride_kh + c_d
-    v_cols = c_head * stride_vh + c_d
+    # codes per column (NVFP4: the column's byte), block scales per column (MXFP8 one per
+    # 32 of d, NVFP4 one per 16: loaded once per column, repeated lanes hit the cache)
+    k_cols = c_head * stride_kh + (half if K_FORMAT == 4 else c_d)
+    v_cols = c_head * stride_vh + (half if V_FORMAT == 4 else c_d)
+    k_blk_cols = c_head * stride_kbh + q_d // (16 if K_FORMAT == 4 else 32)
+    v_blk_cols = c_head * stride_vbh + o_d // (16 if V_FORMAT == 4 else 32)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
@@ -239,10 +319,18 @@ def _paged_decode_kernel(
         page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)  # see seq_len
         slot = offs_n % PAGE_SIZE
         k_rows = page * stride_kp + slot * stride_ks + kv_head0 * stride_kh
+        k_blk = (page * stride_kbp + slot * stride_kbs + kv_head0 * stride_kbh)[:, None] \
+            + k_blk_cols[None, :]
         k = _load_kv_tile(k_ptr, k_rows[:, None] + k_cols[None, :], n_mask[:, None],
-                          KV_FORMAT, TILE, (DECODE_ASM & 1) != 0)
+                          k_blk_ptr, k_blk, hi_nibble, K_FORMAT, TILE, (DECODE_ASM & 1) != 0)
+        if K_FORMAT == 3:
+            ke, ke_ref, ks = _mx_exponents(k_blk_ptr, k_blk, n_mask, c_head, r_head, ROWS,
+                                           BLOCK_N, HP)
+            k = _mx_apply(k, ke, ke_ref, TILE)
         s = tl.dot(q, tl.trans(k.to(DOT)))  # [ROWS, BLOCK_N], fp32
-        if K_SCALE_MODE == 2:
+        if K_FORMAT == 3:
+            s = s * row_mult[:, None] * ks
+        elif K_SCALE_MODE == 2:
             ks = _token_scales_by_row(
                 k_scale_ptr + page * stride_ksp + slot * stride_kss + kv_head0 * stride_ksh,
                 stride_ksh, n_mask, r_head, HP)
@@ -256,12 +344,19 @@ def _paged_decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_rows = page * stride_vp + slot * stride_vs + kv_head0 * stride_vh
+        v_blk = (page * stride_vbp + slot * stride_vbs + kv_head0 * stride_vbh)[:, None] \
+            + v_blk_cols[None, :]
         v = _load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
-                          KV_FORMAT, TILE, (DECODE_ASM & 2) != 0)
-        if V_SCALE_MODE == 2:
-            vs = _token_scales_by_row(
-                v_scale_ptr + page * stride_vsp + slot * stride_vss + kv_head0 * stride_vsh,
-                stride_vsh, n_mask, r_head, HP)
+                          v_blk_ptr, v_blk, hi_nibble, V_FORMAT, TILE, (DECODE_ASM & 2) != 0)
+        if V_SCALE_MODE == 2 or V_FORMAT == 3:
+            if V_FORMAT == 3:
+                ve, ve_ref, vs = _mx_exponents(v_blk_ptr, v_blk, n_mask, c_head, r_head, ROWS,
+                                               BLOCK_N, HP)
+                v = _mx_apply(v, ve, ve_ref, TILE)
+            else:
+                vs = _token_scales_by_row(
+                    v_scale_ptr + page * stride_vsp + slot * stride_vss + kv_head0 * stride_vsh,
+                    stride_vsh, n_mask, r_head, HP)
             e_tile = tl.max(vs).to(tl.int32, bitcast=True) >> 23
             e_new = tl.minimum(tl.maximum(e_v, e_tile), 253)
             # acc * 2^(e_v - e_new), 0 when that underflows (acc was negligible then).
@@ -283,14 +378,14 @@ def _paged_decode_kernel(
             p_lo = (pv - p_hi.to(tl.float32)).to(TILE)
             acc = tl.dot(p_lo.to(DOT), v, acc)
         m_i = m_new
-    if V_SCALE_MODE == 2:
+    if V_SCALE_MODE == 2 or V_FORMAT == 3:
         out_mult = out_mult * _pow2_from_biased_exponent(e_v)
     acc = acc * out_mult
 
     if IS_SPLIT:
         # Unnormalised partial; an empty split leaves m=-inf, l=0, acc=0 for the merge.
         row = (b.to(tl.int64) * num_q_heads + heads) * num_splits + split
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + c_d[None, :], acc, mask=own)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + o_d[None, :], acc, mask=own)
         tl.store(part_m_ptr + row, m_i, mask=r_mask)
         tl.store(part_l_ptr + row, l_i, mask=r_mask)
     else:
@@ -303,7 +398,7 @@ def _paged_decode_kernel(
         else:
             o = acc / l_i[:, None]
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-                 + c_d[None, :], o.to(out_ptr.dtype.element_ty), mask=own)
+                 + o_d[None, :], o.to(out_ptr.dtype.element_ty), mask=own)
 
 
 @triton.jit
@@ -334,6 +429,23 @@ def _merge_splits_kernel(
     o = tl.sum(acc * w[:, None], axis=0) / denom
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
              o.to(out_ptr.dtype.element_ty))
+
+
+_launch_records: list[list[dict]] = []
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[dict]]:
+    """Collect, for every decode kernel launched inside the block, the compile-time
+    variant it was launched with (its constexprs, the K/V format names, the grid): the
+    path check that a cache was read by the kernel specialised for its format, not
+    dequantised and attended by another path. Nested blocks each see every launch."""
+    record: list[dict] = []
+    _launch_records.append(record)
+    try:
+        yield record
+    finally:
+        _launch_records.remove(record)
 
 
 @functools.cache
@@ -424,7 +536,27 @@ def _launch_defaults(kv_dtype: torch.dtype) -> tuple[int, int, int]:
     return 64, 4, 4
 
 
-def _kv_format(kv_dtype: torch.dtype, q_dtype: torch.dtype) -> int:
+def _kv_format(name: str, cache: torch.Tensor, block_scale, q_dtype: torch.dtype) -> int:
+    """The kernel's format constant of one side (name "k" or "v"), from the cache's dtype and
+    its block scales' (none: 16-bit or FP8; uint8 E8M0: MXFP8; float8_e4m3fn: NVFP4)."""
+    kv_dtype = cache.dtype
+    if block_scale is not None:
+        what = f"{name}_block_scale"
+        check_tensor(block_scale, what)
+        if block_scale.dtype == torch.uint8:
+            if kv_dtype != torch.float8_e4m3fn:
+                raise TypeError(f"{what}: uint8 (E8M0) block scales are MXFP8's, whose "
+                                f"{name}_cache must be float8_e4m3fn, got {kv_dtype}")
+            return _KV_MXFP8
+        if block_scale.dtype == torch.float8_e4m3fn:
+            if kv_dtype != torch.uint8:
+                raise TypeError(f"{what}: float8_e4m3fn block scales are NVFP4's, whose "
+                                f"{name}_cache must be uint8 (two E2M1 codes a byte), got "
+                                f"{kv_dtype}")
+            return _KV_NVFP4
+        raise TypeError(f"{what} must be uint8 (MXFP8 E8M0, one per {MX_BLOCK}) or "
+                        f"float8_e4m3fn (NVFP4, one per {NVFP4_BLOCK}), got "
+                        f"{block_scale.dtype}")
     if kv_dtype == torch.float8_e4m3fn:
         return _KV_E4M3FN
     if _E4M3FNUZ is not None and kv_dtype == _E4M3FNUZ:
@@ -432,7 +564,7 @@ def _kv_format(kv_dtype: torch.dtype, q_dtype: torch.dtype) -> int:
     if kv_dtype in (torch.bfloat16, torch.float16):
         if kv_dtype != q_dtype:
             raise TypeError(
-                f"k_cache: 16-bit KV cache must have the query's dtype: query {q_dtype}, "
+                f"{name}_cache: 16-bit KV cache must have the query's dtype: query {q_dtype}, "
                 f"KV {kv_dtype}"
             )
         return _KV_16BIT
@@ -440,13 +572,33 @@ def _kv_format(kv_dtype: torch.dtype, q_dtype: torch.dtype) -> int:
     if _E4M3FNUZ is not None:
         supported.append("torch.float8_e4m3fnuz")
     raise NotImplementedError(
-        f"paged_decode_attention: k_cache: KV cache dtype {kv_dtype} is not supported "
-        f"(supported: {', '.join(supported)})"
+        f"paged_decode_attention: {name}_cache: KV cache dtype {kv_dtype} is not supported "
+        f"(supported: {', '.join(supported)}; with {name}_block_scale: uint8 packed NVFP4, "
+        f"float8_e4m3fn MXFP8)"
     )
 
 
-def _scale_args(name: str, scale, cache: torch.Tensor):
-    """(mode, tensor for the pointer, scalar value, strides) for one K or V scale."""
+def _block_scale_args(name: str, block, fmt: int, cache: torch.Tensor, head_dim: int):
+    """(bytes tensor for the pointer, page/slot/head strides) of one side's block scales."""
+    if fmt not in (_KV_MXFP8, _KV_NVFP4):
+        return cache.view(torch.uint8) if cache.element_size() == 1 else cache, (0, 0, 0)
+    what = f"{name}_block_scale"
+    group = MX_BLOCK if fmt == _KV_MXFP8 else NVFP4_BLOCK
+    want = (*cache.shape[:3], head_dim // group)
+    if tuple(block.shape) != want:
+        raise ValueError(f"{what} must be [num_pages, page_size, Hkv, D/{group}] = {want} "
+                         f"(one scale per {group} of head_dim), got {tuple(block.shape)}")
+    if block.stride(-1) != 1:
+        raise ValueError(f"{what} must be contiguous in its last dim, got strides "
+                         f"{block.stride()}")
+    check_same_device(block, what, cache, f"{name}_cache")
+    return block.view(torch.uint8), tuple(block.stride()[:3])
+
+
+def _scale_args(name: str, scale, cache: torch.Tensor, fmt: int = _KV_E4M3FN):
+    """(mode, tensor for the pointer, scalar value, strides) for one K or V scale. With a
+    block format (MXFP8, NVFP4) the scale is per-tensor only: NVFP4's global scale, an
+    extra factor for MXFP8."""
     dummy_strides = (0, 0, 0)
     # A scalar scale's pointer is never read: FP8 caches pass it as bytes, as the caches
     # themselves go (Triton has no float8_e4m3fnuz pointer on NVIDIA GPUs: with the cache as
@@ -464,6 +616,11 @@ def _scale_args(name: str, scale, cache: torch.Tensor):
     if scale.numel() == 1:
         return _SCALE_TENSOR1, scale, 1.0, dummy_strides
     per_token = tuple(cache.shape[:3])
+    if fmt in (_KV_MXFP8, _KV_NVFP4):
+        what = "its global scale" if fmt == _KV_NVFP4 else "an extra per-tensor factor"
+        raise ValueError(f"{name} with {KV_FORMAT_NAMES[fmt].upper()} KV is {what} (one "
+                         f"element), got shape {tuple(scale.shape)}; the block scales go in "
+                         f"{name[0]}_block_scale")
     if scale.dim() == 4 and scale.shape[-1] == 1:
         scale = scale.squeeze(-1)  # quantize_per_token's [..., 1]
     if tuple(scale.shape) != per_token:
@@ -479,24 +636,40 @@ def _bad_scales(scale: torch.Tensor) -> torch.Tensor:
     return ~((scale > 0) & (scale < math.inf))
 
 
+def _bad_block_scales(codes: torch.Tensor, fmt: int) -> torch.Tensor:
+    """Block scale bytes that are not a scale: E8M0 0xFF (NaN); E4M3 NaN or negative."""
+    if fmt == _KV_MXFP8:
+        return codes == 0xFF
+    return ((codes & 0x7F) == 0x7F) | (codes > 0x80)
+
+
 def _check_values(block_tables, seq_lens, page_size: int, num_pages: int,
-                  max_seq_len: int | None, sinks, scales) -> int:
-    """The checked mode: every data check on the device, one sync for all; max(seq_lens)."""
+                  max_seq_len: int | None, sinks, scales, blocks=()) -> int:
+    """The checked mode: every data check on the device, one sync for all; max(seq_lens).
+    scales: (name, mode, tensor) of k_scale and v_scale; blocks: (name, format, bytes) of
+    the block scales given."""
     counts = [table_stats(block_tables, seq_lens, page_size, num_pages)]
     zero = torch.zeros((), dtype=torch.int64, device=seq_lens.device)
     counts.append(zero if sinks is None else (torch.isnan(sinks) | (sinks == math.inf)).sum())
+
+    def owned_bad(values, bad):  # the slots the sequences own (the rest may be NaN)
+        tok = torch.arange(block_tables.shape[1] * page_size, device=seq_lens.device)
+        owned = tok[None, :] < seq_lens.long()[:, None]  # [B, capacity]
+        pages = block_tables.long().clamp(0, num_pages - 1)[:, tok // page_size]
+        picked = bad(values[pages, tok % page_size])  # [B, capacity, Hkv, ...]
+        return (owned.reshape(*owned.shape, *[1] * (picked.dim() - 2)) & picked).sum()
+
     for _, mode, scale in scales:
         if mode == _SCALE_TENSOR1:
             counts.append(_bad_scales(scale).sum())
-        elif mode == _SCALE_PER_TOKEN:  # the slots the sequences own (the rest may be NaN)
-            tok = torch.arange(block_tables.shape[1] * page_size, device=seq_lens.device)
-            owned = tok[None, :] < seq_lens.long()[:, None]  # [B, capacity]
-            pages = block_tables.long().clamp(0, num_pages - 1)[:, tok // page_size]
-            values = scale[pages, tok % page_size]  # [B, capacity, Hkv]
-            counts.append((owned[..., None] & _bad_scales(values)).sum())
+        elif mode == _SCALE_PER_TOKEN:
+            counts.append(owned_bad(scale, _bad_scales))
         else:
             counts.append(zero)
-    *stats, bad_sinks, bad_k, bad_v = torch.cat([c.reshape(-1) for c in counts]).tolist()
+    for _, fmt, codes in blocks:
+        counts.append(owned_bad(codes, functools.partial(_bad_block_scales, fmt=fmt)))
+    values = torch.cat([c.reshape(-1) for c in counts]).tolist()
+    stats, (bad_sinks, bad_k, bad_v), bad_blocks = values[:3], values[3:6], values[6:]
     check_table_stats(stats, 1, block_tables.shape[1], page_size, num_pages)
     lens_max = stats[1]
     if max_seq_len is not None and lens_max > max_seq_len:
@@ -508,6 +681,10 @@ def _check_values(block_tables, seq_lens, page_size: int, num_pages: int,
         if bad:
             raise ValueError(f"{name}: {bad} scales the sequences read are not finite and "
                              "positive")
+    for (name, fmt, _), bad in zip(blocks, bad_blocks, strict=True):
+        if bad:
+            rule = "0xFF (NaN)" if fmt == _KV_MXFP8 else "NaN or negative"
+            raise ValueError(f"{name}: {bad} block scales the sequences read are {rule}")
     return lens_max
 
 
@@ -520,6 +697,8 @@ def paged_decode_attention(
     *,
     k_scale=None,
     v_scale=None,
+    k_block_scale: torch.Tensor | None = None,
+    v_block_scale: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     sm_scale: float | None = None,
     window_left: int = -1,
@@ -534,6 +713,12 @@ def paged_decode_attention(
     q: [B, Hq, D] bfloat16/float16 (D 64 or 128; last dim contiguous).
     k_cache, v_cache: [num_pages, page_size, Hkv, D] (NHD), bf16/fp16 (= q's dtype),
         float8_e4m3fn or float8_e4m3fnuz; Hq a multiple of Hkv (GQA); last dim contiguous.
+        Block formats, each side its own (``paged_formats.PagedStore``'s layout), decoded
+        in registers: MXFP8 = float8_e4m3fn codes + ``*_block_scale`` uint8 E8M0
+        [num_pages, page_size, Hkv, D/32]; NVFP4 = uint8 [num_pages, page_size, Hkv, D/2]
+        (E2M1 pairs, element 2k in the low nibble) + ``*_block_scale`` float8_e4m3fn
+        [..., D/16] + the global decode scale as ``k_scale``/``v_scale`` (per-tensor).
+        K and V may differ in format when neither is 16-bit (K FP8 + V NVFP4).
     block_tables: int32 [B, max_pages]; seq_lens: int32 [B], every length >= 1.
     k_scale, v_scale: dequantisation scales (value = stored * scale): None (1.0), a float or
         float32 one-element tensor (per-tensor), or float32 [num_pages, page_size, Hkv]
@@ -573,9 +758,15 @@ def paged_decode_attention(
                         "query")
     check_tensor(k_cache, "k_cache")
     check_tensor(v_cache, "v_cache")
-    if k_cache.dtype != v_cache.dtype:
+    k_format = _kv_format("k", k_cache, k_block_scale, q.dtype)
+    if k_block_scale is None and v_block_scale is None and k_cache.dtype != v_cache.dtype:
         raise TypeError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
-    kv_format = _kv_format(k_cache.dtype, q.dtype)
+    v_format = _kv_format("v", v_cache, v_block_scale, q.dtype)
+    blocked = {k_format, v_format} & {_KV_MXFP8, _KV_NVFP4}
+    # one tile type for both sides: 16-bit with 16-bit only; formats may differ only with
+    # a block format (FP8 fn / fnuz mixed is not a cache anybody writes)
+    if k_cache.dtype != v_cache.dtype and (_KV_16BIT in (k_format, v_format) or not blocked):
+        raise TypeError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
     for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
         check_tensor(t, name)
         if t.dtype != torch.int32:
@@ -588,14 +779,20 @@ def paged_decode_attention(
         raise ValueError(
             f"k_cache must be [num_pages, page_size, Hkv, D] (NHD), got {tuple(k_cache.shape)}"
         )
-    if k_cache.shape != v_cache.shape:
+    if v_cache.dim() != 4 or (k_cache.shape[:3] != v_cache.shape[:3]
+                               or (k_format == v_format and k_cache.shape != v_cache.shape)):
         raise ValueError(f"k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}")
     batch, num_q_heads, head_dim = q.shape
-    num_pages, page_size, num_kv_heads, kv_dim = k_cache.shape
+    num_pages, page_size, num_kv_heads, _ = k_cache.shape
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"q: head_dim {head_dim} is not supported (supported: {HEAD_DIMS})")
-    if kv_dim != head_dim:
-        raise ValueError(f"k_cache: KV head_dim {kv_dim} != query head_dim {head_dim}")
+    for name, cache, fmt in (("k_cache", k_cache, k_format), ("v_cache", v_cache, v_format)):
+        if fmt == _KV_NVFP4 and cache.shape[3] * 2 != head_dim:
+            raise ValueError(f"{name}: NVFP4 packs two elements a byte: last dim must be "
+                             f"head_dim / 2 = {head_dim // 2}, got {cache.shape[3]}")
+        if fmt != _KV_NVFP4 and cache.shape[3] != head_dim:
+            raise ValueError(f"{name}: KV head_dim {cache.shape[3]} != query head_dim "
+                             f"{head_dim}")
     if num_pages < 1 or page_size < 1:
         raise ValueError(f"k_cache needs >= 1 page of >= 1 slot, got {tuple(k_cache.shape)}")
     if num_kv_heads < 1 or num_q_heads < 1 or num_q_heads % num_kv_heads:
@@ -637,8 +834,12 @@ def paged_decode_attention(
     window_left = min(window_left, 2**31 - 2)
     sm_scale = check_scale_value(1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale,
                                  "sm_scale")
-    k_mode, k_scale_t, k_scale_v, k_scale_strides = _scale_args("k_scale", k_scale, k_cache)
-    v_mode, v_scale_t, v_scale_v, v_scale_strides = _scale_args("v_scale", v_scale, v_cache)
+    k_mode, k_scale_t, k_scale_v, k_scale_strides = _scale_args("k_scale", k_scale, k_cache,
+                                                                k_format)
+    v_mode, v_scale_t, v_scale_v, v_scale_strides = _scale_args("v_scale", v_scale, v_cache,
+                                                                v_format)
+    k_blk_t, k_blk_strides = _block_scale_args("k", k_block_scale, k_format, k_cache, head_dim)
+    v_blk_t, v_blk_strides = _block_scale_args("v", v_block_scale, v_format, v_cache, head_dim)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
@@ -669,7 +870,10 @@ def paged_decode_attention(
     if checked or (checked is None and max_seq_len is None):
         lens_max = _check_values(block_tables, seq_lens, page_size, num_pages, max_seq_len,
                                  sinks, (("k_scale", k_mode, k_scale_t), ("v_scale", v_mode,
-                                                                          v_scale_t)))
+                                                                          v_scale_t)),
+                                 tuple((f"{n}_block_scale", fmt, t) for n, fmt, t in
+                                       (("k", k_format, k_blk_t), ("v", v_format, v_blk_t))
+                                       if fmt in (_KV_MXFP8, _KV_NVFP4)))
         max_seq_len = max_seq_len or lens_max
     elif max_seq_len is None:
         max_seq_len = capacity  # unchecked, no sync: the split heuristic's bound
@@ -697,17 +901,29 @@ def paged_decode_attention(
     # 16-bit KV meets the query in its own type; FP8 KV decodes to float16 (exact), and a
     # bf16 query is rescaled per head into float16 range in the kernel (Q_RESCALE).
     q_type = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
-    tile = q_type if kv_format == _KV_16BIT else tl.float16
+    tile = q_type if k_format == _KV_16BIT else tl.float16
     # Triton's CPU interpreter computes 16-bit tl.dot wrongly (Triton 3.9): feed it fp32
     # operands holding the same (exactly widened) 16-bit values.
     dot = tl.float32 if interpreted() else tile
     # FP8 KV reaches the kernel as bytes (decoded there); 16-bit KV as itself.
-    k_arg = k_cache.view(torch.uint8) if kv_format != _KV_16BIT else k_cache
-    v_arg = v_cache.view(torch.uint8) if kv_format != _KV_16BIT else v_cache
-    decode_asm = 0 if kv_format == _KV_16BIT or interpreted() else launch.decode_asm
+    k_arg = k_cache.view(torch.uint8) if k_format != _KV_16BIT else k_cache
+    v_arg = v_cache.view(torch.uint8) if v_format != _KV_16BIT else v_cache
+    decode_asm = 0 if k_format == _KV_16BIT or interpreted() else launch.decode_asm
     grid = (num_kv_heads // hp, batch, num_splits)
+    constexprs = dict(
+        GROUP=group, HP=hp, ROWS=max(16, triton.next_power_of_2(group * hp)), HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size, BLOCK_N=block_n,
+        K_FORMAT=k_format, V_FORMAT=v_format, K_SCALE_MODE=k_mode, V_SCALE_MODE=v_mode,
+        HAS_SINKS=sinks is not None, IS_SPLIT=is_split, TILE=tile, DOT=dot,
+        Q_RESCALE=q_type != tile, DECODE_ASM=decode_asm,
+        PRECISE_PV=bool(launch.precise_pv if launch.precise_pv is not None
+                        else not (tile == tl.float16 and q.dtype == torch.bfloat16)),
+    )
+    for record in _launch_records:  # record_launches(): the variant that is launched now
+        record.append(dict(constexprs, k_format=KV_FORMAT_NAMES[k_format],
+                           v_format=KV_FORMAT_NAMES[v_format], grid=grid))
     _paged_decode_kernel[grid](
-        q, k_arg, v_arg, k_scale_t, v_scale_t, k_scale_v, v_scale_v,
+        q, k_arg, v_arg, k_scale_t, v_scale_t, k_scale_v, v_scale_v, k_blk_t, v_blk_t,
         block_tables, seq_lens, sinks if sinks is not None else q, capacity,
         min(num_pages, 2**31 - 1),
         out, part_acc, part_m, part_l,
@@ -715,18 +931,11 @@ def paged_decode_attention(
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *k_scale_strides, *v_scale_strides,
+        *k_scale_strides, *v_scale_strides, *k_blk_strides, *v_blk_strides,
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         num_q_heads,
-        GROUP=group, HP=hp, ROWS=max(16, triton.next_power_of_2(group * hp)), HEAD_DIM=head_dim,
-        PAGE_SIZE=page_size, BLOCK_N=block_n,
-        KV_FORMAT=kv_format, K_SCALE_MODE=k_mode, V_SCALE_MODE=v_mode,
-        HAS_SINKS=sinks is not None, IS_SPLIT=is_split, TILE=tile, DOT=dot,
-        Q_RESCALE=q_type != tile, DECODE_ASM=decode_asm,
-        PRECISE_PV=bool(launch.precise_pv if launch.precise_pv is not None
-                        else not (tile == tl.float16 and q.dtype == torch.bfloat16)),
-        num_warps=num_warps, num_stages=launch.num_stages,
+        **constexprs, num_warps=num_warps, num_stages=launch.num_stages,
     )
     if is_split:
         _merge_splits_kernel[(batch, num_q_heads)](

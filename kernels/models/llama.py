@@ -23,14 +23,14 @@ Two ways to run it:
 
 Attention backends (``attention=``):
 
-- ``"kernel"``: our Triton ``paged_decode_attention`` on the stored pages for BF16 and FP8
-  (per-tensor, per-token, 1x64-block scales), one launch per layer and chunk; for MXFP8,
-  NVFP4 and mixed K/V formats, dequantise-then-attend: as tokens are written, the
-  quantisers' Triton dequantise kernels decode their slots into a BF16 copy of the pages,
-  which the same decode kernel reads.
+- ``"kernel"``: our Triton ``paged_decode_attention`` on the stored pages of every format
+  (BF16; FP8 per-tensor, per-token, 1x64-block scales; MXFP8; NVFP4; K FP8 + V NVFP4),
+  decoded in its registers, one launch per layer and chunk. (Before issue 17 MXFP8, NVFP4
+  and the mixed cache were dequantise-then-attend: a BF16 copy of the pages, written by the
+  quantisers' dequantise kernels, read by the same decode kernel.)
 - ``"reference"``: each slot's stored bytes read back out of the pages and decoded by the
-  torch references when written (float32 for the formats the kernel reads natively, BF16
-  for the dequantise-then-attend ones, as the kernel path rounds them), gathered per
+  torch references when written (float32 for BF16 and FP8, BF16 for MXFP8 and NVFP4: the
+  rounding of the former unfused kernel path, kept so the recorded CPU figures hold), gathered per
   sequence through the page table, masked causal attention in float32 (torch SDPA),
   output rounded to BF16. This is the CPU path (the Triton interpreter would take hours for
   a 30-layer model).
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from kvperf_kernels.attention.decode import paged_decode_attention
 from kvperf_kernels.cache.paged_kv import build_page_table
 from kvperf_kernels.models.gguf_weights import LlamaConfig, LoadedModel, permute_rows
-from kvperf_kernels.models.paged_formats import KERNEL_NATIVE, PagedStore
+from kvperf_kernels.models.paged_formats import BF16_READBACK, KERNEL_NATIVE, PagedStore
 
 ATTENTION_BACKENDS = ("kernel", "reference")
 # cache configuration -> (K format, V format)
@@ -266,13 +266,12 @@ class Llama:
         qn = q[b, j].to(torch.bfloat16).contiguous()
         lens = (pos[b, j] + 1).to(torch.int32).contiguous()
         tables = cache.block_tables[b].contiguous()
-        if cache.native:
-            kc, vc = k_store.kernel_values(), v_store.kernel_values()
-            ks, vs = k_store.kernel_scale(), v_store.kernel_scale()
+        if cache.native:  # the stored codes and scales, decoded in the kernel
+            kv = {**k_store.kernel_args("k"), **v_store.kernel_args("v")}
         else:  # dequantise-then-attend: the BF16 pages the dequantise kernels wrote
-            kc, vc = k_store.readback, v_store.readback
-            ks = vs = None
-        out_n = paged_decode_attention(qn, kc, vc, tables, lens, k_scale=ks, v_scale=vs,
+            kv = {"k_cache": k_store.readback, "v_cache": v_store.readback}
+        kc, vc = kv.pop("k_cache"), kv.pop("v_cache")
+        out_n = paged_decode_attention(qn, kc, vc, tables, lens, **kv,
                                        max_seq_len=int(pos.max()) + 1, checked=True)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         out[b, j] = out_n.float()
@@ -318,15 +317,18 @@ class PagedKVCache:
         self.block_tables, _, self.num_pages, _ = build_page_table(
             self.capacity, page_size, generator=gen, device=device)
         k_fmt, v_fmt = KV_CONFIGS[kv_config]
-        # the kernel reads BF16 / FP8 codes with their scales as stored; the other caches
-        # are dequantised to BF16 when written and attended from that copy (the unfused
-        # path). The reference reads values: exact (float32) where the kernel reads codes,
-        # the same BF16 copy where it reads one.
-        self.native = k_fmt == v_fmt and k_fmt in KERNEL_NATIVE
+        # the kernel reads the codes with their scales as stored (BF16 only beside BF16: a
+        # 16-bit side and a quantised one share no tile type; no configuration mixes them);
+        # any other cache would be dequantised to BF16 when written and attended from that
+        # copy (the unfused path). The reference reads values: exact (float32), or BF16 for
+        # the formats the unfused path once rounded so (BF16_READBACK).
+        self.native = (k_fmt in KERNEL_NATIVE and v_fmt in KERNEL_NATIVE
+                       and (k_fmt == v_fmt or "bf16" not in (k_fmt, v_fmt)))
         if attention == "kernel":
             readback = None if self.native else torch.bfloat16
         else:
-            readback = torch.float32 if self.native else torch.bfloat16
+            readback = (torch.bfloat16 if {k_fmt, v_fmt} & set(BF16_READBACK)
+                        else torch.float32)
         self.layers = [
             tuple(PagedStore(fmt, self.num_pages, page_size, cfg.num_kv_heads, cfg.head_dim,
                              device, readback=readback) for fmt in (k_fmt, v_fmt))

@@ -16,8 +16,8 @@ bf16                 D bf16                                none                 
 fp8_per_tensor       D e4m3                                one fp32 per layer K|V   kernel
 fp8_per_token        D e4m3 + fp32                         amax/448 per head row    kernel
 fp8_per_block64      D e4m3 + fp32 per 64 (here: 1)        amax/448 per 64          kernel
-mxfp8                D e4m3 + D/32 E8M0                    power of two per 32      dequant
-nvfp4                D/2 bytes (E2M1 pairs) + D/16 e4m3    per 16, + fp32 global    dequant
+mxfp8                D e4m3 + D/32 E8M0                    power of two per 32      kernel
+nvfp4                D/2 bytes (E2M1 pairs) + D/16 e4m3    per 16, + fp32 global    kernel
 ===================  ====================================  ======================  =======
 
 ``fp8_per_block64``: the lab's "1x128 block" FP8 (DeepSeek-style 1 x B tiles along the
@@ -32,6 +32,11 @@ Static scales: a per-tensor FP8 scale and the NVFP4 global amax are fixed by the
 (the prefill, or the first chunk of a teacher-forced text: vLLM's ``calculate_kv_scales``),
 and later tokens are quantised with them, saturating (counted in ``saturated``). Every
 block or per-token scale is computed as its tokens are written.
+
+"kernel": ``attention.decode.paged_decode_attention`` reads the stored bytes of every format
+(``kernel_args``), K and V in different formats too (K FP8 + V NVFP4); MXFP8 and NVFP4 were
+dequantised to BF16 and then attended before the fused kernel (issue 17), and the torch
+reference path still reads them as BF16 values (``BF16_READBACK``), as it did then.
 
 Unused slots hold NaN codes or NaN scales (``nan_fill``), so a read past a sequence's
 length shows as NaN in the output.
@@ -49,9 +54,11 @@ from kvperf_kernels.quant.groups import tensor_amax_ref
 
 STORE_FORMATS = ("bf16", "fp8_per_tensor", "fp8_per_token", "fp8_per_block64", "mxfp8",
                  "nvfp4")
-# formats the Triton decode kernel reads as stored (BF16 or FP8 codes with per-tensor or
-# per-(token, head) scales); the others are dequantised to BF16 first
-KERNEL_NATIVE = ("bf16", "fp8_per_tensor", "fp8_per_token", "fp8_per_block64")
+# formats the Triton decode kernel reads as stored (codes and scales): all of them
+KERNEL_NATIVE = STORE_FORMATS
+# formats whose values the torch reference path reads rounded to BF16: the unfused kernel
+# path's BF16 copy before the fused decode (kept, so the CPU figures stay those recorded)
+BF16_READBACK = ("mxfp8", "nvfp4")
 
 
 class PagedStore:
@@ -154,10 +161,25 @@ class PagedStore:
             return None
         if self.fmt == "fp8_per_tensor":
             return self.scale
+        if self.fmt in ("mxfp8", "nvfp4"):
+            raise ValueError(f"{self.fmt}: block scales, see kernel_args")
         return self.tensors["scale"]
 
     def kernel_values(self) -> torch.Tensor:
-        return self.tensors["values" if self.fmt == "bf16" else "q"]
+        return self.tensors[{"bf16": "values", "nvfp4": "packed"}.get(self.fmt, "q")]
+
+    def kernel_args(self, side: str) -> dict:
+        """The decode kernel's ``{side}_cache``, ``{side}_scale`` and ``{side}_block_scale``
+        (side "k" or "v") for this store, read as stored."""
+        if self.fmt == "mxfp8":
+            scale, block = None, self.tensors["scale_e8m0"]
+        elif self.fmt == "nvfp4":
+            scale = self.global_scale if self.global_scale is not None else 1.0
+            block = self.tensors["block_scale"]
+        else:
+            scale, block = self.kernel_scale(), None
+        return {f"{side}_cache": self.kernel_values(), f"{side}_scale": scale,
+                f"{side}_block_scale": block}
 
     def dequantize(self, index: torch.Tensor | None = None, *, dtype=torch.float32,
                    kernels: bool = False) -> torch.Tensor:
