@@ -108,6 +108,16 @@ def _run_child(route: Route, order: tuple) -> tuple[dict | None, str]:
     return json.loads(lines[-1][len(RESULT_TAG):]), log
 
 
+def _keep_log(route: Route, order: tuple, text: str) -> None:
+    """With KVPERF_FLASHINFER_LOG_DIR set, each case's child log and problems go to a file at
+    once: a run cut short by its time limit (cold JIT builds) still leaves every finished
+    case's reasons, which pytest prints only in its final summary."""
+    folder = os.environ.get("KVPERF_FLASHINFER_LOG_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{route.name}-{'-then-'.join(order)}.log").write_text(text)
+
+
 def _step_problems(route: Route, step: dict) -> list[str]:
     """Everything wrong with one step; empty when the step is right."""
     if "error" in step:
@@ -163,6 +173,8 @@ def test_flashinfer_sink_entry_point(route, order, kvperf):
     result, log = _run_child(route, order)
     where = (f"entry point {route.entry} (case {route.name}), backend {route.backend}, "
              f"order {' then '.join(order)}")
+    if result is None:
+        _keep_log(route, order, log)
     assert result is not None, f"{where}: the child process died or printed no result; {log}"
     kvperf.info("flashinfer", result["flashinfer"])
     assert [s["kv"] for s in result["steps"]] == list(order), result["steps"]
@@ -178,4 +190,5 @@ def test_flashinfer_sink_entry_point(route, order, kvperf):
         for problem in _step_problems(route, step):
             failures.append(f"{where}, KV {step['kv']} (step {position} of {len(order)}): "
                             f"{problem}")
+    _keep_log(route, order, log + "\n" + "\n".join(failures))
     assert not failures, f"FlashInfer {result['flashinfer']}:\n" + "\n".join(failures)
