@@ -104,14 +104,16 @@ def _e4m3fn_bytes_to_f16(raw, OPAQUE: tl.constexpr):
 
 @triton.jit
 def _load_kv_tile(ptr, offs, mask, blk_ptr, blk_offs, hi_nibble, KV_FORMAT: tl.constexpr,
-                  TILE: tl.constexpr, OPAQUE: tl.constexpr):
+                  TILE: tl.constexpr, OPAQUE: tl.constexpr, NAN_PATCH: tl.constexpr):
     """Load a [BLOCK_N, D] KV tile as TILE (16-bit). FP8 goes to float16, which holds every
     E4M3 value exactly and is one packed hardware convert per two bytes on sm89+ (bfloat16
     would take an extra per-element convert: that was the FP8 kernel's bottleneck).
     OPAQUE (FP8 only, GPU only): decode before the dot-operand layout conversion.
     MXFP8: the E4M3 codes only (the caller applies the E8M0 block scales, _mx_apply).
     NVFP4: offs address each column's byte, hi_nibble picks its nibble; blk_offs the
-    column's E4M3 block scale."""
+    column's E4M3 block scale.
+    NAN_PATCH (the CPU interpreter): E4M3 NaN codes made NaN by hand; Triton 3.9's
+    interpreter decodes +-0x7F as +-480, so a poisoned FP8 byte would read as a number."""
     if KV_FORMAT == 0:
         return tl.load(ptr + offs, mask=mask, other=0.0).to(TILE)
     elif KV_FORMAT == 4:
@@ -123,11 +125,16 @@ def _load_kv_tile(ptr, offs, mask, blk_ptr, blk_offs, hi_nibble, KV_FORMAT: tl.c
         # exact in float16: a multiple of 2^-24, at most 6 * 448 * 2^-14.
         bits = ((nib & 7) << 9) | ((nib & 8) << 12)
         x = bits.to(tl.uint16).to(tl.float16, bitcast=True)
-        sc = _e4m3fn_bytes_to_f16(tl.load(blk_ptr + blk_offs, mask=mask, other=0), False)
+        sc_raw = tl.load(blk_ptr + blk_offs, mask=mask, other=0)
+        sc = _e4m3fn_bytes_to_f16(sc_raw, False)
+        if NAN_PATCH:
+            sc = tl.where((sc_raw & 0x7F) == 0x7F, float("nan"), sc)
         return (x * sc).to(TILE)
     else:
         raw = tl.load(ptr + offs, mask=mask, other=0)  # uint8 (the launcher passes bytes)
         x = _e4m3fn_bytes_to_f16(raw, OPAQUE)
+        if NAN_PATCH and KV_FORMAT != 2:
+            x = tl.where((raw & 0x7F) == 0x7F, float("nan"), x)
         if KV_FORMAT == 2:
             # e4m3fnuz (bias 8, max 240, NaN only at 0x80) decoded as e4m3fn (bias 7) is
             # twice its value (the kernel folds the 1/2 into the scales); patch the codes
@@ -213,7 +220,7 @@ def _paged_decode_kernel(
     K_SCALE_MODE: tl.constexpr, V_SCALE_MODE: tl.constexpr,
     HAS_SINKS: tl.constexpr, IS_SPLIT: tl.constexpr,
     TILE: tl.constexpr, DOT: tl.constexpr, Q_RESCALE: tl.constexpr, PRECISE_PV: tl.constexpr,
-    DECODE_ASM: tl.constexpr,
+    DECODE_ASM: tl.constexpr, NAN_PATCH: tl.constexpr,
 ):
     # Heads vary fastest in the grid: the programs that read the KV heads of one token (one
     # contiguous row of the cache) run side by side, so DRAM pages are opened once for all.
@@ -322,7 +329,8 @@ def _paged_decode_kernel(
         k_blk = (page * stride_kbp + slot * stride_kbs + kv_head0 * stride_kbh)[:, None] \
             + k_blk_cols[None, :]
         k = _load_kv_tile(k_ptr, k_rows[:, None] + k_cols[None, :], n_mask[:, None],
-                          k_blk_ptr, k_blk, hi_nibble, K_FORMAT, TILE, (DECODE_ASM & 1) != 0)
+                          k_blk_ptr, k_blk, hi_nibble, K_FORMAT, TILE, (DECODE_ASM & 1) != 0,
+                          NAN_PATCH)
         if K_FORMAT == 3:
             ke, ke_ref, ks = _mx_exponents(k_blk_ptr, k_blk, n_mask, c_head, r_head, ROWS,
                                            BLOCK_N, HP)
@@ -347,7 +355,8 @@ def _paged_decode_kernel(
         v_blk = (page * stride_vbp + slot * stride_vbs + kv_head0 * stride_vbh)[:, None] \
             + v_blk_cols[None, :]
         v = _load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
-                          v_blk_ptr, v_blk, hi_nibble, V_FORMAT, TILE, (DECODE_ASM & 2) != 0)
+                          v_blk_ptr, v_blk, hi_nibble, V_FORMAT, TILE, (DECODE_ASM & 2) != 0,
+                          NAN_PATCH)
         if V_SCALE_MODE == 2 or V_FORMAT == 3:
             if V_FORMAT == 3:
                 ve, ve_ref, vs = _mx_exponents(v_blk_ptr, v_blk, n_mask, c_head, r_head, ROWS,
@@ -915,7 +924,7 @@ def paged_decode_attention(
         PAGE_SIZE=page_size, BLOCK_N=block_n,
         K_FORMAT=k_format, V_FORMAT=v_format, K_SCALE_MODE=k_mode, V_SCALE_MODE=v_mode,
         HAS_SINKS=sinks is not None, IS_SPLIT=is_split, TILE=tile, DOT=dot,
-        Q_RESCALE=q_type != tile, DECODE_ASM=decode_asm,
+        Q_RESCALE=q_type != tile, DECODE_ASM=decode_asm, NAN_PATCH=interpreted(),
         PRECISE_PV=bool(launch.precise_pv if launch.precise_pv is not None
                         else not (tile == tl.float16 and q.dtype == torch.bfloat16)),
     )
