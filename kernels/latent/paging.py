@@ -9,7 +9,8 @@ their own index:
   * pooled (the model's compressor): entry ``i`` is written once its window
     ``[i * ratio, (i + 1) * ratio)`` is complete, RoPE'd at position ``i * ratio``;
   * sliding window: token p goes to ring entry ``p % window`` (the last ``window`` tokens
-    are kept; a sequence owns ``cdiv(window, block_size)`` blocks).
+    are kept; a sequence owns ``cdiv(window, block_size)`` blocks); a batch writes only its
+    sequences' last ``window`` tokens, so no two tokens of one launch share a slot.
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ def strided_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:
     return torch.where((p + 1) % ratio == 0, p // ratio, torch.full_like(p, -1))
 
 
-def window_entries(positions: torch.Tensor, window: int) -> torch.Tensor:
-    """Ring entry p % window of the sliding-window cache."""
+def window_entries(positions: torch.Tensor, seq_ends: torch.Tensor, window: int) -> torch.Tensor:
+    """Ring entry p % window of the sliding-window cache for the tokens among their
+    sequence's last ``window`` (seq_ends [T]: the sequence's length after this batch), -1
+    for the others: two tokens of one launch never share a slot (their order on the GPU is
+    not defined)."""
     check_int(window, "window", 1)
-    return positions.long() % window
+    p = positions.long()
+    return torch.where(p >= seq_ends.long() - window, p % window, torch.full_like(p, -1))
