@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from . import role
+from . import benchmark_compat, role
 from . import timing as timing_mod
 from .derived import derive
 from .metric import Spread
@@ -26,11 +25,10 @@ from .xdist_gpus import gpu_shared
 
 PROP_BENCH = "kvperf_benchmark"
 
-# pytest-benchmark's own skip reasons (its pytest_collection_modifyitems): a test skipped
-# with one of them was deselected by --benchmark-only / --benchmark-skip, like -k.
-SKIP_BENCH_REASON = "Skipping benchmark (--benchmark-skip active)."
-SKIP_OTHER_REASON = "Skipping non-benchmark (--benchmark-only active)."
-BENCHMARK_SELECTION_REASONS = (SKIP_BENCH_REASON, SKIP_OTHER_REASON)
+# (pytest-benchmark's private API is used in benchmark_compat only)
+SKIP_BENCH_REASON = benchmark_compat.SKIP_BENCH_REASON
+SKIP_OTHER_REASON = benchmark_compat.SKIP_OTHER_REASON
+BENCHMARK_SELECTION_REASONS = benchmark_compat.SELECTION_REASONS
 
 
 @dataclass
@@ -47,7 +45,7 @@ class BenchResult:
 
 
 def benchmarks_disabled(config) -> bool:
-    if getattr(config, "_benchmarksession", None) is None:  # -p no:benchmark
+    if benchmark_compat.session(config) is None:  # -p no:benchmark
         return True
     return bool(config.getoption("benchmark_disable")) and not config.getoption(
         "benchmark_enable"
@@ -62,19 +60,19 @@ def select_for_benchmark_options(config, items) -> None:
     tests as non-benchmarks under --benchmark-only and did not skip them under
     --benchmark-skip.
     """
-    bs = getattr(config, "_benchmarksession", None)
+    bs = benchmark_compat.session(config)
     if bs is None:  # -p no:benchmark
         return
     for item in items:
         names = getattr(item, "fixturenames", ())
         if "kv_bench" not in names or "benchmark" in names:
             continue  # pytest-benchmark decided a `benchmark` test itself
-        if bs.only:
+        if benchmark_compat.deselects_only(bs):
             item.own_markers[:] = [
                 m for m in item.own_markers
                 if not (m.name == "skip" and m.kwargs.get("reason") == SKIP_OTHER_REASON)
             ]
-        if bs.skip:
+        if benchmark_compat.deselects_benchmarks(bs):
             item.add_marker(pytest.mark.skip(reason=SKIP_BENCH_REASON))
 
 
@@ -83,26 +81,13 @@ def keep_gpus_apart(config, gpu_key: str) -> None:
     gets the GPU key: --benchmark-compare then compares with runs on the same GPU model
     only, even on a shared `.benchmarks/`.
 
-    pytest-benchmark has no hook for the id: it reads `get_machine_id()` when it creates
-    its session (its trylast pytest_configure, which also loads the compared runs), so
-    this wraps that function from the plugin's earlier pytest_configure until unconfigure.
+    pytest-benchmark has no hook for the id: benchmark_compat wraps the function its
+    session reads, from the plugin's earlier pytest_configure until unconfigure.
     """
     if not config.pluginmanager.has_plugin("benchmark"):
         return
-    import re
-
-    import pytest_benchmark.session as bench_session
-
-    previous = bench_session.get_machine_id
-    original = getattr(previous, "__wrapped__", previous)  # (a pytester run inside a run)
-    suffix = re.sub(r"[^A-Za-z0-9_.-]", "_", gpu_key)
-
-    def get_machine_id() -> str:
-        return f"{original()}-{suffix}"
-
-    get_machine_id.__wrapped__ = original
-    bench_session.get_machine_id = get_machine_id
-    config.add_cleanup(lambda: setattr(bench_session, "get_machine_id", previous))
+    benchmark_compat.wrap_machine_id(benchmark_compat.machine_id_suffix(gpu_key),
+                                     config.add_cleanup)
 
 
 class KvBench:
@@ -199,20 +184,4 @@ class KvBench:
 
 def add_benchmark_record(config, record: dict) -> None:
     """Append a measured record to pytest-benchmark's session as one of its own benchmarks."""
-    from pytest_benchmark.stats import Metadata
-
-    session = getattr(config, "_benchmarksession", None)
-    if session is None:
-        return
-    fixture = SimpleNamespace(
-        name=record["name"], fullname=record["fullname"], group=record["group"],
-        param=record["param"], params=record["params"], extra_info=record["extra_info"],
-        cprofile_stats=None, has_error=False,
-    )
-    meta = Metadata(fixture, iterations=1, options={
-        "timer": record["extra_info"]["timing_method"], "min_rounds": None,
-        "max_time": None, "min_time": None, "warmup": True, "disable_gc": False,
-    })
-    for seconds in record["samples_s"]:
-        meta.update(seconds)
-    session.benchmarks.append(meta)
+    benchmark_compat.add_record(config, record)

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from . import arch_selection, html_report, report, role, xdist_gpus
+from . import arch_selection, benchmark_compat, html_report, report, role, xdist_gpus
 from .baselines import BaselineError
 from .bench_fixture import (
     PROP_BENCH,
@@ -120,6 +120,11 @@ def pytest_configure(config):
     except BaselineError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_session_key] = session
+    if config.pluginmanager.has_plugin("benchmark"):
+        try:
+            benchmark_compat.check_installed()  # kv_bench relies on its private API
+        except benchmark_compat.IncompatibleBenchmarkError as exc:
+            raise pytest.UsageError(str(exc)) from None
     keep_gpus_apart(config, session.real_hw.key)
     config.pluginmanager.register(_ReportCollector(session, config), "kvperf-reports")
 

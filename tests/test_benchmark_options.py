@@ -101,7 +101,7 @@ def test_histogram_extra():
     tomllib = pytest.importorskip("tomllib")
     with open(ROOT / "pyproject.toml", "rb") as f:
         extras = tomllib.load(f)["project"]["optional-dependencies"]
-    assert extras["histogram"] == ["pytest-benchmark[histogram]>=5.1"]
+    assert extras["histogram"] == ["pytest-benchmark[histogram]>=5.1,<5.4"]
 
 
 def test_histogram_of_kv_bench_tests(pytester):
