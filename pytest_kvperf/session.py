@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from . import baselines, jsonfile, report
+from . import baselines, jsonfile, provenance, report
 from .bench_fixture import BENCHMARK_SELECTION_REASONS
 from .compare import MetricChange, compare_metrics, failure_message
 from .hardware import HardwareProfile, detect, named_profile
@@ -27,6 +27,8 @@ PROP_METRICS = "kvperf_metrics"
 # The status of a test that ran and passed but recorded no metric: nothing to compare.
 # Not "passed", which stood beside pytest's own "passed" (which counts every test that ran).
 RAN_NO_METRICS = "ran (no metrics)"
+
+MAX_MESSAGE_CHARS = 4000  # the end of a failure's text: where pytest puts the assertion
 
 
 SPEED_POLICIES = ("warn", "fail")
@@ -55,6 +57,23 @@ class TestResult:
     verdict: str = ""  # new | ok | regressed | improved | invalid (from the comparison)
     changes: list[MetricChange] = field(default_factory=list)
     status: str = ""  # final classification, see classify()
+    message: str = ""  # a failure's or error's text (the report's longrepr), for the report
+
+
+def status_of(outcome: str, skip_reason: str, hw_skip_reason: str, verdict: str,
+              has_metrics: bool, measured_before: bool) -> str:
+    """A test's kvperf status from its outcome, comparison verdict and stored entry."""
+    if outcome == "skipped":
+        if skip_reason in BENCHMARK_SELECTION_REASONS:
+            return "skipped"  # --benchmark-only/-skip select, like -k
+        if measured_before:
+            return "lost coverage"
+        return "n/a" if hw_skip_reason else "skipped"
+    if outcome in ("failed", "error", "interrupted"):
+        return "regressed" if verdict == "regressed" else outcome
+    if has_metrics:
+        return verdict or "new"
+    return RAN_NO_METRICS
 
 
 class KvperfSession:
@@ -175,6 +194,7 @@ class KvperfSession:
             result.skip_reason = text.removeprefix("Skipped: ")
         elif report.failed:
             result.outcome = "failed" if report.when == "call" else "error"
+            result.message = report.longreprtext[-MAX_MESSAGE_CHARS:]
         elif report.when == "call" and result.outcome not in ("failed", "error"):
             result.outcome = "passed"
 
@@ -183,22 +203,9 @@ class KvperfSession:
         failed, per test."""
         for result in self.results.values():
             entry = self.entry(result.gpu_key, result.nodeid) if result.gpu_key else None
-            measured_before = bool(entry and entry.measured)
-            if result.outcome == "skipped":
-                if result.skip_reason in BENCHMARK_SELECTION_REASONS:
-                    result.status = "skipped"  # --benchmark-only/-skip select, like -k
-                elif measured_before:
-                    result.status = "lost coverage"
-                elif result.hw_skip_reason:
-                    result.status = "n/a"
-                else:
-                    result.status = "skipped"
-            elif result.outcome in ("failed", "error", "interrupted"):
-                result.status = "regressed" if result.verdict == "regressed" else result.outcome
-            elif result.metrics:
-                result.status = result.verdict or "new"
-            else:
-                result.status = RAN_NO_METRICS
+            result.status = status_of(result.outcome, result.skip_reason,
+                                      result.hw_skip_reason, result.verdict,
+                                      bool(result.metrics), bool(entry and entry.measured))
 
     # -------------------------------------------------------------- update
     def baseline_updates(self) -> dict[str, dict[str, baselines.Entry]]:
@@ -238,6 +245,7 @@ class KvperfSession:
             "decision_profile": self.decision_hw.as_dict() if self.hw_spec else None,
             "peaks": self.peaks_record(),
             "summary": dict(sorted(counts.items())),
+            "run": provenance.run_facts(self.config.rootpath),
             "tests": {
                 r.nodeid: {
                     "outcome": r.outcome,
@@ -248,6 +256,7 @@ class KvperfSession:
                     "metrics": {name: m.to_dict() for name, m in r.metrics.items()},
                     "changes": [c.to_dict() for c in r.changes],
                     "info": r.info,
+                    "message": r.message or None,
                 }
                 for r in sorted(self.results.values(), key=lambda r: r.nodeid)
             },

@@ -58,7 +58,7 @@ def test_ran_without_metrics_is_not_called_passed(pytester):
     assert plain["status"] == "ran (no metrics)" and plain["outcome"] == "passed"
     assert "passed" not in doc["summary"]
     page = (pytester.path / "r.html").read_text()
-    assert "<tr class='ran'><td>ran (no metrics)</td>" in page
+    assert "<tr data-status='ran (no metrics)'>" in page and "data-status='passed'" not in page
     assert "1 ran (no metrics)" in page
 
 
