@@ -1,0 +1,233 @@
+"""MLA decode over an FP8 latent cache: sparse (top-k indices, -1 padded) and dense (a
+block table), for the three layouts, reading the cache bytes directly.
+
+All query heads share the one latent per token (MQA on the latent): with the token's
+dequantised latent ``c`` (``gather.latent_gather``'s row: d_in values),
+    key = c (d_qk = d_in: 576 for v32, 512 for lab and model1),
+    value = c[:512] (v32: the 512 c_kv dims; lab, model1: the whole 512),
+    out[h] = softmax_n(sm_scale * q[h] . key[n]) @ value,   lse[h] = log sum exp,
+FlashMLA's widths (V3.2: qk 576 / v 512; V4: 512 / 512). Indices are cache slots; -1
+entries are skipped (a row with none gives out 0, lse -inf). The kernel dequantises each
+token to bf16 (exact for the power-of-two layouts; the lab's amax scale rounds once, as
+``latent_gather(out_dtype=bf16)``), multiplies in bf16 with float32 accumulation and rounds
+the softmax weights P to bf16 for P @ V, as FlashMLA does; the reference is float64 on
+the same bf16 latent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvperf_kernels.device import interpreted
+from kvperf_kernels.formats.checks import check_device, check_tensor, use_hw_cast
+from kvperf_kernels.formats.codecs import cast_out, decode_e4m3
+from kvperf_kernels.latent.gather import latent_gather_ref
+from kvperf_kernels.latent.layouts import (
+    INDEX_DTYPES,
+    check_cache,
+    check_slots,
+    get_layout,
+)
+from kvperf_kernels.latent.write import SCALE_KINDS
+
+D_V = 512
+
+__all__ = ["sparse_mla_decode", "dense_mla_decode", "mla_decode_ref", "dense_indices"]
+
+
+def mla_decode_ref(q, cache, indices, *, layout, block_size: int, sm_scale=None):
+    """(out float64 [R, H, 512], lse float64 [R, H]) over the bf16 latent at indices [R, K]."""
+    layout = get_layout(layout)
+    r, h, d = q.shape
+    sm_scale = d**-0.5 if sm_scale is None else sm_scale
+    flat = indices.reshape(-1)
+    lat = latent_gather_ref(cache, flat, layout=layout, block_size=block_size,
+                            out_dtype=torch.bfloat16).double().reshape(r, -1, layout.d_in)
+    s = torch.einsum("rhd,rnd->rhn", q.double(), lat) * sm_scale
+    s = torch.where((indices >= 0)[:, None, :], s, torch.full_like(s, float("-inf")))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(s),
+                    torch.exp(s - lse[..., None]))
+    return torch.einsum("rhn,rnd->rhd", p, lat[..., :D_V]), lse
+
+
+def dense_indices(block_tables, seq_lens, block_size: int) -> torch.Tensor:
+    """int64 [R, max_len] slots of each row's tokens 0..len-1 (-1 beyond): the dense decode
+    as an index list, for the reference."""
+    n = int(seq_lens.max()) if len(seq_lens) else 0
+    pos = torch.arange(n, device=block_tables.device)
+    pages = block_tables.long()[:, (pos // block_size).clamp(max=block_tables.shape[1] - 1)]
+    slots = pages * block_size + pos % block_size
+    return torch.where(pos[None, :] < seq_lens[:, None], slots, torch.full_like(slots, -1))
+
+
+@triton.jit
+def mma(a, b, F32: tl.constexpr):
+    """a @ b of bf16 tiles, float32 accumulation. F32 (the CPU interpreter, whose bf16 dot
+    multiplies the raw bit patterns) widens the operands first: the same exact products."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _mla_decode_kernel(
+    q_ptr, q_sr, q_sh, cache_ptr, idx_ptr, idx_stride, n_keys, bt_ptr, bt_stride, len_ptr,
+    out_ptr, o_sr, o_sh, lse_ptr, sm_scale, block_size, block_bytes, H,
+    D_FP8: tl.constexpr, PA: tl.constexpr, TILE: tl.constexpr, HAS_R: tl.constexpr,
+    V_HAS_R: tl.constexpr, SCALE_KIND: tl.constexpr, ROW_BYTES: tl.constexpr,
+    SCALE_ROW_OFF: tl.constexpr, ROPE_ROW_OFF: tl.constexpr, FOOTER_BYTES: tl.constexpr,
+    DENSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HW_CAST: tl.constexpr,
+    F32: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = heads < H
+    ca = tl.arange(0, PA)
+    am = ca < D_FP8
+    cr = tl.arange(0, 64)
+    q_row = q_ptr + r * q_sr + heads[:, None] * q_sh
+    qa = tl.load(q_row + ca[None, :], mask=hm[:, None] & am[None, :], other=0.0)
+    if HAS_R:
+        qr = tl.load(q_row + D_FP8 + cr[None, :], mask=hm[:, None], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc_a = tl.zeros([BLOCK_H, PA], tl.float32)
+    acc_r = tl.zeros([BLOCK_H, 64], tl.float32)
+    if DENSE:
+        total = tl.load(len_ptr + r)
+    else:
+        total = n_keys
+    for start in range(0, total, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        if DENSE:
+            valid = n < total
+            page = tl.load(bt_ptr + r * bt_stride + n // block_size, mask=valid, other=0)
+            slot = page.to(tl.int64) * block_size + n % block_size
+        else:
+            slot = tl.load(idx_ptr + r * idx_stride + n, mask=n < total, other=-1).to(tl.int64)
+            valid = slot >= 0
+        slot = tl.where(valid, slot, 0)
+        blk = slot // block_size
+        row = cache_ptr + blk * block_bytes + (slot % block_size) * ROW_BYTES
+        m2 = valid[:, None] & am[None, :]
+        code = tl.load(row[:, None] + ca[None, :], mask=m2, other=0).to(tl.int32)
+        tile = ca // TILE
+        if FOOTER_BYTES == 0:
+            sp = (row + SCALE_ROW_OFF).to(tl.pointer_type(tl.float32))
+            scale = tl.load(sp[:, None] + tile[None, :], mask=m2, other=0.0)
+        else:
+            foot = cache_ptr + blk * block_bytes + block_size * ROW_BYTES \
+                + (slot % block_size) * FOOTER_BYTES
+            e = tl.load(foot[:, None] + tile[None, :], mask=m2, other=127).to(tl.int32)
+            scale = tl.where(e == 255, float("nan"), (e << 23).to(tl.float32, bitcast=True))
+        a = cast_out(decode_e4m3(code, HW_CAST) * scale, tl.bfloat16, HW_CAST)
+        a = tl.where(m2, a, 0.0).to(tl.bfloat16)
+        s = mma(qa, tl.trans(a), F32)
+        if HAS_R:
+            rp = (row + ROPE_ROW_OFF).to(tl.pointer_type(tl.bfloat16))
+            rv = tl.load(rp[:, None] + cr[None, :], mask=valid[:, None], other=0.0)
+            s += mma(qr, tl.trans(rv), F32)
+        s = tl.where(valid[None, :], s * sm_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        pb = cast_out(p, tl.bfloat16, HW_CAST)  # P rounded to bf16, as FlashMLA
+        acc_a = acc_a * alpha[:, None] + mma(pb, a, F32)
+        if V_HAS_R:
+            acc_r = acc_r * alpha[:, None] + mma(pb, rv, F32)
+        m_i = m_new
+    inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+    o_row = out_ptr + r * o_sr + heads[:, None] * o_sh
+    tl.store(o_row + ca[None, :], cast_out(acc_a * inv[:, None], out_ptr.dtype.element_ty, HW_CAST),
+             mask=hm[:, None] & am[None, :])
+    if V_HAS_R:
+        o_r = cast_out(acc_r * inv[:, None], out_ptr.dtype.element_ty, HW_CAST)
+        tl.store(o_row + D_FP8 + cr[None, :], o_r, mask=hm[:, None])
+    lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf"))
+    tl.store(lse_ptr + r * H + heads, lse, mask=hm)
+
+
+def _check_q(q, layout):
+    check_tensor(q, "q", (torch.bfloat16,), dim=3)
+    if q.shape[2] != layout.d_in or q.stride(2) != 1:
+        raise ValueError(f"q: layout {layout.name!r} takes bf16 [R, H, {layout.d_in}] queries "
+                         f"with a contiguous last dim, got {tuple(q.shape)}")
+    check_device(q, "q")
+
+
+def _launch(q, cache, layout, block_size, sm_scale, hw_cast, *, indices=None,
+            block_tables=None, seq_lens=None):
+    r, h, d = q.shape
+    out = torch.empty(r, h, D_V, dtype=torch.bfloat16, device=q.device)
+    lse = torch.empty(r, h, dtype=torch.float32, device=q.device)
+    if r == 0 or h == 0:
+        return out, lse
+    sm_scale = d**-0.5 if sm_scale is None else float(sm_scale)
+    if not (math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a finite positive float, got {sm_scale!r}")
+    dense = indices is None
+    dummy = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
+    idx = dummy if dense else indices
+    bt = block_tables if dense else dummy
+    lens = seq_lens if dense else dummy.view(-1)
+    block_h = 16 if h <= 16 else 32
+    _mla_decode_kernel[(r, triton.cdiv(h, block_h))](
+        q, q.stride(0), q.stride(1), cache, idx, idx.stride(0), 0 if dense else idx.shape[1],
+        bt, bt.stride(0), lens, out, out.stride(0), out.stride(1), lse, sm_scale, block_size,
+        layout.block_bytes(block_size), h,
+        D_FP8=layout.d_fp8, PA=triton.next_power_of_2(layout.d_fp8), TILE=layout.tile,
+        HAS_R=not layout.rope_fp8, V_HAS_R=layout.d_fp8 < D_V,
+        SCALE_KIND=SCALE_KINDS[layout.scale_kind], ROW_BYTES=layout.row_bytes,
+        SCALE_ROW_OFF=layout.scale_row_off, ROPE_ROW_OFF=layout.rope_row_off,
+        FOOTER_BYTES=layout.footer_bytes, DENSE=dense, BLOCK_H=block_h, BLOCK_N=32,
+        HW_CAST=use_hw_cast(q.device, hw_cast), F32=interpreted(), num_warps=8,
+    )
+    return out, lse
+
+
+def sparse_mla_decode(q, cache, indices, *, layout, block_size: int, sm_scale=None,
+                      hw_cast: bool | None = None, checked: bool = True):
+    """(out bf16 [R, H, 512], lse float32 [R, H]) for q bf16 [R, H, d_qk] over the cache
+    slots indices [R, K] (-1: padding). ``checked`` verifies the index range (one sync)."""
+    layout = get_layout(layout)
+    nb = check_cache(cache, layout, block_size)
+    _check_q(q, layout)
+    check_tensor(indices, "indices", INDEX_DTYPES, dim=2)
+    if indices.shape[0] != q.shape[0] or indices.stride(1) != 1:
+        raise ValueError(f"indices must be [R={q.shape[0]}, K] with a contiguous last dim, "
+                         f"got {tuple(indices.shape)}")
+    check_slots(indices.reshape(-1), "indices", indices.numel(), nb * block_size, cache,
+                checked=checked)
+    return _launch(q, cache, layout, block_size, sm_scale, hw_cast, indices=indices)
+
+
+def dense_mla_decode(q, cache, block_tables, seq_lens, *, layout, block_size: int,
+                     sm_scale=None, hw_cast: bool | None = None):
+    """(out, lse) of q [R, H, d_qk] over each row's tokens 0..seq_lens[r]-1 through
+    block_tables [R, max_blocks] (page ids checked against the cache)."""
+    layout = get_layout(layout)
+    nb = check_cache(cache, layout, block_size)
+    _check_q(q, layout)
+    check_tensor(block_tables, "block_tables", INDEX_DTYPES, dim=2)
+    check_tensor(seq_lens, "seq_lens", INDEX_DTYPES, dim=1)
+    if block_tables.shape[0] != q.shape[0] or seq_lens.shape[0] != q.shape[0]:
+        raise ValueError("block_tables and seq_lens need one row per query row")
+    if q.shape[0]:
+        cap = block_tables.shape[1] * block_size
+        if int(seq_lens.min()) < 0 or int(seq_lens.max()) > cap:
+            raise ValueError(f"seq_lens must be in [0, {cap}] (block_tables' capacity)")
+        ids = dense_indices(block_tables, seq_lens, block_size)
+        check_slots(ids.reshape(-1), "block_tables (as slots)", ids.numel(), nb * block_size,
+                    cache)
+    return _launch(q, cache, layout, block_size, sm_scale, hw_cast,
+                   block_tables=block_tables, seq_lens=seq_lens)
+
+
