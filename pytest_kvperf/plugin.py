@@ -18,6 +18,7 @@ from .bench_fixture import (
     select_for_benchmark_options,
 )
 from .hardware import UnknownProfileError, named_profile
+from .html_columns import HtmlColumns
 from .markers import marker_lines, skip_reasons
 from .recorder import MetricRecorder
 from .session import PROP_GPU, PROP_SKIP, SPEED_POLICIES, KvperfSession
@@ -127,6 +128,8 @@ def pytest_configure(config):
             raise pytest.UsageError(str(exc)) from None
     keep_gpus_apart(config, session.real_hw.key)
     config.pluginmanager.register(_ReportCollector(session, config), "kvperf-reports")
+    if config.pluginmanager.has_plugin("html"):  # pytest-html: its hooks exist only then
+        config.pluginmanager.register(HtmlColumns(session), "kvperf-html-columns")
 
 
 def _session(config) -> KvperfSession:
