@@ -145,6 +145,16 @@ def _load_kv_tile(ptr, offs, mask, blk_ptr, blk_offs, hi_nibble, KV_FORMAT: tl.c
 
 
 @triton.jit
+def _format_columns(c_d, d_planar, half, KV_FORMAT: tl.constexpr):
+    """Per tile column of one head: (its d, its code's column in the cache, its block-scale
+    group): NVFP4's nibble-planar order (see the kernel), the identity otherwise."""
+    if KV_FORMAT == 4:
+        return d_planar, half, d_planar // 16
+    else:
+        return c_d, c_d, c_d // 32
+
+
+@triton.jit
 def _pow2_from_biased_exponent(e):
     """2^(e - 127) as float32 for an int32 biased exponent e in [1, 254] (exact)."""
     return (e << 23).to(tl.float32, bitcast=True)
@@ -261,8 +271,8 @@ def _paged_decode_kernel(
     half = c_d % (HEAD_DIM // 2)
     hi_nibble = (c_d >= HEAD_DIM // 2)[None, :]
     d_planar = tl.where(c_d < HEAD_DIM // 2, 2 * c_d, 2 * half + 1)
-    q_d = d_planar if K_FORMAT == 4 else c_d
-    o_d = d_planar if V_FORMAT == 4 else c_d
+    q_d, k_code_d, k_group = _format_columns(c_d, d_planar, half, K_FORMAT)
+    o_d, v_code_d, v_group = _format_columns(c_d, d_planar, half, V_FORMAT)
     r_mask = offs_r < GROUP * HP
     own = r_mask[:, None] & (r_head[:, None] == c_head[None, :])  # [ROWS, HP * D]
     heads = kv_head0 * GROUP + offs_r  # query heads
@@ -315,10 +325,10 @@ def _paged_decode_kernel(
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     # codes per column (NVFP4: the column's byte), block scales per column (MXFP8 one per
     # 32 of d, NVFP4 one per 16: loaded once per column, repeated lanes hit the cache)
-    k_cols = c_head * stride_kh + (half if K_FORMAT == 4 else c_d)
-    v_cols = c_head * stride_vh + (half if V_FORMAT == 4 else c_d)
-    k_blk_cols = c_head * stride_kbh + q_d // (16 if K_FORMAT == 4 else 32)
-    v_blk_cols = c_head * stride_vbh + o_d // (16 if V_FORMAT == 4 else 32)
+    k_cols = c_head * stride_kh + k_code_d
+    v_cols = c_head * stride_vh + v_code_d
+    k_blk_cols = c_head * stride_kbh + k_group
+    v_blk_cols = c_head * stride_vbh + v_group
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi

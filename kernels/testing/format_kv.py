@@ -11,10 +11,12 @@ so), and every block-table entry a sequence does not own points at a spare NaN p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from kvperf_kernels.attention.decode_ref import attention_with_sinks_ref
 from kvperf_kernels.cache.paged_kv import build_page_table, slot_mapping
 from kvperf_kernels.models.paged_formats import PagedStore
 
@@ -83,3 +85,67 @@ def pack_case(case, name: str, **kwargs) -> FormatKV:
     k_fmt, v_fmt = FORMAT_PAIRS[name]
     return pack_format_kv(case.k_tokens, case.v_tokens, case.lens, case.page_size, k_fmt,
                           v_fmt, seed=case.seed, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# The format speed workload (GPU): one set of random tokens stored in every format
+# --------------------------------------------------------------------------------------
+
+def build_format_workload(batch: int, kv_len: int, hq: int, hkv: int, head_dim: int,
+                          *, page_size: int = 16, device: str = "cuda",
+                          configs=tuple(FORMAT_PAIRS)) -> dict:
+    """q, sinks and ``configs`` (names of FORMAT_PAIRS) over one shuffled page table, the same
+    device-side random K/V written once per store format (a mixed configuration shares the
+    stores of its halves)."""
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(batch * 100003 + kv_len + head_dim)
+    q = torch.randn(batch, hq, head_dim, device=dev, generator=gen).to(torch.bfloat16)
+    sinks = (1.0 + 2.0 * torch.randn(hq, device=dev, generator=gen)).float()
+    lens = [kv_len] * batch
+    block_tables, seq_lens, num_pages, _ = build_page_table(
+        lens, page_size, generator=torch.Generator().manual_seed(7), device=dev)
+    slots = slot_mapping(block_tables, seq_lens, page_size)
+    needed = {fmt for name in configs for fmt in FORMAT_PAIRS[name]}
+    stores: dict[tuple[str, str], PagedStore] = {}
+    for side in ("k", "v"):
+        x = torch.randn(batch * kv_len, hkv, head_dim, device=dev, generator=gen)
+        for fmt in sorted(needed):
+            store = PagedStore(fmt, num_pages, page_size, hkv, head_dim, dev)
+            store.write(slots, x)
+            stores[side, fmt] = store
+        del x
+    caches = {name: FormatKV(stores["k", FORMAT_PAIRS[name][0]],
+                             stores["v", FORMAT_PAIRS[name][1]], block_tables, seq_lens,
+                             page_size)
+              for name in configs}
+    return {"q": q, "sinks": sinks, "caches": caches}
+
+
+def dequantize_then_attend(kv: FormatKV, q: torch.Tensor, *, decode, **kwargs) -> torch.Tensor:
+    """The unfused step the fused kernel replaces: every page of K and V decoded to BF16 by
+    the quantisers' Triton dequantise kernels, then ``decode`` (the BF16 paged decode)."""
+    k = kv.k_store.dequantize(dtype=torch.bfloat16, kernels=True)
+    v = kv.v_store.dequantize(dtype=torch.bfloat16, kernels=True)
+    return decode(q, k, v, kv.block_tables, kv.seq_lens, **kwargs)
+
+
+def dequantize_bytes(kv: FormatKV) -> int:
+    """Bytes dequantize_then_attend moves beyond the decode's own: every page's codes and
+    scales read, and its BF16 copy written."""
+    pages = kv.k_store.nbytes() + kv.v_store.nbytes()
+    return pages + 2 * 2 * math.prod(kv.k_store.shape)
+
+
+def spot_reference(kv: FormatKV, q: torch.Tensor, rows, *, values=torch.float32,
+                   **kwargs) -> torch.Tensor:
+    """The float64 reference for the sequences ``rows`` only ([len(rows), Hq, D]): their
+    slots decoded by the torch references (a whole lab-sized cache would not fit float64)
+    as ``values`` (bfloat16: the values a dequantise-then-attend step attends)."""
+    outs = []
+    for b in rows:
+        lens = kv.seq_lens[b : b + 1]
+        slots = slot_mapping(kv.block_tables[b : b + 1], lens, kv.page_size)
+        k = kv.k_store.dequantize(slots, dtype=values)
+        v = kv.v_store.dequantize(slots, dtype=values)
+        outs.append(attention_with_sinks_ref(q[b], k, v, **kwargs))
+    return torch.stack(outs)
