@@ -21,6 +21,12 @@ Design:
   rescaled per head into float16 range by a power of two (exact); per-tensor scales fold
   into the score / output multipliers, per-token scales scale score columns (K) and
   probability columns (V, relative to a running power of two so p * scale fits float16);
+- MXFP8 and NVFP4 KV (K and V each in its own format, e.g. K FP8 + V NVFP4) are decoded
+  in registers too, tile by tile as [tokens, groups, group] so each block scale is one
+  load broadcast over its group (``_load_block_tile``): MXFP8 codes times their E8M0
+  power of two relative to the token's largest (the rest is a per-token scale, as for
+  FP8), NVFP4 E2M1 nibbles times their E4M3 block scale, exact in float16 (the global
+  scale folds into the score / output multiplier);
 - P enters the P.V product as a 16-bit value, plus its 16-bit rounding residue where one
   rounding would show in the output (``precise_pv``: bf16 P, or a float16 output);
 - split-KV: a sequence's (windowed) range is cut into ``num_splits`` chunks; each writes
@@ -73,9 +79,6 @@ _KV_16BIT, _KV_E4M3FN, _KV_E4M3FNUZ, _KV_MXFP8, _KV_NVFP4 = 0, 1, 2, 3, 4
 KV_FORMAT_NAMES = {_KV_16BIT: "16bit", _KV_E4M3FN: "fp8_e4m3fn", _KV_E4M3FNUZ: "fp8_e4m3fnuz",
                    _KV_MXFP8: "mxfp8", _KV_NVFP4: "nvfp4"}
 MX_BLOCK, NVFP4_BLOCK = 32, 16
-# NVFP4 tiles hold e2m1 * block scale * 2^-14 (exact in float16, see _load_kv_tile); the
-# 2^14 joins the global scale in the score / output multiplier.
-_NVFP4_TILE_UNSCALE = 16384.0
 # How a scale reaches the kernel (constexpr *_SCALE_MODE).
 _SCALE_SCALAR, _SCALE_TENSOR1, _SCALE_PER_TOKEN = 0, 1, 2
 
@@ -103,38 +106,19 @@ def _e4m3fn_bytes_to_f16(raw, OPAQUE: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(ptr, offs, mask, blk_ptr, blk_offs, hi_nibble, KV_FORMAT: tl.constexpr,
-                  TILE: tl.constexpr, OPAQUE: tl.constexpr, NAN_PATCH: tl.constexpr):
+def _load_kv_tile(ptr, offs, mask, KV_FORMAT: tl.constexpr, TILE: tl.constexpr,
+                  OPAQUE: tl.constexpr, NAN_PATCH: tl.constexpr):
     """Load a [BLOCK_N, D] KV tile as TILE (16-bit). FP8 goes to float16, which holds every
     E4M3 value exactly and is one packed hardware convert per two bytes on sm89+ (bfloat16
     would take an extra per-element convert: that was the FP8 kernel's bottleneck).
     OPAQUE (FP8 only, GPU only): decode before the dot-operand layout conversion.
-    MXFP8: the E4M3 codes only (the caller applies the E8M0 block scales, _mx_apply).
-    NVFP4: offs address each column's byte, hi_nibble picks its nibble; blk_offs the
-    column's E4M3 block scale.
     NAN_PATCH (the CPU interpreter): E4M3 NaN codes made NaN by hand; Triton 3.9's
     interpreter decodes +-0x7F as +-480, so a poisoned FP8 byte would read as a number."""
     if KV_FORMAT == 0:
         return tl.load(ptr + offs, mask=mask, other=0.0).to(TILE)
-    elif KV_FORMAT == 4:
-        raw = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
-        nib = tl.where(hi_nibble, raw >> 4, raw & 15)
-        # E2M1 (sign, 2 exponent bits with bias 1, 1 mantissa bit) placed in float16's
-        # sign / low exponent / top mantissa bits is its value * 2^-14 (code 1, 0.5, lands
-        # on a subnormal); times an E4M3 block scale (4 significant bits, >= 2^-9) it stays
-        # exact in float16: a multiple of 2^-24, at most 6 * 448 * 2^-14.
-        bits = ((nib & 7) << 9) | ((nib & 8) << 12)
-        x = bits.to(tl.uint16).to(tl.float16, bitcast=True)
-        sc_raw = tl.load(blk_ptr + blk_offs, mask=mask, other=0)
-        sc = _e4m3fn_bytes_to_f16(sc_raw, False)
-        if NAN_PATCH:
-            sc = tl.where((sc_raw & 0x7F) == 0x7F, float("nan"), sc)
-        return (x * sc).to(TILE)
     else:
         raw = tl.load(ptr + offs, mask=mask, other=0)  # uint8 (the launcher passes bytes)
-        x = _e4m3fn_bytes_to_f16(raw, OPAQUE)
-        if NAN_PATCH and KV_FORMAT != 2:
-            x = tl.where((raw & 0x7F) == 0x7F, float("nan"), x)
+        x = _e4m3_codes_to_f16(raw, OPAQUE, NAN_PATCH)
         if KV_FORMAT == 2:
             # e4m3fnuz (bias 8, max 240, NaN only at 0x80) decoded as e4m3fn (bias 7) is
             # twice its value (the kernel folds the 1/2 into the scales); patch the codes
@@ -145,13 +129,73 @@ def _load_kv_tile(ptr, offs, mask, blk_ptr, blk_offs, hi_nibble, KV_FORMAT: tl.c
 
 
 @triton.jit
-def _format_columns(c_d, d_planar, half, KV_FORMAT: tl.constexpr):
-    """Per tile column of one head: (its d, its code's column in the cache, its block-scale
-    group): NVFP4's nibble-planar order (see the kernel), the identity otherwise."""
-    if KV_FORMAT == 4:
-        return d_planar, half, d_planar // 16
+def _e4m3_codes_to_f16(raw, OPAQUE: tl.constexpr, NAN_PATCH: tl.constexpr):
+    """E4M3 bytes -> float16 (the fn decode; NAN_PATCH: NaN codes fixed, see above)."""
+    x = _e4m3fn_bytes_to_f16(raw, OPAQUE)
+    if NAN_PATCH:
+        x = tl.where((raw & 0x7F) == 0x7F, float("nan"), x)
+    return x
+
+
+@triton.jit
+def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, stride_bh,
+                     KV_FORMAT: tl.constexpr, HP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
+                     OPAQUE: tl.constexpr, NAN_PATCH: tl.constexpr):
+    """A block format's [BLOCK_N, HP * D] tile as TILE, and its per-token scales by row
+    ([ROWS, BLOCK_N]; 1.0 for NVFP4). rows / blk_rows: each token's offset of its first
+    head's codes / block scales. Loaded as [BLOCK_N, groups, group] so that each block
+    scale is one load broadcast over its group, then flattened (column = h * D + d).
+
+    MXFP8: E4M3 codes times 2^(e - ref), ref the token and head's largest E8M0 code (>= 1;
+    factors <= 1, exact in float16 down to 2^-15 below the token's largest block); the
+    token scale 2^(ref - 127) then scales its score column (K) or probability column (V)
+    as a per-token FP8 scale does (NaN where a code is 0xFF).
+    NVFP4: E2M1 placed in float16's sign / low exponent / top mantissa bits is its value
+    * 2^-14 (0.5 lands on a subnormal); times an E4M3 block scale (4 significant bits,
+    >= 2^-9) it stays exact in float16 (a multiple of 2^-24, at most 6 * 448 * 2^-14); the
+    caller folds 2^14 into the per-tensor multiplier."""
+    group: tl.constexpr = 32 if KV_FORMAT == 3 else 16
+    groups_per_head: tl.constexpr = HEAD_DIM // group
+    GROUPS: tl.constexpr = HP * groups_per_head
+    offs_g = tl.arange(0, GROUPS)
+    g_head = offs_g // groups_per_head
+    blk = tl.load(blk_ptr + blk_rows[:, None] + (g_head * stride_bh + offs_g % groups_per_head)
+                  [None, :], mask=n_mask[:, None], other=0)  # [BLOCK_N, GROUPS] bytes
+    if KV_FORMAT == 3:
+        offs_j = tl.arange(0, group)
+        cols = (g_head * stride_h + (offs_g % groups_per_head) * group)[None, :, None] \
+            + offs_j[None, None, :]
+        raw = tl.load(ptr + rows[:, None, None] + cols, mask=n_mask[:, None, None], other=0)
+        x = _e4m3_codes_to_f16(raw, OPAQUE, NAN_PATCH)
+        e = tl.where(n_mask[:, None], blk.to(tl.int32), 127)
+        ref_g = tl.zeros([BLOCK_N, GROUPS], tl.int32)
+        tok = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        for h in tl.static_range(HP):
+            ref_h = tl.maximum(tl.max(tl.where(g_head[None, :] == h, e, 0), axis=1), 1)
+            ref_g = tl.where(g_head[None, :] == h, ref_h[:, None], ref_g)
+            scale_h = tl.where(ref_h == 255, float("nan"),
+                               _pow2_from_biased_exponent(tl.minimum(ref_h, 254)))
+            if h == 0:  # padding rows take head 0's (as _token_scales_by_row)
+                tok = tok + scale_h[None, :]
+            else:
+                tok = tl.where(r_head[:, None] == h, scale_h[None, :], tok)
+        factor = _pow2_from_biased_exponent(127 - tl.minimum(ref_g - e, 126))
+        tile = (x.to(tl.float32) * factor[:, :, None]).to(TILE)
     else:
-        return c_d, c_d, c_d // 32
+        offs_j = tl.arange(0, group // 2)
+        cols = (g_head * stride_h + (offs_g % groups_per_head) * (group // 2))[None, :, None] \
+            + offs_j[None, None, :]
+        raw = tl.load(ptr + rows[:, None, None] + cols, mask=n_mask[:, None, None],
+                      other=0).to(tl.int32)
+        lo = (((raw & 7) << 9) | ((raw & 8) << 12)).to(tl.uint16).to(tl.float16, bitcast=True)
+        hi = ((((raw >> 4) & 7) << 9) | ((raw & 0x80) << 8)).to(tl.uint16).to(tl.float16,
+                                                                               bitcast=True)
+        sc = _e4m3_codes_to_f16(blk, False, NAN_PATCH)[:, :, None, None]
+        # element 2k in the low nibble: join puts (lo, hi) side by side -> natural order
+        tile = (tl.join(lo, hi) * sc).to(TILE)
+        tok = 1.0
+    return tl.reshape(tile, [BLOCK_N, HP * HEAD_DIM]), tok
 
 
 @triton.jit
@@ -169,40 +213,6 @@ def _token_scales_by_row(base, stride_h, n_mask, r_head, HP: tl.constexpr):
         x_h = tl.load(base + h * stride_h, mask=n_mask, other=0.0)
         x = tl.where(r_head[:, None] == h, x_h[None, :], x)
     return x
-
-
-@triton.jit
-def _mx_scale(ref):
-    """2^(ref - 127) for E8M0 codes 1..254, NaN for 0xFF."""
-    return tl.where(ref == 255, float("nan"), _pow2_from_biased_exponent(tl.minimum(ref, 254)))
-
-
-@triton.jit
-def _mx_exponents(blk_ptr, blk_offs, n_mask, c_head, r_head, ROWS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HP: tl.constexpr):
-    """MXFP8 block exponents of a tile: (E8M0 code per column [BLOCK_N, HP * D], the
-    reference exponent per column (its token and head's largest code, >= 1), the token
-    scale 2^(reference - 127) per row [ROWS, BLOCK_N], NaN where a block's code is 0xFF).
-    The tile is taken relative to the reference (factors <= 1, exact in float16 down to
-    2^-15 below the token's largest block) and the reference scales the token's score
-    column (K) or probability column (V) as a per-token FP8 scale does."""
-    e = tl.load(blk_ptr + blk_offs, mask=n_mask[:, None], other=127).to(tl.int32)
-    ref = tl.maximum(tl.max(tl.where(c_head[None, :] == 0, e, 0), axis=1), 1)
-    ref_c = tl.where(c_head[None, :] == 0, ref[:, None], 0)
-    tok = tl.zeros([ROWS, BLOCK_N], tl.float32) + _mx_scale(ref)[None, :]
-    for h in tl.static_range(1, HP):
-        ref_h = tl.maximum(tl.max(tl.where(c_head[None, :] == h, e, 0), axis=1), 1)
-        ref_c = tl.where(c_head[None, :] == h, ref_h[:, None], ref_c)
-        tok = tl.where(r_head[:, None] == h, _mx_scale(ref_h)[None, :], tok)
-    return e, ref_c, tok
-
-
-@triton.jit
-def _mx_apply(x, e, ref_c, TILE: tl.constexpr):
-    """x * 2^(e - ref) per element (x decoded E4M3), rounded to TILE (exact unless the
-    block is > 2^15 below its token's largest one)."""
-    delta = tl.minimum(ref_c - e, 126)
-    return (x.to(tl.float32) * _pow2_from_biased_exponent(127 - delta)).to(TILE)
 
 
 # window_left is -1 or a length, max_tokens and num_pages are sizes: keep Triton from turning
@@ -264,20 +274,11 @@ def _paged_decode_kernel(
     r_head = offs_r // GROUP  # which of the HP KV heads (>= HP: padding row)
     c_head = offs_c // HEAD_DIM
     c_d = offs_c % HEAD_DIM
-    # NVFP4 tiles are read nibble-planar: a head's first D/2 columns are its bytes' low
-    # nibbles (even d), the next D/2 their high nibbles (odd d), so each column is one
-    # byte load and no interleave is needed. q takes K's column order (the dot sums over
-    # columns in any order), the output V's; both are the identity for other formats.
-    half = c_d % (HEAD_DIM // 2)
-    hi_nibble = (c_d >= HEAD_DIM // 2)[None, :]
-    d_planar = tl.where(c_d < HEAD_DIM // 2, 2 * c_d, 2 * half + 1)
-    q_d, k_code_d, k_group = _format_columns(c_d, d_planar, half, K_FORMAT)
-    o_d, v_code_d, v_group = _format_columns(c_d, d_planar, half, V_FORMAT)
     r_mask = offs_r < GROUP * HP
     own = r_mask[:, None] & (r_head[:, None] == c_head[None, :])  # [ROWS, HP * D]
     heads = kv_head0 * GROUP + offs_r  # query heads
     q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + q_d[None, :],
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + c_d[None, :],
         mask=own, other=0.0,
     ).to(tl.float32)
     if Q_RESCALE:
@@ -305,7 +306,7 @@ def _paged_decode_kernel(
     if K_FORMAT == 2:  # e4m3fnuz tiles hold twice the value (see _load_kv_tile)
         score_mult = score_mult * 0.5
     elif K_FORMAT == 4:
-        score_mult = score_mult * 16384.0  # _NVFP4_TILE_UNSCALE
+        score_mult = score_mult * 16384.0  # NVFP4 tiles hold value * 2^-14 (_load_block_tile)
     if V_FORMAT == 2:
         out_mult = out_mult * 0.5
     elif V_FORMAT == 4:
@@ -323,12 +324,8 @@ def _paged_decode_kernel(
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HP * HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    # codes per column (NVFP4: the column's byte), block scales per column (MXFP8 one per
-    # 32 of d, NVFP4 one per 16: loaded once per column, repeated lanes hit the cache)
-    k_cols = c_head * stride_kh + k_code_d
-    v_cols = c_head * stride_vh + v_code_d
-    k_blk_cols = c_head * stride_kbh + k_group
-    v_blk_cols = c_head * stride_vbh + v_group
+    k_cols = c_head * stride_kh + c_d
+    v_cols = c_head * stride_vh + c_d
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
@@ -336,15 +333,15 @@ def _paged_decode_kernel(
         page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)  # see seq_len
         slot = offs_n % PAGE_SIZE
         k_rows = page * stride_kp + slot * stride_ks + kv_head0 * stride_kh
-        k_blk = (page * stride_kbp + slot * stride_kbs + kv_head0 * stride_kbh)[:, None] \
-            + k_blk_cols[None, :]
-        k = _load_kv_tile(k_ptr, k_rows[:, None] + k_cols[None, :], n_mask[:, None],
-                          k_blk_ptr, k_blk, hi_nibble, K_FORMAT, TILE, (DECODE_ASM & 1) != 0,
-                          NAN_PATCH)
-        if K_FORMAT == 3:
-            ke, ke_ref, ks = _mx_exponents(k_blk_ptr, k_blk, n_mask, c_head, r_head, ROWS,
-                                           BLOCK_N, HP)
-            k = _mx_apply(k, ke, ke_ref, TILE)
+        if K_FORMAT >= 3:  # MXFP8, NVFP4
+            k, ks = _load_block_tile(
+                k_ptr, k_rows, k_blk_ptr,
+                page * stride_kbp + slot * stride_kbs + kv_head0 * stride_kbh, n_mask, r_head,
+                stride_kh, stride_kbh, K_FORMAT, HP, HEAD_DIM, BLOCK_N, ROWS, TILE,
+                (DECODE_ASM & 1) != 0, NAN_PATCH)
+        else:
+            k = _load_kv_tile(k_ptr, k_rows[:, None] + k_cols[None, :], n_mask[:, None],
+                              K_FORMAT, TILE, (DECODE_ASM & 1) != 0, NAN_PATCH)
         s = tl.dot(q, tl.trans(k.to(DOT)))  # [ROWS, BLOCK_N], fp32
         if K_FORMAT == 3:
             s = s * row_mult[:, None] * ks
@@ -362,17 +359,17 @@ def _paged_decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_rows = page * stride_vp + slot * stride_vs + kv_head0 * stride_vh
-        v_blk = (page * stride_vbp + slot * stride_vbs + kv_head0 * stride_vbh)[:, None] \
-            + v_blk_cols[None, :]
-        v = _load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
-                          v_blk_ptr, v_blk, hi_nibble, V_FORMAT, TILE, (DECODE_ASM & 2) != 0,
-                          NAN_PATCH)
+        if V_FORMAT >= 3:
+            v, vs = _load_block_tile(
+                v_ptr, v_rows, v_blk_ptr,
+                page * stride_vbp + slot * stride_vbs + kv_head0 * stride_vbh, n_mask, r_head,
+                stride_vh, stride_vbh, V_FORMAT, HP, HEAD_DIM, BLOCK_N, ROWS, TILE,
+                (DECODE_ASM & 2) != 0, NAN_PATCH)
+        else:
+            v = _load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
+                              V_FORMAT, TILE, (DECODE_ASM & 2) != 0, NAN_PATCH)
         if V_SCALE_MODE == 2 or V_FORMAT == 3:
-            if V_FORMAT == 3:
-                ve, ve_ref, vs = _mx_exponents(v_blk_ptr, v_blk, n_mask, c_head, r_head, ROWS,
-                                               BLOCK_N, HP)
-                v = _mx_apply(v, ve, ve_ref, TILE)
-            else:
+            if V_FORMAT != 3:
                 vs = _token_scales_by_row(
                     v_scale_ptr + page * stride_vsp + slot * stride_vss + kv_head0 * stride_vsh,
                     stride_vsh, n_mask, r_head, HP)
@@ -404,7 +401,7 @@ def _paged_decode_kernel(
     if IS_SPLIT:
         # Unnormalised partial; an empty split leaves m=-inf, l=0, acc=0 for the merge.
         row = (b.to(tl.int64) * num_q_heads + heads) * num_splits + split
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + o_d[None, :], acc, mask=own)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + c_d[None, :], acc, mask=own)
         tl.store(part_m_ptr + row, m_i, mask=r_mask)
         tl.store(part_l_ptr + row, l_i, mask=r_mask)
     else:
@@ -417,7 +414,7 @@ def _paged_decode_kernel(
         else:
             o = acc / l_i[:, None]
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-                 + o_d[None, :], o.to(out_ptr.dtype.element_ty), mask=own)
+                 + c_d[None, :], o.to(out_ptr.dtype.element_ty), mask=own)
 
 
 @triton.jit
