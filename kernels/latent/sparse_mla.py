@@ -11,7 +11,7 @@ entries are skipped (a row with none gives out 0, lse -inf). The kernel dequanti
 token to bf16 (exact for the power-of-two layouts; the lab's amax scale rounds once, as
 ``latent_gather(out_dtype=bf16)``), multiplies in bf16 with float32 accumulation and rounds
 the softmax weights P to bf16 for P @ V, as FlashMLA does; the reference is float64 on
-the same bf16 latent.
+the same bf16 latent, and also returns P @ |V|, which bounds what rounding P can change.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ __all__ = ["sparse_mla_decode", "dense_mla_decode", "mla_decode_ref", "dense_ind
 
 
 def mla_decode_ref(q, cache, indices, *, layout, block_size: int, sm_scale=None):
-    """(out float64 [R, H, 512], lse float64 [R, H]) over the bf16 latent at indices [R, K]."""
+    """(out, lse, spread) in float64 over the bf16 latent at indices [R, K]: out
+    [R, H, 512], lse [R, H] and spread = P @ |V| [R, H, 512], the scale of the error that
+    rounding P to bf16 (2^-9 relative per weight) can cause in each output."""
     layout = get_layout(layout)
     r, h, d = q.shape
     sm_scale = d**-0.5 if sm_scale is None else sm_scale
@@ -52,7 +54,8 @@ def mla_decode_ref(q, cache, indices, *, layout, block_size: int, sm_scale=None)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(s),
                     torch.exp(s - lse[..., None]))
-    return torch.einsum("rhn,rnd->rhd", p, lat[..., :D_V]), lse
+    v = lat[..., :D_V]
+    return torch.einsum("rhn,rnd->rhd", p, v), lse, torch.einsum("rhn,rnd->rhd", p, v.abs())
 
 
 def dense_indices(block_tables, seq_lens, block_size: int) -> torch.Tensor:
