@@ -1,0 +1,7 @@
+"""`python -m pytest_kvperf ...` is the `kvperf` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
