@@ -36,12 +36,24 @@ class LatentBatch:
         return alloc_cache(self.layout, self.num_blocks, self.block_size, self.x.device, fill)
 
 
+BIG_DRAW = 1 << 24  # above this many values, draw on the device (speed tests: GBs)
+
+
 def latent_tokens(n: int, d: int, dtype, seed: int, device, *, outlier_dims: int = 8):
     """Latent-like tokens [n, d]: N(0, 1) with a log-normal per-dim spread and a few
-    outlier dims (x8), like real c_kv; no bf16 subnormals (the interpreter misreads them)."""
+    outlier dims (x8), like real c_kv; no bf16 subnormals (the interpreter misreads them).
+    Small draws come from a CPU generator (the same values everywhere); draws above
+    BIG_DRAW values from the device's (the speed tests check against references in the
+    same run)."""
     gen = torch.Generator().manual_seed(seed)
     spread = torch.exp(0.5 * torch.randn(d, generator=gen))
     spread[torch.randperm(d, generator=gen)[:outlier_dims]] *= 8.0
+    device = torch.device(device)
+    if n * d > BIG_DRAW and device.type == "cuda":
+        big = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(n, d, generator=big, device=device) * spread.to(device)
+        x = torch.where(x.abs() < 1e-30, torch.full_like(x, 1e-30), x)
+        return x.to(dtype)
     x = torch.randn(n, d, generator=gen) * spread
     x = torch.where(x.abs() < 1e-30, torch.full_like(x, 1e-30), x)
     return x.to(device=device, dtype=dtype)
