@@ -97,6 +97,13 @@ _SCRIPT = """
       rows.forEach(function(r){ body.appendChild(r); });
     });
   });
+  // report.html#q=decode&hide=ok,n/a: a link that opens the page filtered
+  var hash = new URLSearchParams(location.hash.slice(1));
+  if (hash.get('q')) { query = hash.get('q').toLowerCase();
+                       document.getElementById('kv-search').value = hash.get('q'); }
+  (hash.get('hide') || '').split(',').forEach(function(s){ if (s) { hidden[s] = true;
+    document.querySelectorAll('.chip[data-status="' + s + '"]').forEach(function(o){
+      o.classList.add('off'); }); } });
   apply();
 })();
 """

@@ -247,3 +247,25 @@ def test_pytest_html_gets_verdict_and_key_metric_columns(pytester, monkeypatch):
     assert "median_us 100 -&gt; 1500 (+1400.0%)" in cells["test_report.py::test_speed[a]"]
     assert '<td class="col-kvperf">ok</td>' in cells["test_report.py::test_speed[b]"]
     assert '<td class="col-kvperf">n/a</td>' in cells["test_report.py::test_blackwell"]
+
+
+def test_filters_run_in_a_real_browser(project, monkeypatch, tmp_path):
+    """Headless Chromium runs the page's script: a link's #q= and #hide= filter the rows."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("no chromium here (Debian: apt-get install chromium)")
+    monkeypatch.setenv("KV_US_a", "1500")
+    project.runpytest("-p", "no:cacheprovider", "-k", "not bench", "--kvperf-report=r.html")
+    url = (project.path / "r.html").as_uri() + "#q=speed&hide=ok"
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    table = dom.split('id="kv-tests-table"')[1].split("</table>")[0]
+    rows = re.findall(r'<tr data-status="([^"]*)"( style="display: none;")?>.*?'
+                      r'<td class="id">(.*?)</td>', table)
+    shown = {re.sub("<[^>]+>", "", name) for _, hidden, name in rows if not hidden}
+    assert shown == {"test_report.py::test_speed[a]"}  # speed[b], speed[c] are ok: hidden
+    assert len(rows) == 6 and '(1 of 6)' in dom

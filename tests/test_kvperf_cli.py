@@ -223,9 +223,15 @@ def test_merge_two_hosts_into_one_report_and_review(tmp_path, capsys):
     write_file(base / "nvidia-h200.json", "nvidia-h200", {"t.py::test_decode": {
         "status": "measured", "metrics": {"frac_of_peak_bw": metric(0.8, "higher", "speed"),
                                           "median_us": metric(80.0, kind="speed")}}})
+    older = json.loads(json.dumps(h100))  # an earlier H100 run, for the trend
+    older["run"]["date"] = "2026-11-30T00:00:00+00:00"
+    older["tests"]["t.py::test_decode"]["metrics"]["median_us"]["value"] = 90.0
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "h100-old.json").write_text(json.dumps(older))
     out_html = tmp_path / "merged.html"
     assert cli.main(["merge", str(tmp_path / "h100.json"), str(tmp_path / "h200.json"),
-                     "-o", str(out_html), "--baselines", str(base)]) == 0
+                     "-o", str(out_html), "--baselines", str(base),
+                     "--trend", str(tmp_path / "saved")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == ["NVIDIA H100 80GB HBM3 [nvidia-h100-80gb-hbm3]: 1 regressed, "
                        "1 lost coverage", "NVIDIA H200 [nvidia-h200]: 1 new, 1 ok"]
@@ -238,6 +244,9 @@ def test_merge_two_hosts_into_one_report_and_review(tmp_path, capsys):
     assert "<th>NVIDIA H100 80GB HBM3</th><th>NVIDIA H200</th>" in page  # both hosts' env
     assert "id='kv-review-table'" in page and "id='kv-gpus-table'" in page
     assert page.index("id='kv-changed'") < page.index("id='kv-tests'")
+    trend = page.split("id='kv-trend-table'")[1].split("</table>")[0]
+    assert "<td class='num'>2</td>" in trend  # the saved run and this one
+    assert "<td class='num'>90</td><td class='num'>130</td>" in trend
 
 
 def test_merge_takes_baseline_files_and_names_a_bad_input(tmp_path, capsys):
