@@ -25,6 +25,7 @@ from kvperf_kernels.latent.norm_rope import (
     rope_ref,
 )
 from kvperf_kernels.latent.write import latent_write, latent_write_ref, quantize_latent_ref
+from kvperf_kernels.quant.nvfp4 import dequantize_nvfp4, quantize_nvfp4, quantize_nvfp4_ref
 from kvperf_kernels.testing.compare import same_bytes
 from kvperf_kernels.testing.latent import POISON, make_latent_batch
 from kvperf_kernels.testing.params import BF16, FP32, dtype_id
@@ -206,6 +207,23 @@ def test_roundtrip_accuracy(name, checks_device, kvperf):
     floor = (amax / 448.0 * 2.0 * 2.0**-10).repeat_interleave(batch.layout.tile, dim=-1)
     assert (err <= torch.maximum(want[:, :d].abs() * 2.0**-4, floor) * (1 + 1e-6)).all()
     kvperf.info("bytes_per_token", batch.layout.bytes_per_token)
+
+
+def test_nvfp4_latent_roundtrip(checks_device, kvperf):
+    """The lab's NVFP4 item: the normalised, RoPE'd latent through the project's NVFP4
+    quantiser: cosine >= 0.98, 256 + 32 = 288 bytes per token (+ 4 per tensor) against the
+    FP8 layouts' 516 / 656 / 584."""
+    batch = make_latent_batch("lab", [0], [16], 16, dtype=FP32, device=checks_device,
+                              seed=35)
+    y = kv_norm_rope_ref(batch.x, batch.weight, batch.positions, batch.cos_sin, batch.layout)
+    packed, scale, g = quantize_nvfp4(y)
+    same_bytes(packed, quantize_nvfp4_ref(y)[0], "NVFP4 codes")
+    got = dequantize_nvfp4(packed, scale, g)
+    m = kvperf.errors(got, y, prefix="nvfp4_")
+    assert m["cosine"] >= 0.98, m
+    per_token = (packed.numel() + scale.numel()) // len(y)
+    assert per_token == 288
+    kvperf.info("nvfp4_bytes_per_token", per_token)
 
 
 @pytest.mark.parametrize("name", NAMES)
