@@ -15,7 +15,9 @@ KV dtypes in one order, BF16 then FP8 or FP8 then BF16, and checks for every ste
   and its generated config declares the KV dtype (DTypeKV) and, for the sink wrapper,
   the AttentionSink variant.
 A wrong result is a failing test whose message names entry point, backend, dtype and
-order; nothing here skips on a wrong answer. The children share FlashInfer's JIT cache,
+order; nothing here skips on a wrong answer. The defects this found in FlashInfer 0.7.2.post1
+on the H200 are listed in KNOWN_DEFECTS: while a step shows one, its test xfails (strictly:
+a fix fails the test until the entry is removed), and any other problem still fails. The children share FlashInfer's JIT cache,
 so the second order's first step also reuses another process's build.
 
 JIT cost: one head_dim (64), one page size (16), gpt-oss heads (64/8), window only in the
@@ -86,6 +88,74 @@ CASES = [
 ]
 # Lengths: one token, a page boundary, and longer than the 128-token window.
 SPEC = dict(lens=[1, 17, 300, 1000], hq=64, hkv=8, head_dim=64, page_size=16, seed=5)
+
+
+@dataclass(frozen=True)
+class KnownDefect:
+    """A FlashInfer defect this suite found on a real GPU. While a step shows it (its
+    signature in one of the step's problems) the test xfails, strictly: a step expected to
+    show it that comes out right fails with "fixed", and any other problem fails as usual."""
+    routes: tuple
+    step: str  # "bf16" | "fp8": that KV dtype's step; "second": the process's second step
+    signature: str
+    versions: tuple  # FlashInfer releases it was seen in; others are judged afresh
+    what: str
+
+    def expected(self, route: Route, kv: str, position: int, version: str) -> bool:
+        return (route.name in self.routes and version in self.versions
+                and self.step in (kv, "second" if position == 2 else None))
+
+
+SEEN = ("0.7.2.post1",)  # on the H200 (sm90), 2026-12-02: .ci/gpu-session fi
+KNOWN_DEFECTS = (
+    KnownDefect(("decode-fa2-cudacore", "decode-fa2-tensorcore"), "bf16",
+                "the sinks were ignored", SEEN,
+                "BatchDecodeWithPagedKVCacheWrapper(backend='fa2').run(sinks=...) ignores "
+                "the sinks: the output is the no-sink reference, a +30 sink changes nothing"),
+    KnownDefect(("decode-fa2-cudacore", "decode-fa2-tensorcore"), "fp8",
+                "the sinks were ignored", SEEN, "the same with FP8 KV"),
+    KnownDefect(("sinkwrapper-fa2", "sinkwrapper-fa2-window"), "second", "stale JIT module",
+                SEEN,
+                "the sink wrapper's JIT module name lacks the KV dtype: a process's second "
+                "KV dtype rebuilds the .so at the path already mapped and runs the stale "
+                "kernel (NaN for FP8 after BF16, outputs of 480 for BF16 after FP8); the "
+                "first dtype of a process is right"),
+    KnownDefect(("sinkwrapper-fa3",), "fp8", "No eligible GMMA operator", SEEN,
+                "the FA3 sink wrapper with a BF16 query and FP8 KV does not compile "
+                "(CUTLASS: no eligible GMMA operator)"),
+    KnownDefect(("xqa", "xqa-window"), "fp8", "reads KV beyond seq_len", SEEN,
+                "XQA's FP8-KV kernel reads the slots past seq_len in a sequence's last page "
+                "and lets NaN there into the output (right with zeros there); an FP8 "
+                "cache's free slots can hold NaN codes (0x7F, 0xFF) from torch.empty or "
+                "earlier use"),
+)
+
+
+_CONSEQUENCES = ("wrong vs reference", "sink +30", "sink -1e4", "stale JIT module", "raised")
+
+
+def judge_steps(route: Route, version: str, steps: list[tuple[str, list[str]]]
+                ) -> tuple[list[str], list[str]]:
+    """(failures, known) for the steps' (kv, problems) in order: problems no known defect
+    explains, or a known defect that did not show (fixed: remove it from KNOWN_DEFECTS);
+    and the known defects that showed, for the xfail reason."""
+    failures, known = [], []
+    for position, (kv, problems) in enumerate(steps, start=1):
+        at = f"KV {kv} (step {position} of {len(steps)})"
+        for defect in KNOWN_DEFECTS:
+            if not defect.expected(route, kv, position, version):
+                continue
+            if any(defect.signature in p for p in problems):
+                known.append(f"{at}: known FlashInfer {version} defect: {defect.what}")
+                # its consequences (wrong or NaN output, the sink limits) go with it; a
+                # path problem (another kernel ran) is still a failure of its own
+                problems = [p for p in problems if not p.startswith(_CONSEQUENCES)]
+            else:
+                failures.append(f"{at}: the known defect \"{defect.signature}\" no longer "
+                                f"shows in FlashInfer {version} (fixed?): remove it from "
+                                "KNOWN_DEFECTS and record the baseline")
+        failures += [f"{at}: {p}" for p in problems]
+    return failures, known
 
 
 def _run_child(route: Route, order: tuple) -> tuple[dict | None, str]:
@@ -178,8 +248,8 @@ def test_flashinfer_sink_entry_point(route, order, kvperf):
     assert result is not None, f"{where}: the child process died or printed no result; {log}"
     kvperf.info("flashinfer", result["flashinfer"])
     assert [s["kv"] for s in result["steps"]] == list(order), result["steps"]
-    failures = []
-    for position, step in enumerate(result["steps"], start=1):
+    judged = []
+    for step in result["steps"]:
         kvperf.info(f"{step['kv']}.wrapper", json.dumps(step.get("wrapper", {})))
         for compared, prefix in (("vs_reference", ""), ("vs_reference_zero_padding",
                                                           "zero_padding_")):
@@ -187,8 +257,44 @@ def test_flashinfer_sink_entry_point(route, order, kvperf):
                 for metric in ("rel_l2_err", "max_abs_err"):
                     kvperf.error(f"{step['kv']}.{prefix}{metric}", step[compared][metric],
                                  rtol=0.25)
-        for problem in _step_problems(route, step):
-            failures.append(f"{where}, KV {step['kv']} (step {position} of {len(order)}): "
-                            f"{problem}")
-    _keep_log(route, order, log + "\n" + "\n".join(failures))
-    assert not failures, f"FlashInfer {result['flashinfer']}:\n" + "\n".join(failures)
+        judged.append((step["kv"], _step_problems(route, step)))
+    failures, known = judge_steps(route, result["flashinfer"], judged)
+    _keep_log(route, order, log + "\n" + "\n".join(failures + known))
+    assert not failures, (f"{where}, FlashInfer {result['flashinfer']}:\n"
+                          + "\n".join(failures + known))
+    if known:
+        pytest.xfail(f"{where}:\n" + "\n".join(known))
+
+
+# Messages as the H200 run gave them (abridged), judged on any machine.
+_IGNORED = ("wrong vs reference with sinks: 10789/16384 outputs off, rel L2 4.03 -- the output "
+            "equals the NO-SINK reference: the sinks were ignored")
+_XQA_NAN = ("wrong vs reference with sinks: NaN/Inf in the output -- right when the slots past "
+            "each sequence's end hold zeros: the kernel reads KV beyond seq_len and lets NaN "
+            "there into the output")
+_ROUTE = {r.name: r for r in ROUTES}
+
+
+@pytest.mark.parametrize("route, steps, failing, known", [
+    pytest.param("decode-fa2-cudacore", [("bf16", [_IGNORED, "sink +30 left 3.38"]),
+                                         ("fp8", [_IGNORED])], 0, 2, id="known-both-steps"),
+    pytest.param("decode-fa2-cudacore", [("bf16", [_IGNORED]), ("fp8", [])], 1, 1,
+                 id="fixed-for-fp8"),
+    pytest.param("xqa", [("bf16", []), ("fp8", [_XQA_NAN, "sink -1e4 differs: nan"])], 0, 1,
+                 id="xqa-nan-known"),
+    pytest.param("xqa", [("bf16", ["wrong vs reference with sinks: 5/16384 outputs off"]),
+                         ("fp8", [_XQA_NAN])], 1, 1, id="new-bf16-problem-fails"),
+    pytest.param("xqa", [("bf16", []), ("fp8", [_XQA_NAN, "no JIT module named xqa_* is "
+                                                 "mapped: another kernel (a fallback) ran"])],
+                 1, 1, id="path-problem-not-excused"),
+    pytest.param("sinkwrapper-fa2", [("bf16", []), ("fp8", ["stale JIT module: x.so", _XQA_NAN])],
+                 0, 1, id="stale-second-step"),
+    pytest.param("sinkwrapper-fa2", [("fp8", ["stale JIT module: x.so"]), ("bf16", [])], 2, 0,
+                 id="stale-first-step-is-new"),
+])
+def test_known_defects_excuse_only_what_they_name(route, steps, failing, known):
+    failures, seen = judge_steps(_ROUTE[route], SEEN[0], steps)
+    assert (len(failures), len(seen)) == (failing, known), (failures, seen)
+    # another release is judged afresh: every problem fails
+    failures, seen = judge_steps(_ROUTE[route], "0.8.0", steps)
+    assert seen == [] and len(failures) == sum(len(p) for _, p in steps)
