@@ -82,7 +82,8 @@ def mma(a, b, F32: tl.constexpr):
 def _mla_decode_kernel(
     q_ptr, q_sr, q_sh, cache_ptr, idx_ptr, idx_stride, n_keys, bt_ptr, bt_stride, len_ptr,
     out_ptr, o_sr, o_sh, lse_ptr, sm_scale, block_size, block_bytes, H,
-    D_FP8: tl.constexpr, PA: tl.constexpr, TILE: tl.constexpr, HAS_R: tl.constexpr,
+    D_FP8: tl.constexpr, PA: tl.constexpr, TILE: tl.constexpr, NT: tl.constexpr,
+    NT_PAD: tl.constexpr, HAS_R: tl.constexpr,
     V_HAS_R: tl.constexpr, SCALE_KIND: tl.constexpr, ROW_BYTES: tl.constexpr,
     SCALE_ROW_OFF: tl.constexpr, ROPE_ROW_OFF: tl.constexpr, FOOTER_BYTES: tl.constexpr,
     DENSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HW_CAST: tl.constexpr,
@@ -118,19 +119,23 @@ def _mla_decode_kernel(
         slot = tl.where(valid, slot, 0)
         blk = slot // block_size
         row = cache_ptr + blk * block_bytes + (slot % block_size) * ROW_BYTES
-        m2 = valid[:, None] & am[None, :]
-        code = tl.load(row[:, None] + ca[None, :], mask=m2, other=0).to(tl.int32)
-        tile = ca // TILE
+        # codes as [BLOCK_N, tiles, TILE] so that each tile's scale is loaded once
+        tile = tl.arange(0, NT_PAD)
+        d3 = tile[None, :, None] * TILE + tl.arange(0, TILE)[None, None, :]
+        m3 = valid[:, None, None] & (d3 < D_FP8)
+        code = tl.load(row[:, None, None] + d3, mask=m3, other=0).to(tl.int32)
+        ms = valid[:, None] & (tile < NT)[None, :]
         if FOOTER_BYTES == 0:
             sp = (row + SCALE_ROW_OFF).to(tl.pointer_type(tl.float32))
-            scale = tl.load(sp[:, None] + tile[None, :], mask=m2, other=0.0)
+            scale = tl.load(sp[:, None] + tile[None, :], mask=ms, other=0.0)
         else:
             foot = cache_ptr + blk * block_bytes + block_size * ROW_BYTES \
                 + (slot % block_size) * FOOTER_BYTES
-            e = tl.load(foot[:, None] + tile[None, :], mask=m2, other=127).to(tl.int32)
+            e = tl.load(foot[:, None] + tile[None, :], mask=ms, other=127).to(tl.int32)
             scale = tl.where(e == 255, float("nan"), (e << 23).to(tl.float32, bitcast=True))
-        a = cast_out(decode_e4m3(code, HW_CAST) * scale, tl.bfloat16, HW_CAST)
-        a = tl.where(m2, a, 0.0).to(tl.bfloat16)
+        a3 = cast_out(decode_e4m3(code, HW_CAST) * scale[:, :, None], tl.bfloat16, HW_CAST)
+        a3 = tl.where(m3, a3, 0.0).to(tl.bfloat16)
+        a = tl.reshape(a3, [BLOCK_N, PA])
         s = mma(qa, tl.trans(a), F32)
         if HAS_R:
             rp = (row + ROPE_ROW_OFF).to(tl.pointer_type(tl.bfloat16))
@@ -182,11 +187,13 @@ def _launch(q, cache, layout, block_size, sm_scale, hw_cast, *, indices=None,
     bt = block_tables if dense else dummy
     lens = seq_lens if dense else dummy.view(-1)
     block_h = 16 if h <= 16 else 32
+    nt_pad = triton.next_power_of_2(layout.num_tiles)  # tiles x TILE = 512 in each layout
     _mla_decode_kernel[(r, triton.cdiv(h, block_h))](
         q, q.stride(0), q.stride(1), cache, idx, idx.stride(0), 0 if dense else idx.shape[1],
         bt, bt.stride(0), lens, out, out.stride(0), out.stride(1), lse, sm_scale, block_size,
         layout.block_bytes(block_size), h,
-        D_FP8=layout.d_fp8, PA=triton.next_power_of_2(layout.d_fp8), TILE=layout.tile,
+        D_FP8=layout.d_fp8, PA=nt_pad * layout.tile, TILE=layout.tile, NT=layout.num_tiles,
+        NT_PAD=nt_pad,
         HAS_R=not layout.rope_fp8, V_HAS_R=layout.d_fp8 < D_V,
         SCALE_KIND=SCALE_KINDS[layout.scale_kind], ROW_BYTES=layout.row_bytes,
         SCALE_ROW_OFF=layout.scale_row_off, ROPE_ROW_OFF=layout.rope_row_off,
