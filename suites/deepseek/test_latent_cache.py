@@ -361,6 +361,30 @@ def test_large_cache_offsets():
                                       block_size=bs), "gather past 2^31 bytes")
 
 
+@GPU
+@pytest.mark.fp8
+@pytest.mark.parametrize("name", NAMES)
+def test_hardware_and_integer_casts_agree(name):
+    """On an FP8 GPU the kernels use the hardware E4M3 / bf16 conversions; the integer
+    encoders (the interpreter's path) must give the same bytes on 8,192 tokens."""
+    batch = make_latent_batch(name, [0, 100], [4096, 4096], 64, device=default_device(),
+                              seed=75)
+    caches = []
+    for hw in (True, False):
+        cache = batch.new_cache()
+        latent_write(batch.x, batch.weight, batch.positions, batch.cos_sin, batch.slots,
+                     cache, layout=name, block_size=64, hw_cast=hw)
+        caches.append(cache)
+    same_bytes(caches[0], caches[1], f"{name}: hw vs integer casts")
+    ref = batch.new_cache()
+    latent_write_ref(batch.x, batch.weight, batch.positions, batch.cos_sin, batch.slots, ref,
+                     layout=name, block_size=64)
+    same_bytes(caches[0], ref, f"{name}: 8K tokens vs reference")
+    outs = [latent_gather(caches[0], batch.slots, layout=name, block_size=64, hw_cast=hw)
+            for hw in (True, False)]
+    same_bytes(outs[0], outs[1], f"{name}: gather hw vs integer casts")
+
+
 SPEED_TOKENS = [16384, 131072]
 
 
