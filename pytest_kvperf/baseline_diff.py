@@ -9,6 +9,7 @@ Used by `kvperf diff` (two files, or one file at two git revisions) and by the r
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -137,6 +138,16 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
+def speed_summary(d: FileDiff) -> list[tuple[str, float, int]]:
+    """(metric, geometric mean of new/old, count) per speed metric name (a label's prefix
+    dropped): how the new file's GPU or revision compares overall."""
+    logs: dict[str, list[float]] = {}
+    for r in d.rows:
+        if r.kind == "speed" and r.ratio and r.ratio > 0:
+            logs.setdefault(r.metric.rsplit(".", 1)[-1], []).append(math.log(r.ratio))
+    return [(name, math.exp(sum(v) / len(v)), len(v)) for name, v in sorted(logs.items())]
+
+
 def _by_file(ids) -> Counter:
     return Counter(i.partition("::")[0] for i in ids)
 
@@ -185,6 +196,10 @@ def format_diff(d: FileDiff, changed_only: bool = False, verbose: bool = False) 
     if d.na_changes:
         lines += ["", "status changed:"]
         lines += [f"  {i}: {o} -> {n}" for i, o, n in d.na_changes]
+    speed = speed_summary(d)
+    if speed:
+        lines += ["", "speed, geometric mean of new/old over the metrics both files hold:"]
+        lines += [f"  {name:<20} {ratio:.3f}  ({n})" for name, ratio, n in speed]
     counts = d.counts()
     tests = len({r.nodeid for r in d.rows})
     lines += ["", f"{tests} tests compared ({len(d.moved)} moved); metrics: "

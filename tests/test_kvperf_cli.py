@@ -131,6 +131,7 @@ def test_diff_two_files(tmp_path, capsys):
     assert ["improved", "median_us", "[us]", "100", "40", "0.400"] in [ln[:6] for ln in lines]
     assert "(old id suites/a/test_old.py::test_q[x])" in out
     assert "only in old (" in out and "1 n/a)" in out
+    assert "  median_us            0.400  (1)" in out  # geometric mean of speed ratios
     assert out.rstrip().endswith("2 tests compared (1 moved); metrics: 1 regressed, "
                                  "1 improved, 1 ok; 1 tests only in old, 0 only in new")
     assert cli.main(["diff", "--changed", str(old), str(new)]) == 0
