@@ -60,6 +60,9 @@ class Entry:
     hw_skip_reason: str = ""
     versions: Mapping[str, str | None] = field(default_factory=dict)
     recorded: str = ""  # UTC time the entry's content last changed
+    # the GPU around each timing when the numbers were recorded (gpu_facts.window per
+    # kv_bench label): context, not content (a rerun with other clocks changes no byte)
+    gpu_facts: Mapping[str, dict] = field(default_factory=dict)
 
     @property
     def measured(self) -> bool:
@@ -82,9 +85,10 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def measured_entry(metrics: Mapping[str, Metric], versions: Mapping) -> Entry:
+def measured_entry(metrics: Mapping[str, Metric], versions: Mapping,
+                   gpu_facts: Mapping[str, dict] | None = None) -> Entry:
     return Entry("measured", {k: m.stored() for k, m in metrics.items()},
-                 versions=dict(versions), recorded=_utc_now())
+                 versions=dict(versions), recorded=_utc_now(), gpu_facts=dict(gpu_facts or {}))
 
 
 def not_applicable_entry(reason: str, versions: Mapping) -> Entry:
@@ -120,7 +124,10 @@ def _decode_entry(path: Path, nodeid: str, raw, top_versions: dict) -> Entry:
             decoded[name] = Metric.from_dict(metric)
         except MetricError as exc:
             raise _fail(path, f"{where}.metrics[{name!r}].{exc.field}", exc.problem) from None
-    return Entry("measured", decoded, versions=versions, recorded=recorded)
+    facts = raw.get("gpu_facts", {})
+    if not isinstance(facts, dict) or not all(isinstance(w, dict) for w in facts.values()):
+        raise _fail(path, f"{where}.gpu_facts", "expected an object of objects")
+    return Entry("measured", decoded, versions=versions, recorded=recorded, gpu_facts=facts)
 
 
 def decode(path: Path, data) -> BaselineFile:
@@ -157,6 +164,8 @@ def _encode_entry(entry: Entry, top: Mapping) -> dict:
     out = {"status": entry.status, "recorded": entry.recorded}
     if entry.measured:
         out["metrics"] = {name: m.stored().to_dict() for name, m in entry.metrics.items()}
+        if entry.gpu_facts:
+            out["gpu_facts"] = dict(entry.gpu_facts)
     else:
         out["hw_skip_reason"] = entry.hw_skip_reason
     differ = {k: v for k, v in entry.versions.items() if k not in top or top[k] != v}
@@ -219,8 +228,8 @@ def apply_updates(path: str | Path, gpu: dict, updates: Mapping[str, Entry]) -> 
         changed = {}
         for nodeid, new in updates.items():
             old = baseline.entries.get(nodeid)
-            if new.same_content(old):
-                new = replace(new, recorded=old.recorded)
+            if new.same_content(old):  # confirmed: keeps when, and on what GPU state
+                new = replace(new, recorded=old.recorded, gpu_facts=old.gpu_facts)
             else:
                 changed[nodeid] = (old, new)
             baseline.entries[nodeid] = new

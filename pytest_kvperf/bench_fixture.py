@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from . import benchmark_compat, role
+from . import benchmark_compat, gpu_facts, role
 from . import timing as timing_mod
 from .derived import derive
 from .metric import Spread
@@ -91,10 +91,12 @@ def keep_gpus_apart(config, gpu_key: str) -> None:
 
 
 class KvBench:
-    def __init__(self, request, recorder, peaks_for):
+    def __init__(self, request, recorder, peaks_for, facts_reader=None):
         self.request = request
         self.recorder = recorder
         self.peaks_for = peaks_for  # callable(device) -> Peaks | None, cached per session
+        # callable() -> gpu_facts reader (NVML, or Unavailable), opened once per session
+        self.facts_reader = facts_reader
         self.labels: set[str] = set()
 
     def __call__(self, fn, *args, bytes_moved=None, flops=None, tokens=None, args_sets=None,
@@ -118,8 +120,12 @@ class KvBench:
         if benchmarks_disabled(self.request.config):
             call(*sets[0])
             return BenchResult(last["value"], None)
+        reader = self.facts_reader() if self.facts_reader else None
+        before = reader.sample() if reader is not None and reader.available else None
         timing = timing_mod.measure(call, args_sets=sets, flush_l2=flush_l2,
                                     max_time_s=max_time_s)
+        if reader is not None and reader.available:  # the GPU's state at start and end
+            self.recorder.timing_window(label, gpu_facts.window(before, reader.sample()))
         peaks = self.peaks_for() if timing.method != "host-clock" else None
         derived = derive(timing, bytes_moved=bytes_moved, flops=flops, tokens=tokens,
                          peaks=peaks)

@@ -9,13 +9,15 @@ for the metric is ``invalid``: the file is wrong, and that fails the test too.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .metric import Metric, format_domain, in_domain
 from .verdict import judge_speed_metric
 
-# worst first: a test's verdict is its worst metric's status
-_RANK = {"invalid": 4, "regressed": 3, "improved": 2, "ok": 1, "new": 0}
+# worst first: a test's verdict is its worst metric's status. "unreliable": a speed metric
+# timed while the GPU throttled (gpu_facts): not judged, never failing, above improved so
+# that a test with an unreliable timing is not reported as sped up.
+_RANK = {"invalid": 5, "regressed": 4, "unreliable": 3, "improved": 2, "ok": 1, "new": 0}
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class MetricChange:
     better: str
     value: float
     base: float | None
-    status: str  # ok | regressed | improved | new | invalid
+    status: str  # ok | regressed | improved | new | invalid | unreliable
     rtol: float = 0.0
     atol: float = 0.0
     detail: str = ""
@@ -42,7 +44,7 @@ class MetricChange:
 class TestVerdict:
     __test__ = False  # not a pytest test class
 
-    status: str  # new | ok | regressed | improved | invalid
+    status: str  # new | ok | regressed | improved | invalid | unreliable
     changes: tuple[MetricChange, ...] = ()
 
 
@@ -97,9 +99,25 @@ def compare_metrics(base_metrics: Mapping[str, Metric] | None,
                                     metric.rtol, metric.atol, detail))
     if not base_metrics:
         return TestVerdict("new", tuple(changes))
+    return TestVerdict(_worst(changes), tuple(changes))
+
+
+def _worst(changes) -> str:
     compared = [c.status for c in changes if c.status != "new"]
-    return TestVerdict(max(compared, key=_RANK.__getitem__) if compared else "new",
-                       tuple(changes))
+    return max(compared, key=_RANK.__getitem__) if compared else "new"
+
+
+def mark_unreliable(verdict: TestVerdict, reason: str) -> TestVerdict:
+    """The speed metrics of a timing during which the GPU throttled: 'unreliable' instead of
+    ok / regressed / improved (what they would have been is kept in the detail)."""
+    if not reason:
+        return verdict
+    changes = tuple(
+        replace(c, status="unreliable", detail=f"{reason}; would be {c.status}"
+                + (f" ({c.detail})" if c.detail else ""))
+        if c.kind == "speed" and c.status in ("ok", "regressed", "improved") else c
+        for c in verdict.changes)
+    return TestVerdict(verdict.status if verdict.status == "new" else _worst(changes), changes)
 
 
 def failing_changes(verdict: TestVerdict, speed_policy: str) -> list[MetricChange]:

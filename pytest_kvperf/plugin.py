@@ -8,7 +8,15 @@ import signal
 
 import pytest
 
-from . import arch_selection, benchmark_compat, html_report, report, role, xdist_gpus
+from . import (
+    arch_selection,
+    benchmark_compat,
+    ci_report,
+    html_report,
+    report,
+    role,
+    xdist_gpus,
+)
 from .baselines import BaselineError
 from .bench_fixture import (
     PROP_BENCH,
@@ -21,7 +29,7 @@ from .hardware import UnknownProfileError, named_profile
 from .html_columns import HtmlColumns
 from .markers import marker_lines, skip_reasons
 from .recorder import MetricRecorder
-from .session import PROP_GPU, PROP_SKIP, SPEED_POLICIES, KvperfSession
+from .session import PROP_GPU, PROP_METRICS, PROP_SKIP, SPEED_POLICIES, KvperfSession
 
 _recorder_key = pytest.StashKey[MetricRecorder]()
 _session_key = pytest.StashKey[KvperfSession]()
@@ -76,6 +84,12 @@ def pytest_addoption(parser):
     parser.addini("kvperf_speed", "default of --kvperf-speed: warn or fail", default="")
     parser.addini("kvperf_baselines", "default of --kvperf-baselines (a folder)", default="")
     parser.addini("kvperf_report", "default of --kvperf-report (PATH.html)", default="")
+
+
+def pytest_addhooks(pluginmanager):
+    from . import hookspec
+
+    pluginmanager.add_hookspecs(hookspec)
 
 
 def pytest_load_initial_conftests(early_config, parser, args):
@@ -175,7 +189,8 @@ def kvperf(request) -> MetricRecorder:
 @pytest.fixture
 def kv_bench(request, kvperf) -> KvBench:
     """Times GPU (or CPU) work device-accurately; see pytest_kvperf.bench_fixture."""
-    return KvBench(request, kvperf, _session(request.config).peaks)
+    session = _session(request.config)
+    return KvBench(request, kvperf, session.peaks, session.gpu_facts_reader)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -200,12 +215,25 @@ class _ReportCollector:
         self.session = session
         self.config = config
 
+    @pytest.hookimpl(tryfirst=True)  # before JUnit XML reads the teardown report
     def pytest_runtest_logreport(self, report):
         self.session.on_report(report)
         for name, value in report.user_properties:
             if name == PROP_BENCH and report.when == "call" and not role.is_worker(self.config):
                 # a worker's measurement joins the controller's one benchmark JSON
                 add_benchmark_record(self.config, json.loads(value))
+        if report.when == "teardown" and not role.is_worker(self.config):
+            # JUnit: one property per metric and the verdict, not the transport JSON
+            report.user_properties = ci_report.testcase_properties(
+                report.user_properties, PROP_METRICS, drop=(PROP_BENCH,))
+
+    @pytest.hookimpl(tryfirst=True)  # before JUnit XML writes its file
+    def pytest_sessionfinish(self, session):
+        if role.is_worker(self.config):
+            return
+        self.session.classify()
+        ci_report.add_suite_properties(self.config, ci_report.suite_properties(
+            self.session, report.verdict_counts(self.session)))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_benchmark_update_machine_info(self, config, machine_info):

@@ -19,6 +19,7 @@ class MetricRecorder:
         self.item = item
         self.metrics: dict[str, Metric] = {}
         self.info_values: dict[str, object] = {}
+        self.timing_windows: dict[str, dict] = {}  # kv_bench label -> gpu_facts.window()
 
     def _record(self, kind: str, name: str, value, better: str, rtol: float, atol: float,
                 **fields) -> float:
@@ -87,6 +88,11 @@ class MetricRecorder:
     def info(self, name: str, value) -> None:
         """Context for the report (which backend ran, shapes); stored, never compared."""
         self.info_values[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    def timing_window(self, label: str, window: dict) -> None:
+        """The GPU's state around one kv_bench timing (gpu_facts.window); stored with the
+        baseline, and a throttled one makes the test's speed verdict unreliable."""
+        self.timing_windows[label] = window
 
     def errors(self, out, ref, *, prefix: str = "", rtol: float = ERROR_RTOL) -> dict[str, float]:
         """Record max_abs_err, rel_l2_err and cosine_distance of `out` against `ref`.

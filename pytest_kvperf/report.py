@@ -7,7 +7,8 @@ from collections import Counter
 from .compare import MetricChange, change_line, format_change
 
 STATUS_ORDER = (
-    "invalid", "regressed", "failed", "error", "interrupted", "lost coverage", "improved", "new",
+    "invalid", "regressed", "failed", "error", "interrupted", "lost coverage", "unreliable",
+    "improved", "new",
     "ok", "ran (no metrics)", "n/a", "skipped",
 )
 

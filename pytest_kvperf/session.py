@@ -7,15 +7,22 @@ controller (or the single process) classifies, writes results and updates baseli
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from . import baselines, jsonfile, provenance, report
+from . import baselines, ci_report, gpu_facts, jsonfile, provenance, report
 from .bench_fixture import BENCHMARK_SELECTION_REASONS
-from .compare import MetricChange, compare_metrics, failure_message
+from .compare import (
+    MetricChange,
+    change_line,
+    compare_metrics,
+    failure_message,
+    mark_unreliable,
+)
 from .hardware import HardwareProfile, detect, named_profile
 from .metric import Metric
 
@@ -57,6 +64,7 @@ class TestResult:
     verdict: str = ""  # new | ok | regressed | improved | invalid (from the comparison)
     changes: list[MetricChange] = field(default_factory=list)
     status: str = ""  # final classification, see classify()
+    gpu_facts: dict = field(default_factory=dict)  # kv_bench label -> gpu_facts.window()
     message: str = ""  # a failure's or error's text (the report's longrepr), for the report
 
 
@@ -103,6 +111,8 @@ class KvperfSession:
         self._files: dict[str, baselines.BaselineFile] = {}
         self._peaks = None
         self._peaks_measured = False
+        self._facts_reader = None
+        self._static_facts: dict | None = None
 
     def peaks(self):
         """Measured copy bandwidth and bf16 rate of this GPU, once per session (None on CPU)."""
@@ -123,6 +133,40 @@ class KvperfSession:
         if peaks is None and self.real_hw.has_gpu:
             peaks = load_cached(default_cache_path(), self.real_hw.name)
         return asdict(peaks) if peaks is not None else None
+
+    # -------------------------------------------------------------- GPU facts (NVML)
+    def gpu_facts_reader(self):
+        """This process's GPU facts reader, opened once: a conftest's or plugin's
+        (hook pytest_kvperf_gpu_facts_reader), else NVML on the GPU, else Unavailable."""
+        if self._facts_reader is None:
+            reader = self.config.hook.pytest_kvperf_gpu_facts_reader(config=self.config)
+            if reader is None:
+                hw = self.real_hw
+                reader = (gpu_facts.open_reader(0) if hw.has_gpu
+                          else gpu_facts.Unavailable(f"no CUDA GPU ({hw.why_no_gpu})"))
+            self._facts_reader = reader
+        return self._facts_reader
+
+    def gpu_static_facts(self) -> dict:
+        """{'available': True, driver, name, max clocks, power limit, 'at_start': sample} or
+        {'available': False, 'reason': ...}: for the results JSON and JUnit."""
+        reader = self.gpu_facts_reader()
+        if not reader.available:
+            return {"available": False, "reason": reader.reason}
+        if self._static_facts is None:
+            sample = reader.sample()
+            self._static_facts = {"available": True, **reader.static(),
+                                  "at_start": sample.as_dict() if sample else None}
+        return self._static_facts
+
+    def recorded_versions(self) -> dict:
+        """The software a baseline entry is recorded with: packages, CUDA, and the NVIDIA
+        driver where NVML reads it (absent, not null, without: the CPU file is unchanged)."""
+        versions = dict(self.real_hw.versions)
+        facts = self.gpu_static_facts()
+        if facts.get("driver"):
+            versions["nvidia_driver"] = facts["driver"]
+        return versions
 
     # -------------------------------------------------------------- hardware
     @property
@@ -163,15 +207,22 @@ class KvperfSession:
         key = self.real_hw.key
         entry = self.entry(key, item.nodeid)
         verdict = compare_metrics(entry.metrics if entry else None, recorder.metrics)
+        verdict = mark_unreliable(verdict, gpu_facts.unreliable_reason(recorder.timing_windows))
         payload = {
             "metrics": {name: m.to_dict() for name, m in recorder.metrics.items()},
             "info": recorder.info_values,
             "verdict": verdict.status,
             "changes": [c.to_dict() for c in verdict.changes],
+            "gpu_facts": recorder.timing_windows,
         }
         item.user_properties.append((PROP_METRICS, json.dumps(payload)))
         if test_failed or self.update:
             return ""
+        slow = ci_report.speed_regressions(verdict.changes, self.speed_policy)
+        if slow:  # a green test, so say it where CI logs show warnings too
+            warnings.warn(ci_report.KvperfSpeedRegression(
+                f"speed regressed against {self.baseline_file(key)} (not failed: "
+                f"--kvperf-speed=warn): " + "; ".join(change_line(c) for c in slow)), stacklevel=2)
         return failure_message(item.nodeid, verdict, self.baseline_file(key), self.speed_policy)
 
     # -------------------------------------------------------------- reports
@@ -187,6 +238,7 @@ class KvperfSession:
             result.info = payload["info"]
             result.verdict = payload["verdict"]
             result.changes = [MetricChange.from_dict(c) for c in payload["changes"]]
+            result.gpu_facts = payload.get("gpu_facts", {})
         if report.skipped:
             result.outcome = "skipped"
             longrepr = report.longrepr
@@ -210,13 +262,14 @@ class KvperfSession:
     # -------------------------------------------------------------- update
     def baseline_updates(self) -> dict[str, dict[str, baselines.Entry]]:
         """{gpu key: {node id: new entry}}: passed tests' metrics, and n/a for hw skips."""
-        versions = self.real_hw.versions
+        versions = self.recorded_versions()
         updates: dict[str, dict[str, baselines.Entry]] = defaultdict(dict)
         for r in self.results.values():
             if not r.gpu_key:
                 continue
             if r.outcome == "passed" and r.metrics:
-                updates[r.gpu_key][r.nodeid] = baselines.measured_entry(r.metrics, versions)
+                updates[r.gpu_key][r.nodeid] = baselines.measured_entry(r.metrics, versions,
+                                                                        r.gpu_facts)
             elif r.outcome == "skipped" and r.hw_skip_reason and not self.hw_spec:
                 # (an injected profile's reasons describe another machine: never stored)
                 entry = self.entry(r.gpu_key, r.nodeid)
@@ -244,6 +297,7 @@ class KvperfSession:
             "hardware": self.real_hw.as_dict(),
             "decision_profile": self.decision_hw.as_dict() if self.hw_spec else None,
             "peaks": self.peaks_record(),
+            "gpu_facts": self.gpu_static_facts(),
             "summary": dict(sorted(counts.items())),
             "run": provenance.run_facts(self.config.rootpath),
             "tests": {
@@ -256,6 +310,7 @@ class KvperfSession:
                     "metrics": {name: m.to_dict() for name, m in r.metrics.items()},
                     "changes": [c.to_dict() for c in r.changes],
                     "info": r.info,
+                    "gpu_facts": r.gpu_facts or None,
                     "message": r.message or None,
                 }
                 for r in sorted(self.results.values(), key=lambda r: r.nodeid)

@@ -16,7 +16,8 @@ numbers), then collects per-call samples until the median is known to ``rel_ci_t
 
 With a CUDA GPU the default device is the GPU and only device time counts (host-side
 Python in fn is hidden by the run-ahead); pass ``device="cpu"`` to time host code.
-Not handled: clock throttling (samples are not filtered by SM clock, unlike nvbench).
+Clock throttling is not filtered out of the samples (unlike nvbench): kv_bench reads the
+GPU's throttle state around the timing (gpu_facts) and calls a throttled one unreliable.
 Torch is imported lazily so the plugin (and this module) work without it.
 """
 
