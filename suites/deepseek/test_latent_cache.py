@@ -24,6 +24,7 @@ from kvperf_kernels.latent.norm_rope import (
     rope_cos_sin_cache,
     rope_ref,
 )
+from kvperf_kernels.latent.sparse_mla import sparse_mla_decode
 from kvperf_kernels.latent.write import latent_write, latent_write_ref, quantize_latent_ref
 from kvperf_kernels.quant.nvfp4 import dequantize_nvfp4, quantize_nvfp4, quantize_nvfp4_ref
 from kvperf_kernels.testing.compare import same_bytes
@@ -341,7 +342,8 @@ def test_empty_batch(name, checks_device):
 
 @GPU
 def test_large_cache_offsets():
-    """Blocks beyond 2^31 bytes: a model1 cache of 2.3 GB, written and read at its end."""
+    """Blocks beyond 2^31 bytes: a model1 cache of 2.3 GB, written, gathered and attended
+    at its end."""
     bs = 64
     nb = 2**31 // MODEL1.block_bytes(bs) + 2
     batch = make_latent_batch("model1", [0], [bs], bs, device=default_device(), seed=71)
@@ -359,6 +361,13 @@ def test_large_cache_offsets():
     got = latent_gather(cache, batch.slots, layout="model1", block_size=bs, out_dtype=FP32)
     same_bytes(got, latent_gather_ref(ref, batch.slots - (nb - 2) * bs, layout="model1",
                                       block_size=bs), "gather past 2^31 bytes")
+    # the decode kernel's offsets too: a one-hot selection of the last token is its row
+    q = torch.randn(1, 16, 512, device=cache.device).bfloat16()
+    idx = torch.full((1, 32), -1, dtype=torch.int64, device=cache.device)
+    idx[0, 0] = batch.slots[-1]
+    out, _ = sparse_mla_decode(q, cache, idx, layout="model1", block_size=bs)
+    row = latent_gather(cache, batch.slots[-1:], layout="model1", block_size=bs)[0, :512]
+    same_bytes(out[0], row.expand(16, 512), "one-hot decode past 2^31 bytes")
 
 
 @GPU
