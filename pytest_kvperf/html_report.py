@@ -26,7 +26,8 @@ from .compare import change_line
 
 _COLOURS = {"regressed": "#c62828", "invalid": "#6a1b9a", "failed": "#c62828",
             "error": "#c62828", "interrupted": "#c62828", "lost coverage": "#e65100",
-            "improved": "#2e7d32", "new": "#1565c0", "ok": "#546e7a", "stored": "#546e7a"}
+            "unreliable": "#f9a825", "improved": "#2e7d32", "new": "#1565c0", "ok": "#546e7a",
+            "stored": "#546e7a"}
 
 _STYLE = """
 :root{--fg:#1d2329;--muted:#66707a;--line:#d9dee3;--head:#f3f5f7}
@@ -234,10 +235,11 @@ def _header(model) -> list[str]:
 
 def _changed(model) -> list[str]:
     rows, multi, scale = model["changed"], model["multi"], model["scale"]
-    out = ["<section id='kv-changed'><h2>Regressed and improved "
+    out = ["<section id='kv-changed'><h2>Regressed, unreliable and improved "
            "<span class='count' id='kv-changed-table-count'></span></h2>"
-           "<p class='sub'>Each metric of each test that regressed or improved, against its "
-           "stored baseline. The strip is the factor on a log2 axis, better to the right: the "
+           "<p class='sub'>Each metric of each test that regressed, improved, or whose timing is "
+           "unreliable (the GPU throttled), against its stored baseline. The strip is the "
+           "factor on a log2 axis, better to the right: the "
            "dot is this run, the grey band is what the verdict calls ok, a bar is the "
            "verdict's confidence interval (speed metrics with a spread).</p>"]
     if not rows:
@@ -420,7 +422,8 @@ def _review(model) -> list[str]:
     out = ["<section id='kv-review'><h2>Review of baseline changes <span class='count'>"
            f"({len(model['review'])})</span></h2><p class='sub'>What "
            "<code>--update-baselines</code> would change on each host: regressed, improved, "
-           "invalid and new metrics, and tests that lost coverage.</p>"]
+           "invalid, unreliable (throttled) and new metrics, and tests that lost coverage."
+           "</p>"]
     if not model["review"]:
         out.append("<p class='none'>Nothing to review: every compared metric is ok.</p>")
     else:

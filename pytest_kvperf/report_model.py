@@ -22,7 +22,7 @@ from .report import STATUS_ORDER, key_metric
 from .trend import Point
 
 # what the report lists first, and what counts as a failure with a message
-CHANGED = ("invalid", "regressed", "improved")
+CHANGED = ("invalid", "regressed", "unreliable", "improved")
 FAILED = ("invalid", "regressed", "failed", "error", "interrupted")
 _RANK = {s: i for i, s in enumerate((*STATUS_ORDER, "stored"))}
 
@@ -280,11 +280,12 @@ def review(runs: list[dict]) -> list[dict]:
                             "status": "lost coverage", "base": None, "value": None,
                             "detail": t.get("hw_skip_reason") or t.get("skip_reason") or ""})
             for c in t.get("changes") or ():
-                if c["status"] in ("regressed", "improved", "invalid", "new"):
+                if c["status"] in ("regressed", "improved", "invalid", "unreliable", "new"):
                     out.append({"gpu": run["key"], "nodeid": nodeid, "metric": c["name"],
                                 "status": c["status"], "base": c["base"], "value": c["value"],
                                 "detail": c.get("detail") or ""})
-    rank = {"invalid": 0, "regressed": 1, "lost coverage": 2, "improved": 3, "new": 4}
+    rank = {"invalid": 0, "regressed": 1, "lost coverage": 2, "unreliable": 3, "improved": 4,
+            "new": 5}
     return sorted(out, key=lambda r: (rank[r["status"]], r["gpu"], r["nodeid"], r["metric"]))
 
 

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pytest_kvperf import report_model
+from pytest_kvperf import html_report, report_model
 from pytest_kvperf.compare import judge
 from pytest_kvperf.metric import Metric, Spread
 
@@ -269,3 +269,19 @@ def test_filters_run_in_a_real_browser(project, monkeypatch, tmp_path):
     shown = {re.sub("<[^>]+>", "", name) for _, hidden, name in rows if not hidden}
     assert shown == {"test_report.py::test_speed[a]"}  # speed[b], speed[c] are ok: hidden
     assert len(rows) == 6 and '(1 of 6)' in dom
+
+
+def test_throttled_timing_is_listed_as_unreliable_not_as_a_change():
+    doc = {"hardware": {"name": "NVIDIA H200", "key": "nvidia-h200", "sm": "sm90"},
+           "tests": {"t.py::test_decode": {"status": "unreliable", "metrics": {}, "changes": [
+               {"name": "median_us", "kind": "speed", "better": "lower", "value": 130.0,
+                "base": 100.0, "status": "unreliable", "rtol": 0.05, "atol": 0.0,
+                "detail": "GPU throttled during timing (hw_slowdown); would be regressed"}]}}}
+    model = report_model.build([report_model.run_from_results(doc, "r.json")], {},
+                               with_review=True)
+    assert [r["metric"]["status"] for r in model["changed"]] == ["unreliable"]
+    assert [(r["status"], r["metric"]) for r in model["review"]] == [("unreliable",
+                                                                       "median_us")]
+    page = Page(html_report.render(model))
+    row = page.body("kv-changed-table")[0]
+    assert row["status"] == "unreliable" and "would be regressed" in row["cells"][6]
