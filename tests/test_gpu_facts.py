@@ -164,10 +164,21 @@ def project(pytester, monkeypatch):
     return pytester
 
 
+# On a GPU machine kv_bench would time this host-only work with CUDA events; these runs
+# time it with the host clock instead, in a child that sees no GPU.
+ON_GPU = detect().has_gpu
+
+
 def run(pytester, monkeypatch, *args, **env):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    result = pytester.runpytest("-p", "no:cacheprovider", "--kvperf-json=r.json", *args)
+    if ON_GPU:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--kvperf-json=r.json",
+                                               *args)
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    else:
+        result = pytester.runpytest("-p", "no:cacheprovider", "--kvperf-json=r.json", *args)
     doc = json.loads((pytester.path / "r.json").read_text())
     (test,) = doc["tests"].values()
     for name in env:
@@ -262,6 +273,45 @@ def test_no_gpu_means_facts_absent_with_the_reason(project, monkeypatch):
     stored = json.loads(path.read_text())
     assert "nvidia_driver" not in stored["versions"]
     assert "gpu_facts" not in next(iter(stored["entries"].values()))
+
+
+GPU_TIMED = """
+import torch
+
+def test_copy(kv_bench):
+    x = torch.randn(64 << 20, device="cuda")
+    res = kv_bench(torch.clone, x, bytes_moved=2 * x.nbytes, max_time_s=0.5)
+    assert torch.equal(res.value, x)
+"""
+
+
+@pytest.mark.gpu
+def test_a_real_timing_stores_nvml_facts(pytester):
+    """On a GPU: a kv_bench run through the plugin, facts from the real NVML."""
+    pytest.importorskip("pynvml")
+    pytester.makepyfile(GPU_TIMED)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--kvperf-json=r.json",
+                                           "--update-baselines", "-s")
+    result.assert_outcomes(passed=1)
+    doc = json.loads((pytester.path / "r.json").read_text())
+    facts = doc["gpu_facts"]
+    assert facts["available"] and facts["driver"] and facts["max_sm_clock_mhz"] > 0, facts
+    (test,) = doc["tests"].values()
+    w = test["gpu_facts"][""]
+    assert 0 < w["start"]["sm_clock_mhz"] <= facts["max_sm_clock_mhz"]
+    assert 0 < w["end"]["sm_clock_mhz"] <= facts["max_sm_clock_mhz"]
+    assert isinstance(w["throttled"], bool)
+    (path,) = (pytester.path / "baselines").glob("*.json")
+    stored = json.loads(path.read_text())
+    assert stored["versions"]["nvidia_driver"] == facts["driver"]
+    assert next(iter(stored["entries"].values()))["gpu_facts"][""]["start"] == w["start"]
+    # compared with that baseline: unreliable exactly when this timing throttled
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--kvperf-json=r.json")
+    (again,) = json.loads((pytester.path / "r.json").read_text())["tests"].values()
+    w2 = again["gpu_facts"][""]
+    assert (again["status"] == "unreliable") == w2["throttled"], again
+    print("\nNVML facts:", json.dumps(facts), "\ntiming window:", json.dumps(w),
+          "\nrerun:", again["status"], json.dumps(w2))
 
 
 @pytest.mark.gpu
