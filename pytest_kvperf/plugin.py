@@ -240,6 +240,7 @@ class _ReportCollector:
         machine_info["kvperf"] = {
             "gpu": self.session.real_hw.as_dict(),
             "peaks": self.session.peaks_record(),
+            "gpu_facts": self.session.gpu_static_facts(),  # driver, clocks (NVML)
         }
 
 

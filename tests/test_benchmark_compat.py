@@ -113,3 +113,4 @@ def test_kv_bench_reaches_pytest_benchmark_json_through_the_private_api(pytester
     assert stats["median"] == pytest.approx(median_us * 1e-6, rel=1e-9)
     assert 0 < stats["min"] <= stats["median"] <= stats["max"] and stats["rounds"] >= 5
     assert doc["machine_info"]["kvperf"]["gpu"]["key"]
+    assert "available" in doc["machine_info"]["kvperf"]["gpu_facts"]  # NVML's, or why not
