@@ -90,7 +90,14 @@ def _from_cosine(old: dict[str, Metric], new: dict[str, Metric]) -> dict[str, Me
     return old
 
 
-def _metric_rows(nodeid: str, old: dict[str, Metric], new: dict[str, Metric]) -> list[MetricDiff]:
+# 1 - cosine from a stored cosine is known only to float64's spacing near 1 (2.2e-16):
+# such a row is judged with at least this atol, or 0.9999999999999999 vs a bit-exact 0
+# would read as a change
+_COSINE_RESOLUTION = 2 * 2.220446049250313e-16
+
+
+def _metric_rows(nodeid: str, old: dict[str, Metric], new: dict[str, Metric],
+                 converted: frozenset = frozenset()) -> list[MetricDiff]:
     rows = []
     for name in sorted(set(old) | set(new)):
         o, n = old.get(name), new.get(name)
@@ -101,6 +108,8 @@ def _metric_rows(nodeid: str, old: dict[str, Metric], new: dict[str, Metric]) ->
             rows.append(MetricDiff(nodeid, name, o.value, None, "removed", o.kind, o.better,
                                    o.unit))
         else:
+            if name in converted:
+                n = replace(n, atol=max(n.atol, _COSINE_RESOLUTION))
             status, detail = judge(o, n)
             rows.append(MetricDiff(nodeid, name, o.value, n.value, status, n.kind, n.better,
                                    n.unit, detail))
@@ -119,8 +128,9 @@ def diff_files(old: BaselineFile, new: BaselineFile, old_name: str = "A",
             result.only_old[old_id] = o
         elif o.measured and n.measured:
             old_metrics = _from_cosine(o.metrics, n.metrics)
-            result.from_cosine += len(set(old_metrics) - set(o.metrics))
-            result.rows += _metric_rows(new_id, old_metrics, n.metrics)
+            converted = frozenset(set(old_metrics) - set(o.metrics))
+            result.from_cosine += len(converted)
+            result.rows += _metric_rows(new_id, old_metrics, n.metrics, converted)
         elif o.hw_skip_reason != n.hw_skip_reason or o.status != n.status:
             result.na_changes.append((new_id, _entry_text(o), _entry_text(n)))
     matched = {result.moved.get(i, i) for i in old.entries}

@@ -271,3 +271,17 @@ def test_moved_tests_are_matched_only_when_unambiguous():
            "s/c/test_y.py::test_q[1]"]
     # test_r has two candidates and s/b's test_q none in its folder: neither is matched
     assert match_moved(old, new) == {"s/a/test_mx.py::test_q[1]": "s/a/test_m.py::test_q[1]"}
+
+
+def test_diff_reads_a_schema1_cosine_of_one_as_a_zero_distance(tmp_path, capsys):
+    """0.9999999999999999 is float64's nearest cosine to 1: against a bit-exact stored 0
+    that is no change (a larger gap still is one: the negative control)."""
+    for cos, verdict in ((0.9999999999999999, "ok"), (0.99999, "improved")):
+        write_file(tmp_path / "a.json", "a", {"t.py::test_x": {"status": "measured",
+                   "metrics": {"k.cosine": metric(cos, "higher", rtol=0.0)}}}, schema=1)
+        dist = dict(metric(0.0), atol=1e-24, domain=[0.0, 2.0])
+        write_file(tmp_path / "b.json", "b", {"t.py::test_x": {"status": "measured",
+                   "metrics": {"k.cosine_distance": dist}}})
+        assert cli.main(["diff", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+        rows = [ln.split() for ln in capsys.readouterr().out.splitlines()]
+        assert [verdict, "k.cosine_distance"] in [r[:2] for r in rows], rows
