@@ -111,6 +111,65 @@ def swapped_kv_layer(layer: int = SWAPPED_LAYER) -> Iterator[None]:
         llama.Llama._attend = orig
 
 
+@dataclass(frozen=True)
+class LayerAgreement:
+    """One layer's attention output, our kernel against the reference path, on one forward's
+    queries and the same cache bytes (the valid rows only)."""
+
+    layer: int
+    rel_l2: float
+    max_abs: float
+
+
+@contextlib.contextmanager
+def kernel_beside_reference(records: list[LayerAgreement]) -> Iterator[None]:
+    """The reference path, with our Triton kernel run beside it at every layer on the same
+    queries and cache: appends each layer's agreement to ``records``. This isolates what the
+    kernel contributes: two end-to-end runs of a 30-layer model on different paths drift
+    apart far beyond the kernel's arithmetic, because a last-bit difference in one layer
+    flips some of the next layers' quantised K/V codes (an E4M3 step is 6 %), and so on
+    (seen on the H200: BF16 KV logits 1 % apart, FP8 4-6 %, NVFP4 15 %)."""
+    orig = llama.Llama._attend
+
+    def attend(self, i, q, pos, valid, lens_after, cache, attention):
+        out = orig(self, i, q, pos, valid, lens_after, cache, attention)
+        if attention == "reference":
+            if not cache.native:
+                raise ValueError(f"{cache.kv_config}: the kernel cannot read this cache")
+            k_store, v_store = cache.layers[i]
+            ker = self._attend_kernel(q, pos, valid, cache, k_store, v_store)
+            a, b = ker[valid].double(), out[valid].double()
+            check_finite(a, f"layer {i} kernel attention")
+            records.append(LayerAgreement(i, float((a - b).norm() / b.norm()),
+                                          float((a - b).abs().max())))
+        return out
+
+    llama.Llama._attend = attend
+    try:
+        yield
+    finally:
+        llama.Llama._attend = orig
+
+
+@contextlib.contextmanager
+def kernel_lost_v_scale() -> Iterator[None]:
+    """Only the kernel's reads lose V's scales (the reference keeps them): a launcher that
+    drops v_scale. The control of ``kernel_beside_reference``'s tolerance."""
+    orig = PagedStore.kernel_args
+
+    def kernel_args(self, side):
+        args = orig(self, side)
+        if side == "v":
+            args.pop("v_scale", None)
+        return args
+
+    PagedStore.kernel_args = kernel_args
+    try:
+        yield
+    finally:
+        PagedStore.kernel_args = orig
+
+
 def control_context(control: str | None):
     if control is None:
         return contextlib.nullcontext()
@@ -157,6 +216,23 @@ class LMRuns:
             check_finite(r.logits, f"{kv_config} logits")
             self._ppl[key] = PerplexityRun(r.perplexity, r.nll.cpu(), r.logits,
                                            r.cache.bytes_per_token(), r.cache.saturated)
+        return self._ppl[key]
+
+    def kernel_agreement(self, kv_config: str, n_tokens: int, *, control: str | None = None,
+                         chunk: int = 512, layers: int | None = None) -> list[LayerAgreement]:
+        """Every layer's kernel-vs-reference agreement over a teacher-forced run of the text's
+        first ``n_tokens`` (the reference path's run, the kernel beside it); ``layers``: of
+        the model's first layers only (the interpreter's size)."""
+        key = ("agreement", kv_config, n_tokens, control, chunk, layers)
+        if key not in self._ppl:
+            records: list[LayerAgreement] = []
+            fault = kernel_lost_v_scale() if control == "kernel_lost_v_scale" else (
+                control_context(control))
+            with fault, kernel_beside_reference(records):
+                model = self.model if layers is None else self.model.truncated(layers)
+                llama.teacher_forced(model, self.text_tokens[:n_tokens], kv_config,
+                                     attention="reference", chunk=chunk)
+            self._ppl[key] = records
         return self._ppl[key]
 
     def reference_perplexity(self, n_tokens: int, *, fp32: bool = False) -> PerplexityRun:

@@ -31,7 +31,9 @@ thresholds and FP8's ceiling and floor.
 from __future__ import annotations
 
 import pytest
+import torch
 
+from kvperf_kernels.device import interpreted
 from kvperf_kernels.models.llama import KV_CONFIGS
 from kvperf_kernels.testing.compare import match_rate
 from kvperf_kernels.testing.lm import CONTROLS, SWAPPED_LAYER, Drift
@@ -78,13 +80,29 @@ def _cpu_skips(config: str, attention: str):
                     "on_model_kv); measured on the GPU")
 
 
-def _check_lab(value: float, bar: float, meets: bool, what: str, *, higher: bool) -> None:
-    ok = value > bar if higher else value < bar
+# How far from a lab bar a figure must lie to count as meeting or missing it. Equivalent
+# runs differ by this much: the reference path gave K FP8 + V NVFP4 +0.70 % on the CPU and
+# +0.35 % on the H200, and the kernel and reference paths on the H200 differ by up to 1 %
+# in perplexity at 2K tokens (amplification through 30 layers of quantised K/V).
+PPL_UNDECIDED = 0.005
+# A quantised cache's perplexity moves by that much between machines too (the CPU reference
+# path on two x86 hosts: FP8 per-token 17.79 / 17.68, NVFP4 19.16 / 18.99): float-level
+# differences flip some K/V codes and the flips compound. BF16 KV keeps its 0.2 %.
+QUANTISED_PPL_RTOL = 0.01
+MATCH_UNDECIDED = 0.03
+
+
+def _check_lab(value: float, bar: float, meets: bool, what: str, *, higher: bool,
+               undecided: float) -> None:
+    """Meets / misses the lab's bar as recorded; within ``undecided`` of it either holds."""
+    margin = (value - bar) if higher else (bar - value)  # > 0: meets
+    if abs(margin) <= undecided:
+        return
     if meets:
-        assert ok, f"{what}: {value:.4%} misses the lab's {bar:.2%}"
+        assert margin > 0, f"{what}: {value:.4%} misses the lab's {bar:.2%}"
     else:
-        assert not ok, (f"{what}: {value:.4%} now meets the lab's {bar:.2%} (recorded as a "
-                        "miss): update MEETS_LAB_* and the README's table")
+        assert margin < 0, (f"{what}: {value:.4%} now meets the lab's {bar:.2%} (recorded as "
+                            "a miss): update MEETS_LAB_* and the README's table")
 
 
 @pytest.mark.parametrize("attention,n_tokens", PPL_BACKENDS)
@@ -106,8 +124,9 @@ def test_perplexity_change_vs_bf16(config, attention, n_tokens, lm, kvperf):
     r = lm.runs.perplexity(config, n_tokens, attention)
     change = r.perplexity / base.perplexity - 1
     d = Drift.of(r.logits, base.logits)
-    kvperf.accuracy("perplexity", r.perplexity, better="lower", rtol=0.002)
-    kvperf.accuracy("ppl_change_vs_bf16", change, better="lower", rtol=0, atol=0.002)
+    kvperf.accuracy("perplexity", r.perplexity, better="lower", rtol=QUANTISED_PPL_RTOL)
+    kvperf.accuracy("ppl_change_vs_bf16", change, better="lower", rtol=0,
+                    atol=QUANTISED_PPL_RTOL)
     kvperf.accuracy("logits_rel_l2_vs_bf16", d.rel_l2, better="lower", rtol=0.1, atol=0.002)
     kvperf.accuracy("mean_kl_vs_bf16", d.mean_kl, better="lower", rtol=0.15, atol=5e-4)
     kvperf.accuracy("top1_agreement_vs_bf16", d.top1_agreement, better="higher", rtol=0,
@@ -116,7 +135,7 @@ def test_perplexity_change_vs_bf16(config, attention, n_tokens, lm, kvperf):
     kvperf.info("saturated_elements", r.saturated)
     assert r.bytes_per_token == EXPECTED_BYTES_PER_TOKEN[config]
     _check_lab(change, LAB_PPL[config], config in MEETS_LAB_PPL, f"{config} perplexity change",
-               higher=False)
+               higher=False, undecided=PPL_UNDECIDED)
     assert change < PPL_CEILING[config], (
         f"{config}: perplexity +{change:.3%} beyond its ceiling {PPL_CEILING[config]:.1%}")
     assert d.top1_agreement > 0.75, d
@@ -134,7 +153,7 @@ def test_greedy_match_vs_bf16(config, attention, lm, kvperf):
     kvperf.info("prompts_identical", round(same, 4))
     kvperf.info("tokens_compared", r.tokens.numel())
     _check_lab(rate, LAB_MATCH, config in MEETS_LAB_MATCH, f"{config} greedy match",
-               higher=True)
+               higher=True, undecided=MATCH_UNDECIDED)
     assert rate >= MATCH_FLOOR[config], (
         f"{config}: greedy match {rate:.3f} below its floor {MATCH_FLOOR[config]}")
 
@@ -153,20 +172,56 @@ def test_long_context_greedy_match_vs_bf16(config, lm, kvperf):
     assert rate >= MATCH_FLOOR[config] - 0.15, rate  # 96 tokens: a coarse floor
 
 
+# Our kernel beside the reference path, layer by layer on the same queries and cache bytes.
+# Both round the attention output to BF16 (an output ulp apart here and there: ~1e-3 rel L2),
+# and the reference reads MXFP8 / NVFP4 values rounded to BF16 (BF16_READBACK); a kernel
+# that drops a scale is off by O(1) (the control).
+LAYER_AGREEMENT_TOL = 1e-2
+
+
+def _worst_layer(layers):
+    assert layers, "no layer was compared"
+    return max(layers, key=lambda a: a.rel_l2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", list(KV_CONFIGS))
 def test_kernel_path_matches_reference_path(config, lm, kvperf):
-    """The full model on the GPU, teacher-forced 2048 tokens: our Triton kernels vs the torch
-    reference path on the same cache bytes. Their difference is attention arithmetic
-    (online softmax, BF16 P@V), far below any format's effect."""
+    """The full model on the GPU, teacher-forced 2048 tokens. Asserted: every layer's
+    attention, our Triton kernel against the torch reference on the same queries and cache.
+    Recorded: the two end-to-end runs (kernel path, reference path) against each other,
+    which drift apart by amplification through 30 layers of quantised K/V, not by the
+    kernel's arithmetic (kvperf_kernels.testing.lm.kernel_beside_reference)."""
+    worst = _worst_layer(lm.runs.kernel_agreement(config, 2048))
+    kvperf.accuracy("attn_rel_l2_kernel_vs_reference_worst_layer", worst.rel_l2,
+                    better="lower", rtol=0.5)
+    kvperf.info("worst_layer", worst.layer)
     ker = lm.runs.perplexity(config, 2048, "kernel")
     ref = lm.runs.perplexity(config, 2048, "reference")
     d = Drift.of(ker.logits, ref.logits)
-    rel = abs(ker.perplexity / ref.perplexity - 1)
-    kvperf.accuracy("ppl_rel_diff_kernel_vs_reference", rel, better="lower", rtol=0, atol=5e-4)
-    kvperf.accuracy("logits_rel_l2_kernel_vs_reference", d.rel_l2, better="lower", rtol=0,
-                    atol=0.005)
-    assert rel < 2e-3 and d.top1_agreement > 0.98, (rel, d)
+    kvperf.info("end_to_end_ppl_rel_diff", round(abs(ker.perplexity / ref.perplexity - 1), 6))
+    kvperf.info("end_to_end_logits_rel_l2", round(d.rel_l2, 5))
+    kvperf.info("end_to_end_top1_agreement", round(d.top1_agreement, 4))
+    assert worst.rel_l2 < LAYER_AGREEMENT_TOL, worst
+
+
+@pytest.mark.parametrize("control", [None, "kernel_lost_v_scale"], ids=["as_is", "lost_v_scale"])
+def test_layer_agreement_truncated(control, lm, kvperf):
+    """The same per-layer check on the interpreter's size (2 layers, 48 tokens in chunks of
+    16, FP8 per-token KV), and its control: a kernel that reads V without its scales must
+    break the tolerance at every layer."""
+    if not interpreted() and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    layers = lm.runs.kernel_agreement("fp8_per_token", 48, chunk=16, layers=2, control=control)
+    assert sorted(a.layer for a in layers) == [0, 0, 0, 1, 1, 1], layers
+    worst = _worst_layer(layers)
+    if control is None:
+        kvperf.accuracy("attn_rel_l2_kernel_vs_reference_worst_layer", worst.rel_l2,
+                        better="lower", rtol=0.5)
+        assert worst.rel_l2 < LAYER_AGREEMENT_TOL, worst
+    else:
+        kvperf.info("attn_rel_l2_worst_layer", round(worst.rel_l2, 4))
+        assert min(a.rel_l2 for a in layers) > LAYER_AGREEMENT_TOL, layers
 
 
 @pytest.mark.parametrize("control", CONTROLS)

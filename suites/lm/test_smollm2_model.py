@@ -408,11 +408,16 @@ def test_kernel_path_matches_reference_truncated(config, lm, kvperf):
         pytest.skip("needs the Triton interpreter or a GPU")
     model = lm.serving.truncated(2)
     prompts = lm.prompts[:2]
-    runs = [llama.greedy(model, prompts, 4, config, attention=a, keep_logits=True)
-            for a in ("kernel", "reference")]
-    kernel, ref = runs
+    ref = llama.greedy(model, prompts, 4, config, attention="reference", keep_logits=True)
+    # the kernel path fed the reference's tokens: the same contexts at every step, so a
+    # near-tie that the two round differently cannot send the runs apart (seen on the H200)
+    kernel = llama.greedy(model, prompts, 4, config, attention="kernel", keep_logits=True,
+                          forced=ref.tokens[:, :-1])
     d = Drift.of(kernel.logits, ref.logits)
     kvperf.accuracy("logits_rel_l2_vs_reference", d.rel_l2, better="lower", rtol=0, atol=3e-3)
     kvperf.info("logits_max_abs_vs_reference", round(d.max_abs, 4))
-    assert torch.equal(kernel.tokens, ref.tokens), (kernel.tokens, ref.tokens)
+    top2 = ref.logits.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * d.max_abs  # not a tie within the logit gap
+    flips = (kernel.tokens != ref.tokens).to(clear.device)
+    assert not (flips & clear).any(), (kernel.tokens, ref.tokens)
     assert d.rel_l2 < 5e-3, d
