@@ -17,8 +17,9 @@ KV dtypes in one order, BF16 then FP8 or FP8 then BF16, and checks for every ste
 A wrong result is a failing test whose message names entry point, backend, dtype and
 order; nothing here skips on a wrong answer. The defects this found in FlashInfer 0.7.2.post1
 on the H200 are listed in KNOWN_DEFECTS: while a step shows one, its test xfails (strictly:
-a fix fails the test until the entry is removed), and any other problem still fails. The children share FlashInfer's JIT cache,
-so the second order's first step also reuses another process's build.
+a fix fails the test until the entry is removed), and any other problem still fails. The
+children share FlashInfer's JIT cache, so the second order's first step also reuses another
+process's build.
 
 JIT cost: one head_dim (64), one page size (16), gpt-oss heads (64/8), window only in the
 three `*-window` cases. The sink wrapper's module name lacks the KV dtype, so each dtype
