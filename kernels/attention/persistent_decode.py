@@ -1,0 +1,406 @@
+"""Persistent paged decode attention (Triton): a fixed grid pulls (sequence, KV chunk, KV head)
+work items from a global atomic counter, so ragged batches balance across the SMs.
+
+The lab (persistent_decode) launches ``num_programs`` CTAs that pin sequences; its Triton
+variant computes sequence ``pid`` only, so every sequence beyond the program count is never
+computed. Here the grid is the SM count (or ``num_programs``) and the work is the whole
+batch, whatever its size:
+
+- each sequence's (windowed) range is cut into chunks of ``chunk_tokens`` (whole tiles), and
+  each (chunk, KV head) is one work item; a program takes the next item from a global
+  counter (``tl.atomic_add``) until none is left, so a 32K-token sequence among short ones
+  is spread over many programs instead of holding one (the lab's load-balance goal);
+- the chunk of item i is found without a host-built table: every program computes the
+  prefix sum of chunks per sequence from ``seq_lens`` in registers once, then a sequence is
+  a comparison and a sum (no device sync, CUDA-graph capturable);
+- K/V tiles are double-buffered in registers: tile t+1 (page id, K, V) is loaded before
+  tile t is computed, so its memory latency hides behind the math;
+- each item writes an unnormalised partial (acc, running max, running sum) that a merge
+  kernel combines by log-sum-exp per (sequence, query head), adding the sink there once.
+
+Semantics as ``paged_decode_attention`` (FlashInfer's sinks, sliding window, GQA); KV is
+16-bit (q's dtype). A sequence no program computed cannot pass as a number: the partials'
+maxima start at -inf and the merge writes NaN where every chunk is still -inf.
+
+Schedules (constexpr SCHEDULE): "atomic" (the kernel), "static" (item = pid + k * programs:
+deterministic, the same coverage without atomics) and "lab_bug" (program p computes
+sequence p only: the lab's defect, kept as the suites' negative control). In Triton's CPU
+interpreter ``tl.atomic_add`` works but programs run one after another, so program 0 takes
+every item: the atomic path is exercised, its balance is not (the static schedule spreads
+items over the programs there).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvperf_kernels.attention.decode import HEAD_DIMS, LOG2E, _check_values
+from kvperf_kernels.device import interpreted
+from kvperf_kernels.formats.checks import (
+    check_device,
+    check_flag,
+    check_int,
+    check_same_device,
+    check_scale_value,
+    check_tensor,
+)
+
+SCHEDULES = {"atomic": 0, "static": 1, "lab_bug": 2}
+MAX_BATCH = 4096  # the prefix sum lives in registers: [next_pow2(B)] int32 per program
+DEFAULT_CHUNK_TOKENS = 256
+MERGE_BLOCK = 16  # chunks merged per step
+
+
+@triton.jit
+def _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left, CHUNK: tl.constexpr,
+                  B_PAD: tl.constexpr):
+    """Per sequence (vectors [B_PAD]): first attended token, length, and the inclusive prefix
+    sum of chunk counts. Lengths clamped to the block-table capacity (as decode.py)."""
+    offs_b = tl.arange(0, B_PAD)
+    lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0)
+    lens = tl.minimum(tl.maximum(lens, 0), max_tokens)
+    first = tl.where(window_left >= 0, tl.maximum(lens - 1 - window_left, 0), 0)
+    counts = tl.where(offs_b < batch, tl.cdiv(lens - first, CHUNK), 0)
+    return offs_b, first, lens, tl.cumsum(counts, axis=0)
+
+
+@triton.jit(do_not_specialize=["window_left", "max_tokens", "num_pages", "batch", "max_items"])
+def _persistent_decode_kernel(
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, counter_ptr, owner_ptr,
+    part_acc_ptr, part_m_ptr, part_l_ptr,
+    batch, max_tokens, num_pages, max_items, sm_scale_log2, window_left,
+    stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_bt, num_q_heads, num_kv_heads,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, B_PAD: tl.constexpr, SCHEDULE: tl.constexpr,
+    RECORD_OWNER: tl.constexpr, TILE: tl.constexpr, DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    offs_b, firsts, lens, incl = _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left,
+                                               CHUNK, B_PAD)
+    total = tl.minimum(tl.max(incl, axis=0) * num_kv_heads, max_items)
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    r_mask = offs_r < GROUP
+
+    if SCHEDULE == 0:
+        item = tl.atomic_add(counter_ptr, 1)
+    elif SCHEDULE == 1:
+        item = pid
+    else:
+        item = pid * 0  # the lab's: every program walks every item, computes its own sequence
+    while item < total:
+        kvh = item % num_kv_heads
+        c = item // num_kv_heads
+        b = tl.sum((incl <= c).to(tl.int32), axis=0)  # the sequence whose chunks hold c
+        own_b = offs_b == b
+        chunk0 = tl.sum(tl.where(own_b, incl, 0), axis=0) - tl.cdiv(
+            tl.sum(tl.where(own_b, lens - firsts, 0), axis=0), CHUNK)
+        seq_len = tl.sum(tl.where(own_b, lens, 0), axis=0)
+        lo = tl.sum(tl.where(own_b, firsts, 0), axis=0) + (c - chunk0) * CHUNK
+        hi = tl.minimum(lo + CHUNK, seq_len)
+        if SCHEDULE == 2:  # the lab's defect: program p owns sequence p, nothing else
+            lo = tl.where(b == pid, lo, hi)
+        if RECORD_OWNER:
+            if lo < hi:
+                tl.store(owner_ptr + item, pid)
+
+        heads = kvh * GROUP + offs_r
+        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+                    + offs_d[None, :], mask=r_mask[:, None], other=0.0)
+        q = q.to(TILE).to(DOT)
+        bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+        k_base = k_ptr + kvh * stride_kh + offs_d[None, :]
+        v_base = v_ptr + kvh * stride_vh + offs_d[None, :]
+
+        # Double buffer: tile `start` is in (k_cur, v_cur) while tile start + BLOCK_N loads.
+        offs_n = lo + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+        slot = offs_n % PAGE_SIZE
+        k_cur = tl.load(k_base + (page * stride_kp + slot * stride_ks)[:, None],
+                        mask=n_mask[:, None], other=0.0)
+        v_cur = tl.load(v_base + (page * stride_vp + slot * stride_vs)[:, None],
+                        mask=n_mask[:, None], other=0.0)
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            nxt = start + BLOCK_N + tl.arange(0, BLOCK_N)
+            nxt_mask = nxt < hi
+            page_n = tl.load(bt_row + nxt // PAGE_SIZE, mask=nxt_mask, other=0)
+            page_n = tl.minimum(tl.maximum(page_n, 0), num_pages - 1).to(tl.int64)
+            slot_n = nxt % PAGE_SIZE
+            k_nxt = tl.load(k_base + (page_n * stride_kp + slot_n * stride_ks)[:, None],
+                            mask=nxt_mask[:, None], other=0.0)
+            v_nxt = tl.load(v_base + (page_n * stride_vp + slot_n * stride_vs)[:, None],
+                            mask=nxt_mask[:, None], other=0.0)
+
+            cur_mask = (start + tl.arange(0, BLOCK_N)) < hi
+            s = tl.dot(q, tl.trans(k_cur.to(DOT))) * sm_scale_log2
+            s = tl.where(cur_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # every tile holds >= 1 token
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            # p in 16 bits plus its rounding residue, as decode.py's precise_pv
+            p_hi = p.to(TILE)
+            v16 = v_cur.to(DOT)
+            acc = tl.dot(p_hi.to(DOT), v16, acc * alpha[:, None])
+            acc = tl.dot((p - p_hi.to(tl.float32)).to(TILE).to(DOT), v16, acc)
+            m_i = m_new
+            k_cur = k_nxt
+            v_cur = v_nxt
+
+        if lo < hi:
+            row = c.to(tl.int64) * num_q_heads + heads
+            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                     mask=r_mask[:, None])
+            tl.store(part_m_ptr + row, m_i, mask=r_mask)
+            tl.store(part_l_ptr + row, l_i, mask=r_mask)
+        if SCHEDULE == 0:
+            item = tl.atomic_add(counter_ptr, 1)
+        elif SCHEDULE == 1:
+            item += programs
+        else:
+            item += 1
+
+
+@triton.jit(do_not_specialize=["window_left", "max_tokens", "batch"])
+def _merge_chunks_kernel(
+    seq_lens_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr, out_ptr,
+    batch, max_tokens, window_left, stride_ob, stride_oh, num_q_heads,
+    CHUNK: tl.constexpr, B_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_SINKS: tl.constexpr, MERGE: tl.constexpr,
+):
+    """Log-sum-exp merge of one (sequence, query head)'s chunk partials; the sink joins here.
+    All chunks still at m = -inf (never computed): NaN, never a plausible output."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_b, firsts, lens, incl = _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left,
+                                               CHUNK, B_PAD)
+    own_b = offs_b == b
+    end = tl.sum(tl.where(own_b, incl, 0), axis=0)
+    begin = end - tl.cdiv(tl.sum(tl.where(own_b, lens - firsts, 0), axis=0), CHUNK)
+    offs_c = tl.arange(0, MERGE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_all = tl.full([], float("-inf"), tl.float32)
+    denom = tl.zeros([], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for c0 in range(begin, end, MERGE):
+        c = c0 + offs_c
+        c_mask = c < end
+        row = c.to(tl.int64) * num_q_heads + h
+        m = tl.load(part_m_ptr + row, mask=c_mask, other=float("-inf"))
+        m_new = tl.maximum(m_all, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp2(m - m_safe)
+        keep = tl.exp2(m_all - m_safe)
+        denom = denom * keep + tl.sum(tl.load(part_l_ptr + row, mask=c_mask, other=0.0) * w,
+                                      axis=0)
+        part = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=c_mask[:, None] & (m[:, None] > float("-inf")), other=0.0)
+        acc = acc * keep + tl.sum(part * w[:, None], axis=0)
+        m_all = m_new
+    computed = m_all > float("-inf")
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h) * 1.4426950408889634
+        m_fin = tl.maximum(m_all, sink)
+        scale = tl.exp2(m_all - m_fin)
+        denom = denom * scale + tl.exp2(sink - m_fin)
+        acc = acc * scale
+    o = tl.where(computed, acc / denom, float("nan"))
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
+             o.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def sm_count(device_index: int = 0) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _block_n(head_dim: int) -> int:
+    if interpreted():
+        return 64  # few tiles: the interpreter's cost is per tile
+    return 64 if head_dim == 64 else 32
+
+
+def persistent_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    sinks: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    window_left: int = -1,
+    num_programs: int | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    max_seq_len: int | None = None,
+    checked: bool | None = None,
+    schedule: str = "atomic",
+    owner: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Decode attention of one query per sequence over a paged 16-bit KV cache, persistent.
+
+    Arguments as ``paged_decode_attention`` (q [B, Hq, D] bf16/fp16, D 64 or 128; k_cache,
+    v_cache [num_pages, page_size, Hkv, D] in q's dtype; int32 block_tables [B, max_pages]
+    and seq_lens [B], lengths >= 1; sinks [Hq] or None; window_left -1 or >= 0), plus:
+    num_programs: the grid (default: the SM count; 4 in the interpreter).
+    chunk_tokens: tokens per work item (a multiple of the tile, 64 in the interpreter).
+    max_seq_len: bound on the lengths, sizes the partial buffers (None: read from seq_lens,
+        one sync, or the block table's capacity when ``checked=False``).
+    checked: data checks (lengths, page ids, sinks; one sync), as decode.py: None checks
+        when max_seq_len is None; False is CUDA-graph capturable.
+    schedule: "atomic" (default), "static" or "lab_bug" (the negative control: sequences
+        beyond the program count are never computed and come out NaN).
+    owner: optional int32 [>= items] tensor; each item's program id is stored there (-1: an
+        item of the lab's schedule that computed nothing): the coverage/balance check.
+    Returns [B, Hq, D] in q's dtype; B == 0 returns the empty output without a launch.
+    """
+    check_tensor(q, "q")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"persistent_decode_attention: q dtype {q.dtype}; require BF16/FP16")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(t, name)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} != q dtype {q.dtype} (16-bit KV only)")
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
+        check_tensor(t, name)
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} "
+                         "must both be [num_pages, page_size, Hkv, D]")
+    batch, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, kv_dim = k_cache.shape
+    if head_dim not in HEAD_DIMS or kv_dim != head_dim:
+        raise ValueError(f"q: head_dim {head_dim} (KV {kv_dim}); supported: {HEAD_DIMS}, equal")
+    if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > 64:
+        raise ValueError(f"q: Hq ({num_q_heads}) must be a multiple of Hkv ({num_kv_heads}), "
+                         "group <= 64")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim, got strides {t.stride()}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be [B={batch}, max_pages], got "
+                         f"{tuple(block_tables.shape)}")
+    if block_tables.stride(1) != 1 and block_tables.shape[1] > 1:
+        raise ValueError("block_tables must be contiguous along its page dimension")
+    if seq_lens.shape != (batch,) or not seq_lens.is_contiguous():
+        raise ValueError(f"seq_lens must be contiguous [B={batch}], got {tuple(seq_lens.shape)}")
+    if batch > MAX_BATCH:
+        raise ValueError(f"q: batch {batch} > {MAX_BATCH} (the persistent kernel's bound)")
+    check_device(q, "q")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache),
+                    ("block_tables", block_tables), ("seq_lens", seq_lens)):
+        check_same_device(t, name, q, "q")
+    if sinks is not None:
+        if not torch.is_tensor(sinks) or not sinks.dtype.is_floating_point:
+            raise TypeError(f"sinks must be a float tensor [Hq], got "
+                            f"{getattr(sinks, 'dtype', type(sinks))}")
+        if sinks.shape != (num_q_heads,):
+            raise ValueError(f"sinks must be [Hq={num_q_heads}], got {tuple(sinks.shape)}")
+        check_same_device(sinks, "sinks", q, "q")
+        sinks = sinks.to(torch.float32).contiguous()
+    check_int(window_left, "window_left (-1: off)", -1)
+    window_left = min(window_left, 2**31 - 2)
+    sm_scale = check_scale_value(1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale,
+                                 "sm_scale")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
+    block_n = _block_n(head_dim)
+    check_int(chunk_tokens, "chunk_tokens", 1)
+    if interpreted():
+        chunk_tokens = max(chunk_tokens, block_n)
+    if chunk_tokens % block_n:
+        raise ValueError(f"chunk_tokens {chunk_tokens} must be a multiple of the tile "
+                         f"({block_n} tokens)")
+    if num_programs is None:
+        num_programs = 4 if interpreted() or q.device.type != "cuda" else sm_count(
+            q.device.index or 0)
+    check_int(num_programs, "num_programs", 1)
+    check_flag(checked, "checked")
+    capacity = min(block_tables.shape[1] * page_size, 2**31 - 1)
+    if max_seq_len is not None:
+        check_int(max_seq_len, "max_seq_len", 1)
+        if max_seq_len > capacity:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds block_tables capacity "
+                             f"{block_tables.shape[1]} pages x {page_size}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device \
+            or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, contiguous "
+                         f"in head_dim; got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if batch == 0:
+        return out
+    if checked or (checked is None and max_seq_len is None):
+        lens_max = _check_values(block_tables, seq_lens, page_size, num_pages, max_seq_len,
+                                 sinks, (("k_scale", 0, None), ("v_scale", 0, None)))
+        max_seq_len = max_seq_len or lens_max
+    elif max_seq_len is None:
+        max_seq_len = capacity
+    attended = max_seq_len if window_left < 0 else min(max_seq_len, window_left + 1)
+    max_chunks = batch * triton.cdiv(attended, chunk_tokens)
+    max_items = max_chunks * num_kv_heads
+    if owner is not None:
+        check_tensor(owner, "owner")
+        if owner.dtype != torch.int32 or owner.numel() < max_items or owner.device != q.device:
+            raise ValueError(f"owner must be int32 with >= {max_items} elements on {q.device}")
+
+    device = q.device
+    part_acc = torch.empty(max_chunks, num_q_heads, head_dim, device=device, dtype=torch.float32)
+    part_m = torch.full((max_chunks, num_q_heads), float("-inf"), device=device,
+                        dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    counter = torch.zeros(1, device=device, dtype=torch.int32)
+    group = num_q_heads // num_kv_heads
+    tile = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
+    b_pad = max(2, triton.next_power_of_2(batch))
+    _persistent_decode_kernel[(num_programs,)](
+        q, k_cache, v_cache, block_tables, seq_lens, counter,
+        owner if owner is not None else counter, part_acc, part_m, part_l,
+        batch, capacity, min(num_pages, 2**31 - 1), max_items, sm_scale * LOG2E, window_left,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        num_q_heads, num_kv_heads,
+        GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, CHUNK=chunk_tokens, B_PAD=b_pad,
+        SCHEDULE=SCHEDULES[schedule], RECORD_OWNER=owner is not None, TILE=tile,
+        # the interpreter computes 16-bit tl.dot wrongly (Triton 3.9): fp32 operands there
+        DOT=tl.float32 if interpreted() else tile, num_warps=num_warps,
+    )
+    _merge_chunks_kernel[(batch, num_q_heads)](
+        seq_lens, part_acc, part_m, part_l, sinks if sinks is not None else part_m, out,
+        batch, capacity, window_left, out.stride(0), out.stride(1), num_q_heads,
+        CHUNK=chunk_tokens, B_PAD=b_pad, HEAD_DIM=head_dim, HAS_SINKS=sinks is not None,
+        MERGE=MERGE_BLOCK, num_warps=4,
+    )
+    return out
+
+
+def host_loop_decode(q, k_cache, v_cache, block_tables, seq_lens, **kwargs) -> torch.Tensor:
+    """The lab's baseline: one launch (of ``paged_decode_attention``, batch 1) per sequence.
+    Keyword arguments are the batched kernel's; ``out`` is filled row by row."""
+    from kvperf_kernels.attention.decode import paged_decode_attention
+
+    out = kwargs.pop("out", None)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for b in range(q.shape[0]):
+        paged_decode_attention(q[b:b + 1], k_cache, v_cache, block_tables[b:b + 1],
+                               seq_lens[b:b + 1], out=out[b:b + 1], **kwargs)
+    return out
