@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from . import benchmark_compat, gpu_facts, role
+from . import named_peaks as named_peaks_mod
 from . import timing as timing_mod
 from .derived import derive
 from .metric import Spread
@@ -91,21 +92,28 @@ def keep_gpus_apart(config, gpu_key: str) -> None:
 
 
 class KvBench:
-    def __init__(self, request, recorder, peaks_for, facts_reader=None):
+    def __init__(self, request, recorder, peaks_for, facts_reader=None, named_peaks=None):
         self.request = request
         self.recorder = recorder
         self.peaks_for = peaks_for  # callable(device) -> Peaks | None, cached per session
         # callable() -> gpu_facts reader (NVML, or Unavailable), opened once per session
         self.facts_reader = facts_reader
+        self.named_peaks = named_peaks  # named_peaks.Resolver: the peak per transfer
         self.labels: set[str] = set()
 
     def __call__(self, fn, *args, bytes_moved=None, flops=None, tokens=None, args_sets=None,
-                 flush_l2=False, label: str = "", max_time_s: float = 1.0, **kwargs) -> BenchResult:
+                 flush_l2=False, label: str = "", max_time_s: float = 1.0,
+                 peak: str = named_peaks_mod.DEVICE_COPY, **kwargs) -> BenchResult:
         """Time fn(*args, **kwargs); bytes_moved (read + written), flops, tokens give rates.
+
+        peak names the peak frac_of_peak is taken of (named_peaks.NAMES): device_copy for
+        kernels (bytes read + written), h2d_pinned, h2d_pageable, d2h_pinned or
+        bidir_pinned for host transfers (bytes crossing the link).
 
         args_sets rotates among several argument tuples (instead of args) so that caches
         are not what is measured; label names the metrics when a test times several things.
         """
+        named_peaks_mod.check_name(peak)
         if label in self.labels:
             raise ValueError(f"kv_bench label {label!r} used twice in one test")
         self.labels.add(label)
@@ -126,14 +134,24 @@ class KvBench:
                                     max_time_s=max_time_s)
         if reader is not None and reader.available:  # the GPU's state at start and end
             self.recorder.timing_window(label, gpu_facts.window(before, reader.sample()))
-        peaks = self.peaks_for() if timing.method != "host-clock" else None
+        device_timed = timing.method != "host-clock"
+        peaks = self.peaks_for() if device_timed else None
+        if self.named_peaks is not None:
+            bw_peak = self.named_peaks.gbps(peak, device_timed=device_timed)
+        else:
+            bw_peak = peaks.copy_gbps if peaks is not None and peak == "device_copy" else None
         derived = derive(timing, bytes_moved=bytes_moved, flops=flops, tokens=tokens,
-                         peaks=peaks)
+                         peaks=peaks, bw_peak_gbps=bw_peak)
         result = BenchResult(
             last["value"], timing, timing.median_us, derived.gbps, derived.frac_of_peak_bw,
             derived.tflops, derived.tokens_per_s,
         )
         self._record(label, timing, derived, peaks)
+        if peak != named_peaks_mod.DEVICE_COPY:  # the copy peak: peak_copy_gbps as before
+            prefix = f"{label}." if label else ""
+            self.recorder.info(f"{prefix}peak", peak)
+            if bw_peak is not None:
+                self.recorder.info(f"{prefix}peak_gbps", round(bw_peak, 1))
         self._add_to_pytest_benchmark(label, timing, derived)
         return result
 

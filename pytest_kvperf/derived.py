@@ -2,8 +2,10 @@
 
 All rates use the median per-call time. ``frac_of_peak_bw`` compares with the measured
 device-to-device copy bandwidth (bytes read + written, see peaks.py), so callers pass
-bytes_moved = bytes read + bytes written by one call. It can exceed 1 when the working
-set is served from L2 (no flush_l2), which is itself worth seeing.
+bytes_moved = bytes read + bytes written by one call; a transfer over a host link passes
+its own named peak instead (``bw_peak_gbps``, named_peaks.py: bytes crossing the link).
+It can exceed 1 when the working set is served from L2 (no flush_l2), which is itself
+worth seeing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class Derived:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+_COPY_PEAK = object()  # derive's default: divide by the device copy peak
+
+
 def gbps(bytes_moved: float, time_us: float) -> float:
     """Decimal GB/s (1e9 bytes per second), the unit HBM bandwidth is quoted in."""
     return _amount(bytes_moved, "bytes_moved") / _time(time_us) / 1e3
@@ -41,10 +46,13 @@ def tokens_per_s(tokens: float, time_us: float) -> float:
 
 
 def derive(timing: Any, *, bytes_moved: float | None = None, flops: float | None = None,
-           tokens: float | None = None, peaks: Any = None) -> Derived:
+           tokens: float | None = None, peaks: Any = None,
+           bw_peak_gbps: Any = _COPY_PEAK) -> Derived:
     """Derived metrics for a Timing (or a median time in microseconds).
 
     peaks: a peaks.Peaks (or None on a CPU / when unknown: fractions stay None).
+    bw_peak_gbps: the GB/s frac_of_peak_bw divides by (None: no fraction); by default the
+        device copy peak of ``peaks``.
     """
     t = _time(timing.median_us if hasattr(timing, "median_us") else timing)
     bw = gbps(bytes_moved, t) if bytes_moved is not None else None
@@ -52,7 +60,8 @@ def derive(timing: Any, *, bytes_moved: float | None = None, flops: float | None
     return Derived(
         time_us=t,
         gbps=bw,
-        frac_of_peak_bw=_fraction(bw, getattr(peaks, "copy_gbps", None)),
+        frac_of_peak_bw=_fraction(bw, getattr(peaks, "copy_gbps", None)
+                                  if bw_peak_gbps is _COPY_PEAK else bw_peak_gbps),
         tflops=tf,
         frac_of_peak_flops=_fraction(tf, getattr(peaks, "bf16_tflops", None)),
         tokens_per_s=tokens_per_s(tokens, t) if tokens is not None else None,

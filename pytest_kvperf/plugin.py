@@ -13,6 +13,7 @@ from . import (
     benchmark_compat,
     ci_report,
     html_report,
+    named_peaks,
     report,
     role,
     xdist_gpus,
@@ -190,7 +191,8 @@ def kvperf(request) -> MetricRecorder:
 def kv_bench(request, kvperf) -> KvBench:
     """Times GPU (or CPU) work device-accurately; see pytest_kvperf.bench_fixture."""
     session = _session(request.config)
-    return KvBench(request, kvperf, session.peaks, session.gpu_facts_reader)
+    return KvBench(request, kvperf, session.peaks, session.gpu_facts_reader,
+                   named_peaks.resolver(request.config, session.peaks))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,0 +1,157 @@
+"""Named peaks (pytest_kvperf.named_peaks): kv_bench divides each transfer by the peak it
+names; the link peaks are measured once per machine and cached. On the CPU the peaks come
+in as recorded measurements through the pytest_kvperf_named_peaks hook."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pytest_kvperf import named_peaks as NP
+from pytest_kvperf.named_peaks import LINK_PEAKS, LinkPeaks, get_link_peaks, load_cached, store
+
+RECORDED = """
+def pytest_kvperf_named_peaks(config):
+    return {"h2d_pinned": 50.0, "d2h_pinned": 40.0, "device_copy": 4000.0}
+"""
+
+TESTS = """
+def work(n):
+    return sum(range(n))
+
+def test_transfers(kv_bench):
+    for peak in ("h2d_pinned", "d2h_pinned", "device_copy", "bidir_pinned"):
+        r = kv_bench(work, 2000, bytes_moved=16000, peak=peak, label=peak, max_time_s=0.05)
+        assert r.value == sum(range(2000))
+    kv_bench(work, 2000, bytes_moved=16000, max_time_s=0.05)  # default: device_copy
+"""
+
+
+def _run(pytester, conftest=RECORDED, tests=TESTS):
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(tests)
+    return pytester.runpytest("--kvperf-json=r.json", "--benchmark-json=b.json")
+
+
+def test_each_transfer_is_divided_by_the_peak_it_names(pytester):
+    _run(pytester).assert_outcomes(passed=1)
+    (t,) = json.loads((pytester.path / "r.json").read_text())["tests"].values()
+    m = {k: v["value"] for k, v in t["metrics"].items()}
+    for peak, gbps in (("h2d_pinned", 50.0), ("d2h_pinned", 40.0), ("device_copy", 4000.0)):
+        assert m[f"{peak}.frac_of_peak_bw"] == pytest.approx(m[f"{peak}.gbps"] / gbps)
+    # the default is the device copy, as before named peaks
+    assert m["frac_of_peak_bw"] == pytest.approx(m["gbps"] / 4000.0)
+    # negative control: an H2D rate read against the device copy would be 80x smaller
+    assert m["h2d_pinned.frac_of_peak_bw"] != pytest.approx(m["h2d_pinned.gbps"] / 4000.0)
+    # a peak nobody measured gives no fraction (never a fall-back to another peak)
+    assert "bidir_pinned.gbps" in m and "bidir_pinned.frac_of_peak_bw" not in m
+    info = t["info"]
+    assert info["h2d_pinned.peak"] == "h2d_pinned" and info["h2d_pinned.peak_gbps"] == 50.0
+    assert info["bidir_pinned.peak"] == "bidir_pinned" and "bidir_pinned.peak_gbps" not in info
+    bench = {b["name"]: b for b in json.loads((pytester.path / "b.json").read_text())[
+        "benchmarks"]}
+    extra = bench["test_transfers[h2d_pinned]"]["extra_info"]
+    assert extra["frac_of_peak_bw"] == pytest.approx(extra["gbps"] / 50.0)
+
+
+def test_without_recorded_peaks_a_cpu_run_has_no_fractions(pytester):
+    _run(pytester, conftest="").assert_outcomes(passed=1)
+    (t,) = json.loads((pytester.path / "r.json").read_text())["tests"].values()
+    assert not [k for k in t["metrics"] if "frac_of_peak" in k]
+    assert [k for k in t["metrics"] if k.endswith(".gbps")]  # the rates are there
+
+
+@pytest.mark.parametrize(
+    "conftest, tests, words",
+    [
+        ("", "def test_x(kv_bench):\n    kv_bench(lambda: 1, peak='h2d')\n",
+         "peak must be one of device_copy, h2d_pinned"),
+        ("def pytest_kvperf_named_peaks(config):\n    return {'pcie': 50.0}\n",
+         "def test_x(kv_bench):\n    kv_bench(lambda: 1, max_time_s=0.02)\n",
+         "peak must be one of"),
+        ("def pytest_kvperf_named_peaks(config):\n    return {'h2d_pinned': float('nan')}\n",
+         "def test_x(kv_bench):\n    kv_bench(lambda: 1, max_time_s=0.02)\n",
+         "h2d_pinned must be finite GB/s > 0"),
+        ("def pytest_kvperf_named_peaks(config):\n    return [50.0]\n",
+         "def test_x(kv_bench):\n    kv_bench(lambda: 1, max_time_s=0.02)\n",
+         "must return a dict"),
+    ],
+    ids=["unknown-name", "unknown-recorded-name", "nan-recorded", "not-a-dict"],
+)
+def test_bad_peak_names_and_recorded_values_are_clear_errors(pytester, conftest, tests, words):
+    result = _run(pytester, conftest=conftest, tests=tests)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([f"*{words}*"])
+
+
+# ------------------------------------------------------------------ cache of link peaks
+
+
+def links_of(key, h2d=55.0):
+    rates = {"h2d_pinned": h2d, "h2d_pageable": 20.0, "d2h_pinned": 54.0, "bidir_pinned": 90.0}
+    return LinkPeaks(gbps=rates, machine=key, measured_at="2026-12-02T00:00:00+00:00")
+
+
+def test_link_peaks_measured_once_per_machine_then_reused(tmp_path, monkeypatch):
+    """Cache logic with the GPU part substituted (a CPU has no link): measure, memoise,
+    reload in a new process, refresh, and a second host measures its own."""
+    measured = []
+
+    def fake_measure(torch, index, key):
+        measured.append(key)
+        return links_of(key, h2d=55.0 + len(measured))
+
+    monkeypatch.setattr(NP, "_MEMO", {})
+    monkeypatch.setattr(NP, "measure_links", fake_measure)
+    monkeypatch.setattr("pytest_kvperf.peaks._resolve_gpu", lambda d: (None, 0, "NVIDIA H200"))
+    monkeypatch.setattr(NP.socket, "gethostname", lambda: "host-a")
+    path = tmp_path / "host_links.json"
+    first = get_link_peaks(cache_path=path)
+    assert measured == ["NVIDIA H200 @ host-a"] and first.gbps["h2d_pinned"] == 56.0
+    assert get_link_peaks(cache_path=path) is first  # memo
+    monkeypatch.setattr(NP, "_MEMO", {})  # a new process reads the file
+    assert get_link_peaks(cache_path=path) == first and len(measured) == 1
+    assert get_link_peaks(cache_path=path, refresh=True).gbps["h2d_pinned"] == 57.0
+    monkeypatch.setattr(NP.socket, "gethostname", lambda: "host-b")  # another machine
+    get_link_peaks(cache_path=path)
+    assert measured[-1] == "NVIDIA H200 @ host-b"
+    data = json.loads(path.read_text())
+    assert set(data["machines"]) == {"NVIDIA H200 @ host-a", "NVIDIA H200 @ host-b"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{oops", '{"format": 9, "machines": {}}',
+     json.dumps({"format": 1, "machines": {"G @ h": {"machine": "G @ h",
+                                                     "gbps": {"h2d_pinned": 50.0}}}}),
+     json.dumps({"format": 1, "machines": {"G @ h": {"machine": "G @ h", "gbps": {
+         **{n: 50.0 for n in LINK_PEAKS}, "h2d_pageable": -1.0}}}})],
+)
+def test_unusable_link_cache_is_ignored(tmp_path, text):
+    path = tmp_path / "host_links.json"
+    path.write_text(text)
+    assert load_cached(path, "G @ h") is None
+    store(path, links_of("G @ h"))
+    assert load_cached(path, "G @ h") == links_of("G @ h")
+
+
+def test_no_link_peaks_on_the_cpu():
+    torch = pytest.importorskip("torch")
+    assert get_link_peaks("cpu") is None
+    if not torch.cuda.is_available():
+        assert get_link_peaks() is None
+
+
+@pytest.mark.gpu
+def test_gpu_link_peaks_are_plausible(tmp_path, monkeypatch):
+    monkeypatch.setattr(NP, "_MEMO", {})
+    links = get_link_peaks(cache_path=tmp_path / "l.json", refresh=True)
+    g = links.gbps
+    # PCIe Gen3 x16 (~12 GB/s) .. NVLink-C2C (450 GB/s per direction) bound every link
+    assert all(5.0 < g[n] < 500.0 for n in LINK_PEAKS), g
+    # pinned is DMA straight from host memory; pageable is staged through a pinned buffer
+    assert g["h2d_pinned"] > g["h2d_pageable"], g
+    # the link is full duplex: both directions at once beat either alone
+    assert g["bidir_pinned"] > 1.2 * max(g["h2d_pinned"], g["d2h_pinned"]), g
+    assert load_cached(tmp_path / "l.json", links.machine) == links
