@@ -84,12 +84,23 @@ def test_mode_matches_eager_without_capture(mode, tiny):
     # FULL_AND_PIECEWISE with full graphs up to 2: batch 3 takes its piecewise side
     full = (1, 2) if mode == "FULL_AND_PIECEWISE" else FULL_BUCKETS
     runner = StepRunner(model, mode, max_pages=table.shape[1], full_buckets=full,
-                        piecewise_buckets=PIECE_BUCKETS)
+                        piecewise_buckets=PIECE_BUCKETS, capture=False)
     assert runner.kind_for(3) == ("PIECEWISE" if mode != "FULL" else "FULL")
     logits, toks = greedy_steps(runner.run, tokens, positions, table, STEPS)
-    assert runner.graph_count == 0  # no capture on the CPU
-    assert torch.equal(toks, eager[1])
-    assert torch.equal(logits, eager[0]), f"{mode}: max diff {(logits - eager[0]).abs().max()}"
+    assert runner.graph_count == 0
+    _same_as_eager(logits, toks, eager, mode)
+
+
+def _same_as_eager(logits, toks, eager, what) -> None:
+    """Bit for bit on the CPU; on a GPU a padded bucket may pick other GEMM kernels and split
+    counts than the unpadded eager batch: eager's tokens (bar near-ties), logits within
+    STEP_RTOL."""
+    if logits.device.type == "cpu":
+        assert torch.equal(toks, eager[1])
+        assert torch.equal(logits, eager[0]), f"{what}: max diff {(logits - eager[0]).abs().max()}"
+    else:
+        _tokens_agree(eager[0], eager[1], toks)
+        assert _rel_l2(logits, eager[0]) < STEP_RTOL
 
 
 def _changed_slots(before, after, page_size):
@@ -108,8 +119,9 @@ def test_padding_writes_only_the_scratch_page(misdirect, tiny):
     if misdirect:
         model.scratch_page = int(table[0, 0])  # the mutation: sequence 0's first page
     try:
-        runner = StepRunner(model, "FULL", max_pages=table.shape[1], full_buckets=(4,))
-        logits, _ = runner.run(tokens, positions, table)
+        runner = StepRunner(model, "FULL", max_pages=table.shape[1], full_buckets=(4,),
+                            capture=False)
+        logits, toks = runner.run(tokens, positions, table)
     finally:
         model.scratch_page = scratch
     ps = model.page_size
@@ -119,7 +131,7 @@ def test_padding_writes_only_the_scratch_page(misdirect, tiny):
     if misdirect:
         assert not torch.equal(logits[0], eager[0][0][0]), "the control left sequence 0 intact"
     else:
-        assert torch.equal(logits, eager[0][0])
+        _same_as_eager(logits[None], toks[None], (eager[0][:1], eager[1][:1]), "padded")
 
 
 def test_buckets_dispatch_and_errors(tiny):
@@ -163,9 +175,13 @@ GPU_STEPS = 4
 TIE = 1e-2  # a token may differ from eager only where eager's top-2 logits are this close
 
 
+SPEED = [(1, 1024), (1, 4096), (8, 1024), (8, 4096)]
+
+
 @pytest.fixture(scope="module")
 def qwen_sized():
-    pages = max(pages_needed(lens, GPU_STEPS, 16) for lens in GPU_LENS.values())
+    pages = max([pages_needed(lens, GPU_STEPS, 16) for lens in GPU_LENS.values()]
+                + [pages_needed([n] * b, 1, 16) for b, n in SPEED])
     return DecodeStepModel(QWEN25_05B, num_pages=pages + 1, page_size=16, seed=3)
 
 
@@ -209,9 +225,6 @@ def test_graph_modes_match_eager(batch, attention, qwen_sized, kvperf):
         kvperf.accuracy(f"{mode.lower()}_vs_eager_rel_l2", err, better="lower", rtol=1.0,
                         atol=1e-3)
     del snapshot
-
-
-SPEED = [(1, 1024), (1, 4096), (8, 1024), (8, 4096)]
 
 
 @pytest.mark.gpu
