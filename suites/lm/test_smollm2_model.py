@@ -325,8 +325,10 @@ def test_paged_bf16_kv_matches_no_cache_forward(lm, kvperf):
     d = Drift.of(bf16.logits, ref.logits)
     kvperf.accuracy("ppl_no_cache", ref.perplexity, better="lower", rtol=0.002, atol=0.0)
     kvperf.accuracy("ppl_bf16_kv", bf16.perplexity, better="lower", rtol=0.002, atol=0.0)
+    # measured 2.8e-4 and 8.5e-4 on two x86 hosts (BF16 matmuls with and without
+    # avx512_bf16 round differently), 5.5e-4 on the H200: against the lab's 1e-3 bar
     kvperf.accuracy("ppl_abs_change_vs_no_cache", abs(change), better="lower", rtol=0,
-                    atol=5e-4)
+                    atol=1e-3)
     kvperf.accuracy("logits_rel_l2_vs_no_cache", d.rel_l2, better="lower", rtol=0, atol=0.005)
     kvperf.accuracy("top1_agreement_vs_no_cache", d.top1_agreement, better="higher", rtol=0,
                     atol=0.01)
