@@ -1,0 +1,175 @@
+"""A paged KV cache offloaded to pinned host memory or an np.memmap file, with a hot window
+of device slots, LRU eviction and next-step prefetch (kvperf_kernels.offload.paged_offload).
+
+Decode over the offloaded cache equals decode over the all-device cache bit for bit (BF16,
+and FP8 pages with their per-token scales: half the bytes), step after step while pages are
+evicted and prefetched; the counters are exact for a scripted pattern; the cold tier is
+never written; bad input is a clear error; the pinned tier and the memmap are released.
+The CPU runs all of it through the interpreter on small shapes."""
+
+from __future__ import annotations
+
+import gc
+import stat
+import weakref
+
+import pytest
+import torch
+
+from kvperf_kernels.attention.decode import paged_decode_attention
+from kvperf_kernels.cache.paged_kv import build_page_table
+from kvperf_kernels.device import default_device
+from kvperf_kernels.offload.paged_offload import PagedOffloadCache, fp8_decode_available
+from kvperf_kernels.quant.fp8 import quantize_per_token_ref
+
+PAGE, HKV, HQ, D = 8, 2, 4, 64
+FP8_OK, FP8_WHY = fp8_decode_available()
+
+
+def make_cache(kind: str, lens, seed=0):
+    """A logical cache (host tensors) and its page table: ``kind`` bf16 or fp8 (per-token)."""
+    gen = torch.Generator().manual_seed(seed)
+    tables, seq_lens, num_pages, _ = build_page_table(lens, PAGE, generator=gen)
+    k = torch.randn((num_pages, PAGE, HKV, D), generator=gen).to(torch.bfloat16)
+    v = torch.randn((num_pages, PAGE, HKV, D), generator=gen).to(torch.bfloat16)
+    if kind == "bf16":
+        return dict(k=k, v=v), tables, seq_lens
+    kq, ks = quantize_per_token_ref(k)
+    vq, vs = quantize_per_token_ref(v)
+    return dict(k=kq, v=vq, k_scale=ks.squeeze(-1).float(), v_scale=vs.squeeze(-1).float()), \
+        tables, seq_lens
+
+
+def all_device_decode(cache, q, tables, lens, dev, splits):
+    c = {n: t.to(dev) for n, t in cache.items()}
+    return paged_decode_attention(q, c["k"], c["v"], tables.to(dev), lens.to(dev),
+                                  k_scale=c.get("k_scale"), v_scale=c.get("v_scale"),
+                                  num_splits=splits)
+
+
+KINDS = ["bf16", pytest.param("fp8", marks=pytest.mark.skipif(not FP8_OK, reason=FP8_WHY))]
+
+
+@pytest.mark.parametrize("tier", ["host", "file"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_offloaded_decode_equals_all_device_decode(kind, tier, tmp_path):
+    dev = default_device()
+    lens = [16, 9, 13, 16, 10, 15]  # 2 pages each; a step decodes 2 sequences (4 pages)
+    cache, tables, seq_lens = make_cache(kind, lens)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn((6, HQ, D), generator=gen).to(torch.bfloat16).to(dev)
+    steps = [[0, 1], [2, 3], [4, 5], [0, 1], [2, 3]]  # 8 slots: this step's and the next's
+    with PagedOffloadCache(**cache, hot_pages=8, tier=tier, path=tmp_path / "kv.bin",
+                           device=dev) as off:
+        for t, seqs in enumerate(steps):
+            nxt = steps[t + 1] if t + 1 < len(steps) else []
+            next_pages = off.owned_pages(tables[nxt], seq_lens[nxt]) if nxt else []
+            out = off.decode(q[seqs], tables[seqs], seq_lens[seqs], next_pages=next_pages,
+                             num_splits=2)
+            ref = all_device_decode(cache, q[seqs], tables[seqs], seq_lens[seqs], dev, 2)
+            assert torch.isfinite(out).all()
+            assert torch.equal(out, ref), f"step {t}: offloaded decode differs"
+        st = off.stats
+        # step 0 misses its 4 pages; every later step finds its 4 pages prefetched, and
+        # each prefetch from step 1 on evicts the previous step's 4 pages
+        assert (st.misses, st.hits, st.prefetch_hits, st.prefetch_issued) == (4, 16, 16, 16)
+        assert st.evictions == 12 and st.prefetch_dropped == 0
+        assert st.bytes_loaded[tier] == (4 + 16) * off.page_bytes
+        if kind == "fp8":  # half the bytes of BF16 plus 4 B of scale per token and head
+            assert off.page_bytes == PAGE * HKV * (2 * D + 2 * 4)
+        else:
+            assert off.page_bytes == PAGE * HKV * 2 * D * 2
+        cold = off._cold if tier == "host" else None
+        if cold is not None:  # the cold tier is never written
+            for name, t in cache.items():
+                assert torch.equal(cold[name].view(torch.uint8), t.view(torch.uint8))
+    if tier == "file":
+        raw = torch.frombuffer(bytearray((tmp_path / "kv.bin").read_bytes()), dtype=torch.uint8)
+        k_bytes = cache["k"][0].numel() * cache["k"].element_size()
+        first = raw.view(-1, off.page_bytes)[:, :k_bytes]
+        assert torch.equal(first, cache["k"].contiguous().view(torch.uint8).reshape(
+            cache["k"].shape[0], -1))
+
+
+def test_negative_control_a_stale_slot_is_seen(tmp_path):
+    """The equality above can fail: a slot whose page was swapped under the LRU map gives
+    a different decode."""
+    cache, tables, seq_lens = make_cache("bf16", [16, 16])
+    dev = default_device()
+    q = torch.randn((2, HQ, D), generator=torch.Generator().manual_seed(2)).to(
+        torch.bfloat16).to(dev)
+    with PagedOffloadCache(**cache, hot_pages=4, device=dev) as off:
+        off.decode(q, tables, seq_lens, num_splits=1)
+        slots = list(off._lru.values())  # sequence 0's two pages, then sequence 1's
+        a, b = slots[0], slots[2]  # (within one sequence a swap would change nothing)
+        for name in ("k", "v"):  # swap two sequences' slots behind the map's back
+            off.pool[name][[a, b]] = off.pool[name][[b, a]]
+        out = off.decode(q, tables, seq_lens, num_splits=1)
+    ref = all_device_decode(cache, q, tables, seq_lens, dev, 1)
+    assert not torch.equal(out, ref)
+
+
+def test_lru_order_and_prefetch_accounting():
+    cache, _, _ = make_cache("bf16", [8] * 6)  # 6 pages + 1 spare
+    with PagedOffloadCache(**cache, hot_pages=3) as off:
+        off.ensure([0, 1, 2])
+        off.ensure([0])  # 0 is now the most recent: LRU order 1, 2, 0
+        off.ensure([3])  # evicts 1
+        assert list(off._lru) == [2, 0, 3] and off.stats.evictions == 1
+        off.prefetch([4, 5], keep=[3])  # evicts 2 then 0 (3 is kept)
+        assert list(off._lru) == [3, 4, 5] and off.stats.prefetch_issued == 2
+        off.prefetch([0], keep=[3, 4, 5])  # no slot free of the kept pages
+        assert off.stats.prefetch_dropped == 1
+        off.ensure([4, 5, 3])
+        s = off.stats
+        assert (s.hits, s.misses, s.prefetch_hits, s.evictions) == (1 + 3, 4, 2, 3)
+        # the pages' bytes are the cold tier's, whatever the slot
+        for page, slot in off._lru.items():
+            assert torch.equal(off.pool["k"][slot], cache["k"][page])
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    cache, tables, seq_lens = make_cache("bf16", [16, 8])
+    with PagedOffloadCache(**cache, hot_pages=2) as off:
+        with pytest.raises(ValueError, match=r"page id 9 out of range \[0, 4\)"):
+            off.ensure([9])
+        with pytest.raises(ValueError, match=r"hot_pages \(2\) is smaller than the 3 pages"):
+            off.ensure([0, 1, 2])
+        assert off.stats.misses == 0 and not off._lru  # nothing half-done
+    with pytest.raises(ValueError, match="tier must be one of host, file"):
+        PagedOffloadCache(**cache, hot_pages=2, tier="nvme")
+    with pytest.raises(ValueError, match="needs path"):
+        PagedOffloadCache(**cache, hot_pages=2, tier="file")
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match="too small for 4 pages of 4096 B: 100 B, need 16384"):
+        PagedOffloadCache(**cache, hot_pages=2, tier="file", path=small, create=False)
+    with pytest.raises(ValueError, match="k_scale and v_scale"):
+        PagedOffloadCache(**cache, k_scale=torch.ones(4, PAGE, HKV), hot_pages=2)
+    ro = tmp_path / "ro.bin"
+    ro.write_bytes(b"\0" * 10)
+    ro.chmod(stat.S_IRUSR)  # refused even as root, who could write it
+    with pytest.raises(ValueError, match="is read-only: cannot write the cold pages"):
+        PagedOffloadCache(**cache, hot_pages=2, tier="file", path=ro)
+    assert ro.read_bytes() == b"\0" * 10  # and left as it was
+
+
+def _mapped(path) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(str(path) in line for line in f)
+
+
+def test_nothing_leaks(tmp_path):
+    cache, _, _ = make_cache("bf16", [16])
+    path = tmp_path / "kv.bin"
+    off = PagedOffloadCache(**cache, hot_pages=2, tier="file", path=path)
+    off.ensure([0, 1])
+    assert _mapped(path)
+    off.close()
+    assert not _mapped(path)  # the memmap is unmapped
+    host = PagedOffloadCache(**cache, hot_pages=2, tier="host")
+    cold = weakref.ref(host._cold["k"])
+    pool = weakref.ref(host.pool["k"])
+    host.close()
+    gc.collect()
+    assert cold() is None and pool() is None  # the (pinned on a GPU) tier and pool are gone
