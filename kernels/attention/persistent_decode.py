@@ -69,16 +69,42 @@ def _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left, CHUNK: tl.conste
     return offs_b, first, lens, tl.cumsum(counts, axis=0)
 
 
+@triton.jit
+def _load_tile(base, rows, scale_base, scale_rows, mask, KV_FORMAT: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INT4_GROUP: tl.constexpr,
+               TILE: tl.constexpr):
+    """One [BLOCK_N, D] K or V tile as TILE. rows: each token's offset of its head's
+    vector (in elements of the cache: bytes for INT4); masked tokens read as 0."""
+    if KV_FORMAT == 2:  # INT4: nibble pairs (element 2k low) times the group's fp16 scale
+        offs_j = tl.arange(0, HEAD_DIM // 2)
+        raw = tl.load(base + rows[:, None] + offs_j[None, :], mask=mask[:, None],
+                      other=0).to(tl.int32)
+        lo = ((raw & 15) - 8).to(tl.float32)
+        hi = ((raw >> 4) - 8).to(tl.float32)
+        vals = tl.reshape(tl.join(lo, hi), [BLOCK_N, HEAD_DIM // INT4_GROUP, INT4_GROUP])
+        offs_g = tl.arange(0, HEAD_DIM // INT4_GROUP)
+        sc = tl.load(scale_base + scale_rows[:, None] + offs_g[None, :], mask=mask[:, None],
+                     other=0.0).to(tl.float32)
+        return tl.reshape(vals * sc[:, :, None], [BLOCK_N, HEAD_DIM]).to(TILE)
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
+        return tl.load(base + rows[:, None] + offs_d[None, :], mask=mask[:, None],
+                       other=0.0).to(TILE)
+
+
 @triton.jit(do_not_specialize=["window_left", "max_tokens", "num_pages", "batch", "max_items"])
 def _persistent_decode_kernel(
-    q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, counter_ptr, owner_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, block_tables_ptr, seq_lens_ptr, counter_ptr, owner_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,
     batch, max_tokens, num_pages, max_items, sm_scale_log2, window_left,
     stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_ksp, stride_kss, stride_ksh, stride_vsp, stride_vss, stride_vsh,
     stride_bt, num_q_heads, num_kv_heads,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, B_PAD: tl.constexpr, SCHEDULE: tl.constexpr,
-    RECORD_OWNER: tl.constexpr, TILE: tl.constexpr, DOT: tl.constexpr,
+    RECORD_OWNER: tl.constexpr, KV_FORMAT: tl.constexpr, INT4_GROUP: tl.constexpr,
+    Q_RESCALE: tl.constexpr, PRECISE_PV: tl.constexpr, TILE: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -113,11 +139,21 @@ def _persistent_decode_kernel(
 
         heads = kvh * GROUP + offs_r
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
-                    + offs_d[None, :], mask=r_mask[:, None], other=0.0)
+                    + offs_d[None, :], mask=r_mask[:, None], other=0.0).to(tl.float32)
+        row_mult = tl.full([ROWS], 1.0, tl.float32) * sm_scale_log2
+        if Q_RESCALE:
+            # a bf16 query meets a float16 tile (INT4): each head's row scaled by a power of
+            # two that puts its largest |q| in [2^14, 2^15), exact in float16 (decode.py's)
+            e_q = (tl.max(tl.abs(q), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF
+            e_q = tl.minimum(tl.maximum(e_q, 16), 254)
+            q = q * ((268 - e_q) << 23).to(tl.float32, bitcast=True)[:, None]
+            row_mult = row_mult * ((e_q - 14) << 23).to(tl.float32, bitcast=True)
         q = q.to(TILE).to(DOT)
         bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-        k_base = k_ptr + kvh * stride_kh + offs_d[None, :]
-        v_base = v_ptr + kvh * stride_vh + offs_d[None, :]
+        k_base = k_ptr + kvh * stride_kh
+        v_base = v_ptr + kvh * stride_vh
+        ks_base = ks_ptr + kvh * stride_ksh
+        vs_base = vs_ptr + kvh * stride_vsh
 
         # Double buffer: tile `start` is in (k_cur, v_cur) while tile start + BLOCK_N loads.
         offs_n = lo + tl.arange(0, BLOCK_N)
@@ -125,10 +161,12 @@ def _persistent_decode_kernel(
         page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0)
         page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
         slot = offs_n % PAGE_SIZE
-        k_cur = tl.load(k_base + (page * stride_kp + slot * stride_ks)[:, None],
-                        mask=n_mask[:, None], other=0.0)
-        v_cur = tl.load(v_base + (page * stride_vp + slot * stride_vs)[:, None],
-                        mask=n_mask[:, None], other=0.0)
+        k_cur = _load_tile(k_base, page * stride_kp + slot * stride_ks, ks_base,
+                           page * stride_ksp + slot * stride_kss, n_mask, KV_FORMAT, HEAD_DIM,
+                           BLOCK_N, INT4_GROUP, TILE)
+        v_cur = _load_tile(v_base, page * stride_vp + slot * stride_vs, vs_base,
+                           page * stride_vsp + slot * stride_vss, n_mask, KV_FORMAT, HEAD_DIM,
+                           BLOCK_N, INT4_GROUP, TILE)
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
@@ -138,23 +176,26 @@ def _persistent_decode_kernel(
             page_n = tl.load(bt_row + nxt // PAGE_SIZE, mask=nxt_mask, other=0)
             page_n = tl.minimum(tl.maximum(page_n, 0), num_pages - 1).to(tl.int64)
             slot_n = nxt % PAGE_SIZE
-            k_nxt = tl.load(k_base + (page_n * stride_kp + slot_n * stride_ks)[:, None],
-                            mask=nxt_mask[:, None], other=0.0)
-            v_nxt = tl.load(v_base + (page_n * stride_vp + slot_n * stride_vs)[:, None],
-                            mask=nxt_mask[:, None], other=0.0)
+            k_nxt = _load_tile(k_base, page_n * stride_kp + slot_n * stride_ks, ks_base,
+                               page_n * stride_ksp + slot_n * stride_kss, nxt_mask, KV_FORMAT,
+                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE)
+            v_nxt = _load_tile(v_base, page_n * stride_vp + slot_n * stride_vs, vs_base,
+                               page_n * stride_vsp + slot_n * stride_vss, nxt_mask, KV_FORMAT,
+                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE)
 
             cur_mask = (start + tl.arange(0, BLOCK_N)) < hi
-            s = tl.dot(q, tl.trans(k_cur.to(DOT))) * sm_scale_log2
+            s = tl.dot(q, tl.trans(k_cur.to(DOT)), input_precision=PRECISION) * row_mult[:, None]
             s = tl.where(cur_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # every tile holds >= 1 token
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            # p in 16 bits plus its rounding residue, as decode.py's precise_pv
+            # p in the tile type, plus its 16-bit rounding residue (decode.py's precise_pv)
             p_hi = p.to(TILE)
-            v16 = v_cur.to(DOT)
-            acc = tl.dot(p_hi.to(DOT), v16, acc * alpha[:, None])
-            acc = tl.dot((p - p_hi.to(tl.float32)).to(TILE).to(DOT), v16, acc)
+            v_t = v_cur.to(DOT)
+            acc = tl.dot(p_hi.to(DOT), v_t, acc * alpha[:, None], input_precision=PRECISION)
+            if PRECISE_PV:
+                acc = tl.dot((p - p_hi.to(tl.float32)).to(TILE).to(DOT), v_t, acc)
             m_i = m_new
             k_cur = k_nxt
             v_cur = v_nxt
@@ -178,12 +219,14 @@ def _merge_chunks_kernel(
     seq_lens_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr, out_ptr,
     batch, max_tokens, window_left, stride_ob, stride_oh, num_q_heads,
     CHUNK: tl.constexpr, B_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_SINKS: tl.constexpr, MERGE: tl.constexpr,
+    HAS_SINKS: tl.constexpr, MERGE: tl.constexpr, HB: tl.constexpr,
 ):
-    """Log-sum-exp merge of one (sequence, query head)'s chunk partials; the sink joins here.
-    All chunks still at m = -inf (never computed): NaN, never a plausible output."""
+    """Log-sum-exp merge of one sequence's chunk partials for HB query heads (1 on a GPU: many
+    small programs; all heads in the interpreter, whose cost is per program); the sink joins
+    here. A head whose chunks are all still at m = -inf (never computed) is NaN."""
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    offs_h = tl.program_id(1) * HB + tl.arange(0, HB)
+    h_mask = offs_h < num_q_heads
     offs_b, firsts, lens, incl = _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left,
                                                CHUNK, B_PAD)
     own_b = offs_b == b
@@ -191,34 +234,78 @@ def _merge_chunks_kernel(
     begin = end - tl.cdiv(tl.sum(tl.where(own_b, lens - firsts, 0), axis=0), CHUNK)
     offs_c = tl.arange(0, MERGE)
     offs_d = tl.arange(0, HEAD_DIM)
-    m_all = tl.full([], float("-inf"), tl.float32)
-    denom = tl.zeros([], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
+    m_all = tl.full([HB], float("-inf"), tl.float32)
+    denom = tl.zeros([HB], tl.float32)
+    acc = tl.zeros([HB, HEAD_DIM], tl.float32)
     for c0 in range(begin, end, MERGE):
         c = c0 + offs_c
-        c_mask = c < end
-        row = c.to(tl.int64) * num_q_heads + h
-        m = tl.load(part_m_ptr + row, mask=c_mask, other=float("-inf"))
+        mask = (c < end)[:, None] & h_mask[None, :]  # [MERGE, HB]
+        row = c.to(tl.int64)[:, None] * num_q_heads + offs_h[None, :]
+        m = tl.load(part_m_ptr + row, mask=mask, other=float("-inf"))
         m_new = tl.maximum(m_all, tl.max(m, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(m - m_safe)
+        w = tl.exp2(m - m_safe[None, :])
         keep = tl.exp2(m_all - m_safe)
-        denom = denom * keep + tl.sum(tl.load(part_l_ptr + row, mask=c_mask, other=0.0) * w,
+        denom = denom * keep + tl.sum(tl.load(part_l_ptr + row, mask=mask, other=0.0) * w,
                                       axis=0)
-        part = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
-                       mask=c_mask[:, None] & (m[:, None] > float("-inf")), other=0.0)
-        acc = acc * keep + tl.sum(part * w[:, None], axis=0)
+        part = tl.load(part_acc_ptr + row[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                       mask=(mask & (m > float("-inf")))[:, :, None], other=0.0)
+        acc = acc * keep[:, None] + tl.sum(part * w[:, :, None], axis=0)
         m_all = m_new
     computed = m_all > float("-inf")
     if HAS_SINKS:
-        sink = tl.load(sinks_ptr + h) * 1.4426950408889634
+        sink = tl.load(sinks_ptr + offs_h, mask=h_mask, other=0.0) * 1.4426950408889634
         m_fin = tl.maximum(m_all, sink)
         scale = tl.exp2(m_all - m_fin)
         denom = denom * scale + tl.exp2(sink - m_fin)
-        acc = acc * scale
-    o = tl.where(computed, acc / denom, float("nan"))
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
-             o.to(out_ptr.dtype.element_ty))
+        acc = acc * scale[:, None]
+    o = tl.where(computed[:, None], acc / denom[:, None], float("nan"))
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh
+             + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
+
+
+_SAME, _FP32, _INT4 = 0, 1, 2  # KV formats (constexpr KV_FORMAT)
+KV_FORMAT_NAMES = {_SAME: "16bit", _FP32: "fp32", _INT4: "int4"}
+
+
+def _kv_format(q, k_cache, v_cache, k_group_scale, v_group_scale) -> int:
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"k_cache dtype {k_cache.dtype} != v_cache dtype {v_cache.dtype}")
+    given = (k_group_scale is not None, v_group_scale is not None)
+    if k_cache.dtype == torch.uint8:
+        if given != (True, True):
+            raise TypeError("uint8 k_cache/v_cache are INT4 codes: k_group_scale and "
+                            "v_group_scale (float16) are required")
+        return _INT4
+    if any(given):
+        raise TypeError(f"k_group_scale/v_group_scale belong to INT4 (uint8) caches, got "
+                        f"k_cache dtype {k_cache.dtype}")
+    if k_cache.dtype == q.dtype:
+        return _SAME
+    if k_cache.dtype == torch.float32:
+        return _FP32
+    raise TypeError(f"k_cache dtype {k_cache.dtype}: require q's dtype ({q.dtype}), float32, "
+                    "or uint8 INT4 codes")
+
+
+def _check_group_scales(k_cache, k_group_scale, v_group_scale, head_dim: int) -> int:
+    """The INT4 scale tensors: float16 [pages, page_size, Hkv, D/group]; returns group."""
+    for name, t in (("k_group_scale", k_group_scale), ("v_group_scale", v_group_scale)):
+        check_tensor(t, name)
+        check_same_device(t, name, k_cache, "k_cache")
+        if t.dtype != torch.float16:
+            raise TypeError(f"{name} must be float16, got {t.dtype}")
+        if t.dim() != 4 or t.shape[:3] != k_cache.shape[:3] or head_dim % t.shape[3] \
+                or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be [{', '.join(map(str, k_cache.shape[:3]))}, "
+                             f"D/group] contiguous in its last dim, got {tuple(t.shape)}")
+    if k_group_scale.shape != v_group_scale.shape:
+        raise ValueError(f"k_group_scale {tuple(k_group_scale.shape)} != v_group_scale "
+                         f"{tuple(v_group_scale.shape)}")
+    group = head_dim // k_group_scale.shape[3]
+    if group < 16 or group & (group - 1):
+        raise ValueError(f"k_group_scale: group {group} must be a power of two >= 16")
+    return group
 
 
 @functools.cache
@@ -249,13 +336,23 @@ def persistent_decode_attention(
     schedule: str = "atomic",
     owner: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    k_group_scale: torch.Tensor | None = None,
+    v_group_scale: torch.Tensor | None = None,
+    block_n: int | None = None,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over a paged 16-bit KV cache, persistent.
 
-    Arguments as ``paged_decode_attention`` (q [B, Hq, D] bf16/fp16, D 64 or 128; k_cache,
-    v_cache [num_pages, page_size, Hkv, D] in q's dtype; int32 block_tables [B, max_pages]
-    and seq_lens [B], lengths >= 1; sinks [Hq] or None; window_left -1 or >= 0), plus:
+    Arguments as ``paged_decode_attention`` (q [B, Hq, D] bf16/fp16, D 64 or 128; int32
+    block_tables [B, max_pages] and seq_lens [B], lengths >= 1; sinks [Hq] or None;
+    window_left -1 or >= 0), KV in one of three formats:
+    - q's dtype or float32: k_cache, v_cache [num_pages, page_size, Hkv, D] (float32 is
+      attended in float32 with IEEE dots);
+    - INT4 (``kvperf_kernels.quant.int4``): uint8 [num_pages, page_size, Hkv, D/2] codes with
+      ``k_group_scale``/``v_group_scale`` float16 [num_pages, page_size, Hkv, D/group],
+      decoded in registers to float16 tiles (a bf16 query rescaled per head, exact);
+    plus:
+    block_n: tokens per tile (block-k; a power of two >= 16; default 64, 32 for D 128).
     num_programs: the grid (default: the SM count; 4 in the interpreter).
     chunk_tokens: tokens per work item (a multiple of the tile, 64 in the interpreter).
     max_seq_len: bound on the lengths, sizes the partial buffers (None: read from seq_lens,
@@ -273,8 +370,7 @@ def persistent_decode_attention(
         raise TypeError(f"persistent_decode_attention: q dtype {q.dtype}; require BF16/FP16")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(t, name)
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} != q dtype {q.dtype} (16-bit KV only)")
+    kv_format = _kv_format(q, k_cache, v_cache, k_group_scale, v_group_scale)
     for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
         check_tensor(t, name)
         if t.dtype != torch.int32:
@@ -283,11 +379,16 @@ def persistent_decode_attention(
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} "
-                         "must both be [num_pages, page_size, Hkv, D]")
+                         "must both be [num_pages, page_size, Hkv, D] (D/2 bytes for INT4)")
     batch, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, kv_dim = k_cache.shape
-    if head_dim not in HEAD_DIMS or kv_dim != head_dim:
-        raise ValueError(f"q: head_dim {head_dim} (KV {kv_dim}); supported: {HEAD_DIMS}, equal")
+    stored = head_dim // 2 if kv_format == _INT4 else head_dim
+    if head_dim not in HEAD_DIMS or kv_dim != stored:
+        raise ValueError(f"q: head_dim {head_dim}, k_cache last dim {kv_dim} (expected "
+                         f"{stored}); supported head_dims: {HEAD_DIMS}")
+    int4_group = 1
+    if kv_format == _INT4:
+        int4_group = _check_group_scales(k_cache, k_group_scale, v_group_scale, head_dim)
     if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > 64:
         raise ValueError(f"q: Hq ({num_q_heads}) must be a multiple of Hkv ({num_kv_heads}), "
                          "group <= 64")
@@ -321,7 +422,12 @@ def persistent_decode_attention(
                                  "sm_scale")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
-    block_n = _block_n(head_dim)
+    if block_n is None:
+        block_n = _block_n(head_dim)
+    else:
+        check_int(block_n, "block_n", 16)
+        if block_n & (block_n - 1) or block_n > 256:
+            raise ValueError(f"block_n must be a power of two in [16, 256], got {block_n}")
     check_int(chunk_tokens, "chunk_tokens", 1)
     if interpreted():
         chunk_tokens = max(chunk_tokens, block_n)
@@ -368,26 +474,34 @@ def persistent_decode_attention(
     part_l = torch.empty_like(part_m)
     counter = torch.zeros(1, device=device, dtype=torch.int32)
     group = num_q_heads // num_kv_heads
-    tile = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
+    q_type = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
+    tile = {_SAME: q_type, _FP32: tl.float32, _INT4: tl.float16}[kv_format]
     b_pad = max(2, triton.next_power_of_2(batch))
+    ks = k_group_scale if kv_format == _INT4 else k_cache
+    vs = v_group_scale if kv_format == _INT4 else v_cache
     _persistent_decode_kernel[(num_programs,)](
-        q, k_cache, v_cache, block_tables, seq_lens, counter,
+        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, counter,
         owner if owner is not None else counter, part_acc, part_m, part_l,
         batch, capacity, min(num_pages, 2**31 - 1), max_items, sm_scale * LOG2E, window_left,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        num_q_heads, num_kv_heads,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        block_tables.stride(0), num_q_heads, num_kv_heads,
         GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=block_n, CHUNK=chunk_tokens, B_PAD=b_pad,
-        SCHEDULE=SCHEDULES[schedule], RECORD_OWNER=owner is not None, TILE=tile,
+        SCHEDULE=SCHEDULES[schedule], RECORD_OWNER=owner is not None, KV_FORMAT=kv_format,
+        INT4_GROUP=int4_group, Q_RESCALE=kv_format == _INT4 and q_type == tl.bfloat16,
+        PRECISE_PV=kv_format != _FP32, TILE=tile,
         # the interpreter computes 16-bit tl.dot wrongly (Triton 3.9): fp32 operands there
-        DOT=tl.float32 if interpreted() else tile, num_warps=num_warps,
+        DOT=tl.float32 if interpreted() else tile,
+        PRECISION="ieee" if kv_format == _FP32 else "tf32", num_warps=num_warps,
     )
-    _merge_chunks_kernel[(batch, num_q_heads)](
+    hb = triton.next_power_of_2(num_q_heads) if interpreted() else 1
+    _merge_chunks_kernel[(batch, triton.cdiv(num_q_heads, hb))](
         seq_lens, part_acc, part_m, part_l, sinks if sinks is not None else part_m, out,
         batch, capacity, window_left, out.stride(0), out.stride(1), num_q_heads,
         CHUNK=chunk_tokens, B_PAD=b_pad, HEAD_DIM=head_dim, HAS_SINKS=sinks is not None,
-        MERGE=MERGE_BLOCK, num_warps=4,
+        MERGE=MERGE_BLOCK, HB=hb, num_warps=4,
     )
     return out
 

@@ -1,0 +1,146 @@
+"""Right-sized decode tiers (the lab's small / medium / large plus a serving shape) through the
+persistent kernel, KV in float32 / float16 / bfloat16 / packed INT4, with block-k (block_n)
+and num_programs as parameters. Every sequence is checked against the float64 reference on
+the values the cache holds (INT4: its dequantised codes); the accuracy per tier and format
+is baselined, INT4's also against attention on the unquantised K/V.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
+from kvperf_kernels.attention.persistent_decode import persistent_decode_attention
+from kvperf_kernels.quant.int4 import dequantize_int4, quantize_int4
+from kvperf_kernels.testing.compare import assert_matches_reference
+from kvperf_kernels.testing.decode_tiers import QUANTS, pack_tier, query_for, tier_case
+
+CPU_TIERS = ("small", "medium", "large")
+CHUNK = 64
+INT4_VS_UNQUANTISED = 0.2  # rel L2 of INT4-KV attention vs float64 on the original K/V
+
+
+def _rel_l2(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("tier", CPU_TIERS)
+def test_tier_matches_reference(tier, quant, kvperf):
+    case = tier_case(tier, seed=len(tier))
+    args, ref_k, ref_v, kv = pack_tier(case, quant)
+    q = query_for(case, quant)
+    out = persistent_decode_attention(q, sinks=case.sinks, chunk_tokens=CHUNK, **args)
+    ref = paged_decode_attention_ref(q, ref_k, ref_v, kv.block_tables, kv.seq_lens,
+                                     sinks=case.sinks)
+    assert_matches_reference(out, ref, f"{tier} {quant}")
+    kvperf.accuracy("max_abs_err", (out.double() - ref).abs().max().item(), better="lower",
+                    rtol=1.0, atol=1e-3)
+    kvperf.info("kv_bytes_per_token", args["k_cache"][0, 0].numel() * 2
+                * args["k_cache"].element_size()
+                + (2 * args["k_group_scale"][0, 0].numel() * 2 if quant == "int4" else 0))
+    if quant == "int4":
+        # what INT4 costs: attention on the unquantised values (the bf16 cache's)
+        full = pack_tier(case, "bf16")
+        exact = paged_decode_attention_ref(q, full[1], full[2], full[3].block_tables,
+                                           full[3].seq_lens, sinks=case.sinks)
+        err = _rel_l2(out, exact)
+        assert err < INT4_VS_UNQUANTISED, f"INT4 KV attention vs unquantised: rel L2 {err:.3g}"
+        kvperf.accuracy("int4_rel_l2_vs_unquantised", err, better="lower", rtol=0.25)
+
+
+def test_int4_reference_decode_and_control():
+    """The INT4 round trip (codes in [-8, 7], |x - x^| <= scale / 2 per group, element 2k in
+    the low nibble); the control reads the nibbles swapped and must miss the reference."""
+    x = torch.randn(6, 2, 64, generator=torch.Generator().manual_seed(0)) * 3
+    codes, scales = quantize_int4(x)
+    assert codes.dtype == torch.uint8 and codes.shape == (6, 2, 32)
+    assert scales.dtype == torch.float16 and scales.shape == (6, 2, 2)
+    back = dequantize_int4(codes, scales)
+    err = (back - x.double()).abs().reshape(6, 2, 2, 32)
+    assert (err <= scales.double()[..., None] / 2 * (1 + 1e-3) + 1e-6).all()
+    swapped = (codes >> 4) | ((codes & 15) << 4)
+    assert (dequantize_int4(swapped, scales) - x.double()).abs().max() > scales.double().max()
+    zero_codes, zero_scales = quantize_int4(torch.zeros(1, 64))
+    assert (dequantize_int4(zero_codes, zero_scales) == 0).all()
+    with pytest.raises(ValueError, match="group"):
+        quantize_int4(x, group=24)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_int4(torch.full((1, 64), float("nan")))
+
+
+def test_int4_kernel_fails_against_a_wrong_decode():
+    """Negative control for the INT4 check: the kernel's output against a reference that
+    decodes the nibbles swapped fails assert_matches_reference."""
+    case = tier_case("small", seed=4)
+    args, _, _, kv = pack_tier(case, "int4")
+    q = query_for(case, "int4")
+    out = persistent_decode_attention(q, sinks=case.sinks, chunk_tokens=CHUNK, **args)
+
+    def swap(c):
+        return (c >> 4) | ((c & 15) << 4)
+    wrong_k = dequantize_int4(swap(kv.k_cache), args["k_group_scale"])
+    wrong_v = dequantize_int4(swap(kv.v_cache), args["v_group_scale"])
+    wrong = paged_decode_attention_ref(q, wrong_k, wrong_v, kv.block_tables, kv.seq_lens,
+                                       sinks=case.sinks)
+    with pytest.raises(AssertionError, match="beyond"):
+        assert_matches_reference(out, wrong, "int4 vs swapped decode")
+
+
+@pytest.mark.parametrize("num_programs", [1, 5])
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_block_k_and_num_programs(block_n, num_programs):
+    case = tier_case("medium", seed=9)
+    args, ref_k, ref_v, kv = pack_tier(case, "int4")
+    q = query_for(case, "int4")
+    out = persistent_decode_attention(q, sinks=case.sinks, chunk_tokens=CHUNK, block_n=block_n,
+                                      num_programs=num_programs, **args)
+    ref = paged_decode_attention_ref(q, ref_k, ref_v, kv.block_tables, kv.seq_lens,
+                                     sinks=case.sinks)
+    assert_matches_reference(out, ref, f"block_n {block_n} x{num_programs}")
+
+
+def test_tier_bad_input():
+    case = tier_case("small")
+    args, *_ = pack_tier(case, "int4")
+    q = query_for(case, "int4")
+    no_scales = {k: v for k, v in args.items() if "group_scale" not in k}
+    with pytest.raises(TypeError, match="k_group_scale and v_group_scale"):
+        persistent_decode_attention(q, **no_scales)
+    with pytest.raises(TypeError, match="k_group_scale must be float16"):
+        persistent_decode_attention(q, **dict(args, k_group_scale=args["k_group_scale"].float()))
+    with pytest.raises(ValueError, match="block_n"):
+        persistent_decode_attention(q, **dict(args, block_n=48))
+    bf16, *_ = pack_tier(case, "bf16")
+    with pytest.raises(TypeError, match="INT4"):
+        persistent_decode_attention(q, **dict(bf16, k_group_scale=args["k_group_scale"],
+                                              v_group_scale=args["v_group_scale"]))
+    with pytest.raises(TypeError, match="k_cache dtype"):
+        persistent_decode_attention(q, **dict(bf16, k_cache=bf16["k_cache"].half(),
+                                              v_cache=bf16["v_cache"].half()))
+
+
+# --- GPU: every tier and format timed (the serving tier too) --------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("tier", [*CPU_TIERS, "serving"])
+def test_tier_speed(tier, quant, kv_bench, kvperf):
+    case = tier_case(tier, seed=len(tier))
+    args, ref_k, ref_v, kv = pack_tier(case, quant)
+    q = query_for(case, quant)
+    persistent_decode_attention(q, sinks=case.sinks, checked=True, **args)
+    rows = [0, q.shape[0] - 1]
+    ref = paged_decode_attention_ref(q[rows], ref_k, ref_v, kv.block_tables[rows],
+                                     kv.seq_lens[rows], sinks=case.sinks)
+    tokens = int(kv.seq_lens.sum())
+    per_token = sum(t[0, 0].numel() * t.element_size() for k, t in args.items()
+                    if k in ("k_cache", "v_cache", "k_group_scale", "v_group_scale"))
+    out = torch.full_like(q, float("nan"))
+    res = kv_bench(persistent_decode_attention, q, sinks=case.sinks,
+                   max_seq_len=max(case.lens), out=out, label=quant,
+                   bytes_moved=tokens * per_token + 2 * q.numel() * q.element_size(), **args)
+    assert_matches_reference(out[rows], ref, f"{tier} {quant} timed")
+    kvperf.info("kv_bytes_per_token", per_token)
+    kvperf.info("median_us", res.median_us)
