@@ -10,6 +10,7 @@ The CPU runs all of it through the interpreter on small shapes."""
 from __future__ import annotations
 
 import gc
+import os
 import stat
 import weakref
 
@@ -173,3 +174,31 @@ def test_nothing_leaks(tmp_path):
     host.close()
     gc.collect()
     assert cold() is None and pool() is None  # the (pinned on a GPU) tier and pool are gone
+
+
+# ------------------------------------------------------------------ memmap reads, warm and cold
+
+
+def test_memmap_reads_from_the_page_cache_and_from_a_cold_file(tmp_path, kvperf):
+    """The file tier's two speeds: pages served by the page cache, and pages read from the
+    device after the file's pages were dropped (or, where they cannot be, said so)."""
+    from kvperf_kernels.offload import file_reads as fr
+
+    size = (64 << 20) if torch.cuda.is_available() else (4 << 20)
+    path = tmp_path / "cold.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    got, warm = fr.timed_read(path)
+    assert got == data and fr.resident_fraction(path) == 1.0  # all in the page cache now
+    how = fr.drop_file_cache(path)
+    left = fr.resident_fraction(path)
+    kvperf.info("page_cache_read_gbps", round(warm, 2))
+    kvperf.info("cache_drop", how)
+    if how.startswith("not dropped"):
+        assert left > 0.01  # the claim matches what mincore sees
+        kvperf.info("cold_read_gbps", f"not measured: {how} (resident {left:.2f})")
+        return
+    assert left < 0.01, f"{how} reported, but {left:.2%} of the pages are still resident"
+    got, cold = fr.timed_read(path)
+    assert got == data
+    kvperf.info("cold_read_gbps", round(cold, 2))
