@@ -173,7 +173,7 @@ class NodeBuffer:
             raise ValueError(f"node must be a NUMA node with memory here "
                              f"{list(topo.nodes_with_memory)}, got {node!r}")
         self.nbytes, self.node, self.pinned = nbytes, node, False
-        size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._size = size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._released = weakref.ref(self._map)
         anchor = ctypes.c_char.from_buffer(self._map)
@@ -199,9 +199,9 @@ class NodeBuffer:
     def _register(self) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("pin=True needs a CUDA GPU (cudaHostRegister)")
-        err = torch.cuda.cudart().cudaHostRegister(self.address, self.nbytes, 0)
+        err = torch.cuda.cudart().cudaHostRegister(self.address, self._size, 0)  # whole pages
         if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister of {self.nbytes} B failed: error {err}")
+            raise RuntimeError(f"cudaHostRegister of {self._size} B failed: error {err}")
         self.pinned = True
 
     @property

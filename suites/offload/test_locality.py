@@ -164,7 +164,10 @@ def test_host_copy_checks_on_the_cpu(kind, nbytes, host):
         with pytest.raises(AssertionError, match="1 of"):
             check_copied(slab, dst)
     finally:
+        buffers = list(slab._buffers)
         slab.close()
+    gc.collect()
+    assert all(b.released for b in buffers)  # placed memory is unmapped once closed
 
 
 @GPU
@@ -185,10 +188,14 @@ def test_copy_to_hbm(kind, nbytes, host, kv_bench, kvperf):
         check_copied(slab, dst)
         kvperf.info("numa_node", str(slab.node))
         kvperf.info("host_link", host.link)
-        if res.timing is not None and kind == "pinned_local" and nbytes >= LINK_GOAL_BYTES:
-            assert res.frac_of_peak is not None
-            assert res.frac_of_peak >= 0.9, (
-                f"pinned H2D of {size_id(nbytes)}: {res.gbps:.1f} GB/s is "
-                f"{res.frac_of_peak:.2f} of the h2d_pinned peak (goal 0.9)")
+        frac, gbps = (res.frac_of_peak, res.gbps) if res.timing is not None else (None, None)
+        del res  # holds dst, not the source
     finally:
+        buffers = list(slab._buffers)
         slab.close()
+    gc.collect()
+    assert all(b.released and not b.pinned for b in buffers)  # unpinned and unmapped
+    if gbps is not None and kind == "pinned_local" and nbytes >= LINK_GOAL_BYTES:
+        assert frac is not None
+        assert frac >= 0.9, (f"pinned H2D of {size_id(nbytes)}: {gbps:.1f} GB/s is "
+                             f"{frac:.2f} of the h2d_pinned peak (goal 0.9)")
