@@ -14,6 +14,7 @@ are arguments, so the parsing is tested on recorded trees.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import platform
@@ -155,6 +156,18 @@ def pages_nodes(addr: int, nbytes: int, count: int = _VERIFY_PAGES) -> list[int]
     _syscall("move_pages", ctypes.c_int(0), ctypes.c_ulong(len(idx)), pages, None, status,
              ctypes.c_int(0))
     return list(status)
+
+
+@functools.cache
+def placement_error(node: int = 0) -> str | None:
+    """Why host memory cannot be placed on ``node`` here (None: it can). Containers often
+    forbid mbind / move_pages (Docker's seccomp profile allows them only with
+    CAP_SYS_NICE): then NUMA cases skip with this reason instead of failing."""
+    try:
+        NodeBuffer(mmap.PAGESIZE, node).close()
+    except (OSError, ValueError) as exc:
+        return f"NUMA placement not possible here ({exc})"
+    return None
 
 
 class NodeBuffer:

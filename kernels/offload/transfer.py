@@ -73,6 +73,10 @@ def skip_reason(kind: str, host: Host) -> str | None:
                 f"{list(host.topo.nodes_with_memory)}")
     if not host.has_cuda:
         return "needs a CUDA GPU (host-to-HBM copies); found none"
+    if kind == "pinned_remote":
+        return numa.placement_error(host.topo.remote_of(host.local_node))
+    if kind in ("pinned_local", "c2c_pinned"):
+        return numa.placement_error(host.local_node)
     return None
 
 

@@ -121,6 +121,13 @@ def test_placement_is_real_and_released(host):
     assert buf.released
 
 
+def test_placement_probe(host):
+    """Where mbind / move_pages are forbidden (a container's seccomp) the NUMA cases skip
+    with the probe's reason; here placement works, and a node that is not there says so."""
+    assert numa.placement_error(host.local_node) is None
+    assert "node must be a NUMA node with memory" in numa.placement_error(99)
+
+
 def test_placement_check_can_fail():
     """Negative control: pages of a mapping nobody touched are on no node (-EFAULT /
     -ENOENT), so a buffer whose pages are not where asked is caught."""
