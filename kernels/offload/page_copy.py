@@ -89,12 +89,15 @@ def _gather_kernel(src, ids, dst, slots, WORDS: tl.constexpr, BLOCK: tl.constexp
 
 
 def gather_pages(src, ids, dst, slots, *, checked: bool = True) -> torch.Tensor:
-    """dst[slots[i]] = src[ids[i]] by a kernel reading src in place (pinned host memory or
-    device memory), ids/slots on the kernel's device. Pages of a multiple of 4 bytes."""
+    """dst[slots[i]] = src[ids[i]] by a kernel reading and writing in place: either side in
+    device memory or pinned host memory (a gather to HBM, or a scatter back to the host),
+    ids/slots on the kernel's device. Pages of a multiple of 4 bytes."""
     if checked:
         _check(src, ids, dst, slots)
-        if dst.device.type == "cuda" and src.device.type == "cpu":
-            require_pinned(src, "src")  # pageable memory is not addressable from the GPU
+        if "cuda" in (src.device.type, dst.device.type):  # gather H2D or scatter D2H
+            for name, t in (("src", src), ("dst", dst)):
+                if t.device.type == "cpu":  # pageable memory is not addressable from the GPU
+                    require_pinned(t, name)
     nbytes = page_bytes(src)
     if nbytes % 4:
         raise ValueError(f"page bytes ({nbytes}) must be a multiple of 4")

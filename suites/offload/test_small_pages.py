@@ -108,6 +108,21 @@ def test_the_kernel_refuses_pageable_host_memory():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_bytes", [32 * KiB, 2 * MiB], ids=["32K", "2M"])
+def test_the_kernel_scatters_to_pinned_host_memory(page_bytes, kv_bench):
+    """The offload direction: device pages written into pinned host slots by the kernel."""
+    n = 8 * MiB // page_bytes
+    src = pages(2 * n, page_bytes, seed=3, device="cuda")
+    dst = pages(2 * n, page_bytes, seed=4, pinned=True)
+    ids, slots = batch(2 * n, 2 * n, n, seed=5)
+    before = dst.clone()
+    kv_bench(pc.gather_pages, src, ids.cuda(), dst, slots.cuda(), bytes_moved=n * page_bytes,
+             peak="d2h_pinned", max_time_s=0.5)  # its fraction of the D2H peak is recorded
+    torch.cuda.synchronize()
+    pc.check_pages_moved(src, ids, dst, slots, before)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("page_bytes", GPU_PAGE_BYTES,
                          ids=lambda b: f"{b // MiB}M" if b >= MiB else f"{b // KiB}K")
 def test_small_page_transfers(page_bytes, kv_bench, kvperf):
