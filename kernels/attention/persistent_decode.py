@@ -221,7 +221,7 @@ def _merge_chunks_kernel(
     CHUNK: tl.constexpr, B_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_SINKS: tl.constexpr, MERGE: tl.constexpr, HB: tl.constexpr,
 ):
-    """Log-sum-exp merge of one sequence's chunk partials for HB query heads (1 on a GPU: many
+    """Log-sum-exp merge of one sequence's chunk partials for HB query heads (2 on a GPU: many
     small programs; all heads in the interpreter, whose cost is per program); the sink joins
     here. A head whose chunks are all still at m = -inf (never computed) is NaN."""
     b = tl.program_id(0)
@@ -496,7 +496,7 @@ def persistent_decode_attention(
         DOT=tl.float32 if interpreted() else tile,
         PRECISION="ieee" if kv_format == _FP32 else "tf32", num_warps=num_warps,
     )
-    hb = triton.next_power_of_2(num_q_heads) if interpreted() else 1
+    hb = max(2, triton.next_power_of_2(num_q_heads)) if interpreted() else 2
     _merge_chunks_kernel[(batch, triton.cdiv(num_q_heads, hb))](
         seq_lens, part_acc, part_m, part_l, sinks if sinks is not None else part_m, out,
         batch, capacity, window_left, out.stride(0), out.stride(1), num_q_heads,

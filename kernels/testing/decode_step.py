@@ -39,13 +39,16 @@ def step_workload(model: DecodeStepModel, context_lens, steps: int, *, seed: int
     return tokens.to(dev), positions.to(dev), table.to(dev)
 
 
-def greedy_steps(run, tokens, positions, block_tables, steps: int):
+def greedy_steps(run, tokens, positions, block_tables, steps: int, forced=None):
     """``steps`` decode steps of run(tokens, positions, block_tables) -> (logits, next): each
-    step's argmax is the next input. Returns logits [steps, B, vocab] and tokens [steps, B]."""
+    step's argmax is the next input, or ``forced[s]`` (another run's tokens [steps, B]: a
+    comparison then sees the same inputs at every step, so one flip at a near-tie cannot
+    make the rest of the run diverge). Returns logits [steps, B, vocab], tokens [steps, B]."""
     all_logits, all_tokens = [], []
-    for _ in range(steps):
+    for s in range(steps):
         logits, nxt = run(tokens, positions, block_tables)
         all_logits.append(logits.clone())
         all_tokens.append(nxt.clone())
-        tokens, positions = nxt.clone(), positions + 1
+        tokens = (nxt if forced is None else forced[s]).clone()
+        positions = positions + 1
     return torch.stack(all_logits), torch.stack(all_tokens)

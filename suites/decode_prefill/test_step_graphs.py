@@ -86,7 +86,7 @@ def test_mode_matches_eager_without_capture(mode, tiny):
     runner = StepRunner(model, mode, max_pages=table.shape[1], full_buckets=full,
                         piecewise_buckets=PIECE_BUCKETS, capture=False)
     assert runner.kind_for(3) == ("PIECEWISE" if mode != "FULL" else "FULL")
-    logits, toks = greedy_steps(runner.run, tokens, positions, table, STEPS)
+    logits, toks = greedy_steps(runner.run, tokens, positions, table, STEPS, forced=eager[1])
     assert runner.graph_count == 0
     _same_as_eager(logits, toks, eager, mode)
 
@@ -196,11 +196,11 @@ def _tokens_agree(eager_logits, eager_tokens, tokens) -> None:
 @pytest.mark.parametrize("attention", ["batched", "persistent"])
 @pytest.mark.parametrize("batch", list(GPU_LENS))
 def test_graph_modes_match_eager(batch, attention, qwen_sized, kvperf):
-    """Every mode, captured, gives eager's tokens over GPU_STEPS greedy steps (a token may
-    differ only at a near-tie of eager's logits) and logits within STEP_RTOL; FULL and
-    PIECEWISE run the same kernels at the same bucket, so their logits are equal bit for bit.
-    Whether a mode equals eager bit for bit (expected where the batch fills its bucket:
-    the same kernels at the same shapes) is recorded."""
+    """Every mode, captured, fed eager's tokens, gives eager's next tokens at every one of
+    GPU_STEPS steps (a token may differ only at a near-tie of eager's logits) and logits
+    within STEP_RTOL; FULL and PIECEWISE run the same kernels at the same bucket, so their
+    logits are equal bit for bit. Whether a mode equals eager bit for bit (expected where
+    the batch fills its bucket: the same kernels at the same shapes) is recorded."""
     model = qwen_sized
     model.attention = attention
     tokens, positions, table = step_workload(model, GPU_LENS[batch], GPU_STEPS, seed=batch)
@@ -211,7 +211,8 @@ def test_graph_modes_match_eager(batch, attention, qwen_sized, kvperf):
         # FULL_AND_PIECEWISE with full graphs up to 8: batch 24 runs its piecewise side
         full = (1, 2, 4, 8) if mode == "FULL_AND_PIECEWISE" else (1, 2, 4, 8, 16, 32)
         runner = StepRunner(model, mode, max_pages=table.shape[1], full_buckets=full)
-        runs[mode] = greedy_steps(runner.run, tokens, positions, table, GPU_STEPS)
+        forced = runs["EAGER"][1] if mode != "EAGER" else None  # eager's tokens as inputs
+        runs[mode] = greedy_steps(runner.run, tokens, positions, table, GPU_STEPS, forced)
         assert torch.isfinite(runs[mode][0]).all(), f"{mode}: NaN/Inf logits"
         if mode != "EAGER":
             assert runner.graph_count > 0
