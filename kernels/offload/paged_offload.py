@@ -29,6 +29,7 @@ import torch
 
 from kvperf_kernels.attention.decode import paged_decode_attention
 from kvperf_kernels.formats.checks import check_int
+from kvperf_kernels.offload.page_copy import gather_pages
 from kvperf_kernels.offload.transfer import require_pinned
 
 TIERS = ("host", "file")
@@ -103,11 +104,16 @@ class PagedOffloadCache:
         self.poison_slot = hot_pages
         self._staging = [torch.empty(self.page_bytes, dtype=torch.uint8,
                                      pin_memory=self._gpu) for _ in range(2)]
-        self._lru: OrderedDict[int, int] = OrderedDict()  # logical page -> slot, oldest first
-        self._free = list(range(hot_pages))
-        self._prefetched: set[int] = set()
-        self._ready: dict[int, torch.cuda.Event] = {}  # slot -> its load (GPU)
-        self._last_read: dict[int, torch.cuda.Event] = {}  # slot -> its last decode (GPU)
+        # the page map as arrays (a step touches thousands of pages: no per-page Python)
+        self._slot_of = np.full(self.num_pages, -1, dtype=np.int64)  # page -> slot or -1
+        self._page_in = np.full(hot_pages, -1, dtype=np.int64)  # slot -> page or -1
+        self._used = np.zeros(hot_pages, dtype=np.int64)  # slot -> last use (LRU clock)
+        self._clock = 1
+        self._prefetched = np.zeros(self.num_pages, dtype=bool)
+        self._pending: list = []  # (event, pages) of loads no decode has waited for (GPU)
+        self._read_step = np.full(hot_pages, -1, dtype=np.int64)  # slot -> last decode step
+        self._step_events: dict[int, torch.cuda.Event] = {}  # decode step -> its end (GPU)
+        self._step = 0
         self._stage_turn = 0
 
     # ------------------------------------------------------------- the file tier
@@ -162,114 +168,169 @@ class PagedOffloadCache:
         return out
 
     # ------------------------------------------------------------- slots
-    def _check_pages(self, pages) -> list[int]:
-        out = []
-        for p in pages:
-            p = int(p)
-            if not 0 <= p < self.num_pages:
-                raise ValueError(f"page id {p} out of range [0, {self.num_pages})")
-            out.append(p)
-        return out
+    def _check_pages(self, pages) -> np.ndarray:
+        arr = np.asarray(pages.cpu() if torch.is_tensor(pages) else pages, dtype=np.int64)
+        arr = arr.reshape(-1)
+        bad = (arr < 0) | (arr >= self.num_pages)
+        if bad.any():
+            raise ValueError(f"page id {int(arr[bad][0])} out of range [0, {self.num_pages})")
+        return arr
 
-    def _take_slot(self, keep: set[int]) -> int | None:
-        if self._free:
-            return self._free.pop()
-        for page, slot in self._lru.items():  # oldest first
-            if page not in keep:
-                del self._lru[page]
-                self._prefetched.discard(page)
-                self.stats.evictions += 1
-                return slot
-        return None
-
-    def _load(self, page: int, slot: int) -> None:
-        src = self._file_page(page) if self.tier == "file" else {
-            name: t[page] for name, t in self._cold.items()}
+    def _to_device(self, a) -> torch.Tensor:
+        """A small host array on the device without a stream sync: a blocking H2D copy
+        would wait for the decode in flight and serialise the steps. Pinned through torch's
+        caching host allocator, which keeps the block until its async copy is done."""
+        t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
         if not self._gpu:
-            for name, t in src.items():
-                self.pool[name][slot].copy_(t)
-        else:
-            if slot in self._last_read:  # a decode still reading the old page goes first
-                self._stream.wait_event(self._last_read[slot])
-            with torch.cuda.stream(self._stream):
-                for name, t in src.items():
-                    self.pool[name][slot].copy_(t, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self._stream)
-            self._ready[slot] = ev
-        self.stats.bytes_loaded[self.tier] += self.page_bytes
+            return t.to(self.device)
+        if t.device.type != "cpu":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
-    def ensure(self, pages) -> dict[int, int]:
-        """Make every page resident; returns {page: slot}. A step's pages must fit."""
-        pages = list(dict.fromkeys(self._check_pages(pages)))
-        if len(pages) > self.hot_pages:
-            raise ValueError(f"hot_pages ({self.hot_pages}) is smaller than the {len(pages)} "
-                             "pages one step needs")
-        keep = set(pages)
-        where = {}
-        for p in pages:
-            if p in self._lru:
-                self._lru.move_to_end(p)
-                self.stats.hits += 1
-                if p in self._prefetched:
-                    self.stats.prefetch_hits += 1
-                    self._prefetched.discard(p)
+    def lru(self) -> OrderedDict[int, int]:
+        """{page: slot} of the resident pages, least recently used first."""
+        slots = np.flatnonzero(self._page_in >= 0)
+        slots = slots[np.argsort(self._used[slots], kind="stable")]
+        return OrderedDict((int(self._page_in[s]), int(s)) for s in slots)
+
+    def _take_slots(self, count: int, protect: np.ndarray) -> np.ndarray:
+        """Up to ``count`` slots: free ones first, then the least recently used whose page
+        is not in ``protect`` (a bool mask over pages), evicting those pages."""
+        take = np.flatnonzero(self._page_in < 0)[::-1][:count]
+        need = count - take.size
+        if need > 0:
+            occupied = np.flatnonzero(self._page_in >= 0)
+            cand = occupied[~protect[self._page_in[occupied]]]
+            victims = cand[np.argsort(self._used[cand], kind="stable")][:need]
+            pages = self._page_in[victims]
+            self._slot_of[pages] = -1
+            self._prefetched[pages] = False
+            self._page_in[victims] = -1
+            self.stats.evictions += int(victims.size)
+            take = np.concatenate([take, victims])
+        return take
+
+    def _place(self, pages: np.ndarray, slots: np.ndarray) -> None:
+        self._load(pages, slots)
+        self._slot_of[pages] = slots
+        self._page_in[slots] = pages
+        self._used[slots] = self._clock + np.arange(pages.size)
+        self._clock += int(pages.size)
+
+    def _load(self, pages: np.ndarray, slots: np.ndarray) -> None:
+        """Copy cold pages into slots: on the CPU by indexing; on a GPU on the copy stream,
+        after the last decode that read those slots: the host tier by one gather kernel
+        per part reading pinned memory in place (one launch, not a copy per page: a page
+        is tens of KB), the file tier page by page through pinned staging."""
+        if pages.size == 0:
+            return
+        self.stats.bytes_loaded[self.tier] += self.page_bytes * int(pages.size)
+        if not self._gpu:
+            for page, slot in zip(pages.tolist(), slots.tolist(), strict=True):
+                src = self._file_page(page) if self.tier == "file" else {
+                    name: t[page] for name, t in self._cold.items()}
+                for name, t in src.items():
+                    self.pool[name][slot].copy_(t)
+            return
+        step = int(self._read_step[slots].max())
+        if step in self._step_events:  # decodes still reading the old pages go first
+            self._stream.wait_event(self._step_events[step])
+        with torch.cuda.stream(self._stream):
+            if self.tier == "host":
+                ids, dst = self._to_device(pages), self._to_device(slots)
+                for name, t in self._cold.items():
+                    gather_pages(t, ids, self.pool[name], dst, checked=False)
             else:
-                slot = self._take_slot(keep)
-                self._load(p, slot)
-                self._lru[p] = slot
-                self.stats.misses += 1
-            where[p] = self._lru[p]
-        if self._gpu:
+                for page, slot in zip(pages.tolist(), slots.tolist(), strict=True):
+                    for name, t in self._file_page(page).items():
+                        self.pool[name][slot].copy_(t, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        self._pending.append((ev, pages.copy()))
+
+    def ensure(self, pages) -> np.ndarray:
+        """Make every page resident; returns the slot of each (in the order given). The
+        pages of one step must fit the window."""
+        arr = self._check_pages(pages)
+        _, first = np.unique(arr, return_index=True)
+        uniq = arr[np.sort(first)]
+        if uniq.size > self.hot_pages:
+            raise ValueError(f"hot_pages ({self.hot_pages}) is smaller than the {uniq.size} "
+                             "pages one step needs")
+        resident = self._slot_of[uniq] >= 0
+        self.stats.hits += int(resident.sum())
+        self.stats.misses += int((~resident).sum())
+        self.stats.prefetch_hits += int(self._prefetched[uniq[resident]].sum())
+        self._prefetched[uniq] = False
+        missing = uniq[~resident]
+        if missing.size:
+            protect = np.zeros(self.num_pages, dtype=bool)
+            protect[uniq] = True
+            self._place(missing, self._take_slots(int(missing.size), protect))
+        # recency in the order given (hits and misses alike)
+        self._used[self._slot_of[uniq]] = self._clock + np.arange(uniq.size)
+        self._clock += int(uniq.size)
+        if self._gpu and self._pending:
+            need = np.zeros(self.num_pages, dtype=bool)
+            need[uniq] = True
             cur = torch.cuda.current_stream(self.device)
-            for s in where.values():
-                if s in self._ready:
-                    cur.wait_event(self._ready.pop(s))
-        return where
+            keep = []
+            for ev, loaded in self._pending:
+                if need[loaded].any():  # later work on this stream is ordered after it too
+                    cur.wait_event(ev)
+                else:
+                    keep.append((ev, loaded))
+            self._pending = keep
+        return self._slot_of[arr]
 
     def prefetch(self, pages, *, keep=()) -> None:
         """Start loading pages not resident, without evicting ``keep`` (the current step's)."""
-        keep = set(self._check_pages(keep)) | set(self._check_pages(pages))
-        for p in self._check_pages(pages):
-            if p in self._lru:
-                continue
-            slot = self._take_slot(keep)
-            if slot is None:
-                self.stats.prefetch_dropped += 1
-                continue
-            self._load(p, slot)
-            self._lru[p] = slot
-            self._lru.move_to_end(p)
-            self._prefetched.add(p)
-            self.stats.prefetch_issued += 1
+        arr = self._check_pages(pages)
+        _, first = np.unique(arr, return_index=True)
+        todo = arr[np.sort(first)]
+        todo = todo[self._slot_of[todo] < 0]
+        if not todo.size:
+            return
+        protect = np.zeros(self.num_pages, dtype=bool)
+        protect[self._check_pages(keep)] = True
+        protect[arr] = True
+        slots = self._take_slots(int(todo.size), protect)
+        self.stats.prefetch_dropped += int(todo.size - slots.size)
+        todo = todo[: slots.size]
+        self._place(todo, slots)
+        self._prefetched[todo] = True
+        self.stats.prefetch_issued += int(todo.size)
 
     # ------------------------------------------------------------- decode
-    def owned_pages(self, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> list[int]:
-        bt, lens = block_tables.cpu(), seq_lens.cpu().tolist()
-        out = []
-        for b, n in enumerate(lens):
-            out.extend(bt[b, : -(-int(n) // self.page_size)].tolist())
-        return out
+    def owned_pages(self, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> np.ndarray:
+        bt = block_tables.cpu().numpy()
+        n = -(-seq_lens.cpu().numpy().astype(np.int64) // self.page_size)
+        return bt[np.arange(bt.shape[1])[None, :] < n[:, None]]
 
     def decode(self, q, block_tables, seq_lens, *, next_pages=(), num_splits=None, **kw):
-        """One decode step over the offloaded cache (block_tables: logical page ids)."""
-        owned = self.owned_pages(block_tables, seq_lens)
-        where = self.ensure(owned)
-        table = torch.full(block_tables.shape, self.poison_slot, dtype=torch.int32)
-        bt, lens = block_tables.cpu(), seq_lens.cpu().tolist()
-        for b, n in enumerate(lens):
-            for j in range(-(-int(n) // self.page_size)):
-                table[b, j] = where[int(bt[b, j])]
+        """One decode step over the offloaded cache (block_tables: logical page ids, on the
+        host). Returns the output; the next step's pages are prefetched after the launch."""
+        bt = block_tables.cpu().numpy()
+        n = -(-seq_lens.cpu().numpy().astype(np.int64) // self.page_size)
+        owned = np.arange(bt.shape[1])[None, :] < n[:, None]
+        slots = self.ensure(bt[owned])
+        table = np.full(bt.shape, self.poison_slot, dtype=np.int32)
+        table[owned] = slots
         p = self.pool
         out = paged_decode_attention(
-            q, p["k"], p["v"], table.to(self.device), seq_lens.to(self.device),
-            k_scale=p.get("k_scale"), v_scale=p.get("v_scale"), num_splits=num_splits, **kw)
+            q, p["k"], p["v"], self._to_device(table),
+            self._to_device(seq_lens), k_scale=p.get("k_scale"), v_scale=p.get("v_scale"),
+            num_splits=num_splits, **kw)
+        self._read_step[slots] = self._step
         if self._gpu:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
-            for s in where.values():
-                self._last_read[s] = ev
-        self.prefetch(next_pages, keep=owned)
+            self._step_events[self._step] = ev
+            live = set(np.unique(self._read_step).tolist())  # events no slot needs can go
+            for k in [k for k in self._step_events if k not in live]:
+                del self._step_events[k]
+        self._step += 1
+        self.prefetch(next_pages, keep=bt[owned])
         return out
 
     # ------------------------------------------------------------- release
@@ -285,7 +346,8 @@ class PagedOffloadCache:
             if mm is not None:
                 mm.close()
         self.pool = {}
-        self._lru.clear()
+        self._slot_of[:] = -1
+        self._page_in[:] = -1
 
     def __enter__(self):
         return self
