@@ -4,7 +4,8 @@ GQA, head_dim 64 and 128, sinks and sliding window optional; against the float64
 The TMA path runs where ``tma_ready()`` says so (compute capability >= 9, Triton tensor
 descriptors, a probe kernel compiled to cp.async.bulk.tensor that copies right); elsewhere it
 skips with that reason (hw_skip_reason). The path is verified in the compiled PTX, not by
-name. Speed at 8K causal, head_dim 128, beside torch SDPA (flash) and FlashInfer fa3.
+name: on the GPU from the launch, and on any machine by compiling for sm90 offline.
+Speed at 8K causal, head_dim 128, beside torch SDPA (flash) and FlashInfer fa3.
 Goal (H200): TMA above its twin and >= 0.8x FlashInfer fa3 in TFLOPS: info ratios.
 """
 
@@ -19,6 +20,7 @@ from kvperf_kernels.attention.prefill import (
     compiled_asm,
     prefill_attention,
     prefill_attention_ref,
+    ptx_by_load_path,
     tma_ready,
 )
 from kvperf_kernels.device import default_device
@@ -95,6 +97,21 @@ def test_prefill_bad_input_and_readiness():
     ready, reason = tma_ready()
     if not torch.cuda.is_available():
         assert not ready and reason.startswith("needs a CUDA GPU"), reason
+
+
+@pytest.mark.parametrize("dim", [128])
+def test_prefill_ptx_for_sm90_compiled_offline(dim, kvperf):
+    """The load path in the sm90 PTX, on any machine (Triton's bundled ptxas, no GPU): the TMA
+    kernel issues cp.async.bulk.tensor copies, its twin cp.async and no bulk tensor copy."""
+    try:
+        ptx = ptx_by_load_path(90, dim)
+    except Exception as exc:  # no NVIDIA backend / ptxas in this Triton
+        kvperf.skip(f"needs Triton's NVIDIA backend to compile for sm90 offline; found "
+                    f"{type(exc).__name__}: {exc}"[:300])
+    tma, plain = ptx["tma"], ptx["plain"]
+    assert tma.count("cp.async.bulk.tensor") > 0
+    assert "cp.async.bulk.tensor" not in plain and plain.count("cp.async") > 0
+    kvperf.info("bulk_tensor_copies", tma.count("cp.async.bulk.tensor"))
 
 
 # --- GPU ---------------------------------------------------------------------------------------
