@@ -3,8 +3,10 @@
 The lab's tiers are (batch, sequence) small (4, 16|32), medium (8, 32), large (12, 48|64) at
 D 64 with one head; ours keep their batch and lengths (ragged up to the tier's longest) with
 GQA heads (Hq 8, Hkv 2), plus a serving shape (gpt-oss: Hq 64, Hkv 8, 64 sequences) for the
-GPU. KV formats: float32, float16, bfloat16 (q's dtype) and packed INT4 (``quant.int4``),
-each with the reference K/V it must be compared with (the dequantised INT4 values).
+GPU. KV formats: float32, float16, bfloat16 (q's dtype), FP8 E4M3 with per-token scales and
+packed INT4 (``quant.int4``), each with the reference K/V it must be compared with (the
+dequantised values). The persistent kernel reads all but FP8, which our batched kernel
+reads (``tier_kernel``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvperf_kernels.attention.decode import paged_decode_attention
+from kvperf_kernels.attention.decode_ref import dequantize_kv
+from kvperf_kernels.attention.persistent_decode import persistent_decode_attention
 from kvperf_kernels.cache.paged_kv import pack_paged_kv, slot_mapping
 from kvperf_kernels.quant.int4 import dequantize_int4, pack_paged_int4
 from kvperf_kernels.testing.inputs import DecodeCase, make_decode_case
@@ -38,7 +43,7 @@ TIERS = {
     "large": Tier(12, 64),
     "serving": Tier(64, 4096, hq=64, hkv=8),  # GPU only
 }
-QUANTS = ("fp32", "fp16", "bf16", "int4")
+QUANTS = ("fp32", "fp16", "bf16", "fp8", "int4")
 Q_DTYPE = {"fp16": torch.float16}  # the query's dtype per KV format (bf16 otherwise)
 
 
@@ -57,6 +62,13 @@ def pack_tier(case: DecodeCase, quant: str) -> tuple[dict, torch.Tensor, torch.T
                                      generator=gen)
         args = dict(k_group_scale=ks, v_group_scale=vs)
         ref_k, ref_v = dequantize_int4(kv.k_cache, ks), dequantize_int4(kv.v_cache, vs)
+    elif quant == "fp8":  # E4M3 with per-token scales (the batched kernel reads it)
+        kv = pack_paged_kv(case.k_tokens, case.v_tokens, case.lens, case.page_size,
+                           kv_dtype=torch.float8_e4m3fn, scale_granularity="per_token",
+                           generator=gen)
+        args = dict(k_scale=kv.k_scale, v_scale=kv.v_scale)
+        ref_k = dequantize_kv(kv.k_cache, kv.k_scale)
+        ref_v = dequantize_kv(kv.v_cache, kv.v_scale)
     else:
         kv = pack_paged_kv(case.k_tokens, case.v_tokens, case.lens, case.page_size,
                            kv_dtype=torch.bfloat16 if quant == "fp32" else getattr(
@@ -75,6 +87,22 @@ def pack_tier(case: DecodeCase, quant: str) -> tuple[dict, torch.Tensor, torch.T
     args.update(k_cache=kv.k_cache, v_cache=kv.v_cache, block_tables=kv.block_tables,
                 seq_lens=kv.seq_lens)
     return args, ref_k, ref_v, kv
+
+
+def tier_kernel(quant: str, **options):
+    """The decode kernel of a tier's KV format, with ``options`` (chunk_tokens, block_n,
+    num_programs: the persistent kernel's; dropped for the batched one, which takes
+    num_splits instead)."""
+    if quant == "fp8":
+        return lambda q, **kw: paged_decode_attention(q, **kw)
+    return lambda q, **kw: persistent_decode_attention(q, **options, **kw)
+
+
+def kv_bytes_per_token(args: dict) -> int:
+    """Bytes one token's K and V take in the cache, scales included."""
+    return sum(t[0, 0].numel() * t.element_size() for name, t in args.items()
+               if name in ("k_cache", "v_cache", "k_scale", "v_scale", "k_group_scale",
+                           "v_group_scale") and torch.is_tensor(t) and t.dim() >= 3)
 
 
 def query_for(case: DecodeCase, quant: str) -> torch.Tensor:

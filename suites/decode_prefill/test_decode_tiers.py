@@ -1,8 +1,9 @@
-"""Right-sized decode tiers (the lab's small / medium / large plus a serving shape) through the
-persistent kernel, KV in float32 / float16 / bfloat16 / packed INT4, with block-k (block_n)
-and num_programs as parameters. Every sequence is checked against the float64 reference on
-the values the cache holds (INT4: its dequantised codes); the accuracy per tier and format
-is baselined, INT4's also against attention on the unquantised K/V.
+"""Right-sized decode tiers (the lab's small / medium / large plus a serving shape), KV in
+float32 / float16 / bfloat16 / packed INT4 through the persistent kernel and FP8 (per-token
+scales) through our batched kernel, with block-k (block_n) and num_programs as parameters.
+Every sequence is checked against the float64 reference on the values the cache holds (the
+dequantised codes); the accuracy per tier and format is baselined, INT4's and FP8's also
+against attention on the unquantised K/V.
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
 from kvperf_kernels.attention.persistent_decode import persistent_decode_attention
 from kvperf_kernels.quant.int4 import dequantize_int4, quantize_int4
 from kvperf_kernels.testing.compare import assert_matches_reference
-from kvperf_kernels.testing.decode_tiers import QUANTS, pack_tier, query_for, tier_case
+from kvperf_kernels.testing.decode_tiers import (
+    QUANTS,
+    kv_bytes_per_token,
+    pack_tier,
+    query_for,
+    tier_case,
+    tier_kernel,
+)
 
 CPU_TIERS = ("small", "medium", "large")
 CHUNK = 64
-INT4_VS_UNQUANTISED = 0.2  # rel L2 of INT4-KV attention vs float64 on the original K/V
+# rel L2 of quantised-KV attention vs float64 on the original K/V: a ceiling
+QUANT_VS_UNQUANTISED = {"int4": 0.2, "fp8": 0.05}
 
 
 def _rel_l2(a, b) -> float:
@@ -31,23 +40,21 @@ def test_tier_matches_reference(tier, quant, kvperf):
     case = tier_case(tier, seed=len(tier))
     args, ref_k, ref_v, kv = pack_tier(case, quant)
     q = query_for(case, quant)
-    out = persistent_decode_attention(q, sinks=case.sinks, chunk_tokens=CHUNK, **args)
+    out = tier_kernel(quant, chunk_tokens=CHUNK)(q, sinks=case.sinks, **args)
     ref = paged_decode_attention_ref(q, ref_k, ref_v, kv.block_tables, kv.seq_lens,
                                      sinks=case.sinks)
     assert_matches_reference(out, ref, f"{tier} {quant}")
     kvperf.accuracy("max_abs_err", (out.double() - ref).abs().max().item(), better="lower",
                     rtol=1.0, atol=1e-3)
-    kvperf.info("kv_bytes_per_token", args["k_cache"][0, 0].numel() * 2
-                * args["k_cache"].element_size()
-                + (2 * args["k_group_scale"][0, 0].numel() * 2 if quant == "int4" else 0))
-    if quant == "int4":
-        # what INT4 costs: attention on the unquantised values (the bf16 cache's)
+    kvperf.info("kv_bytes_per_token", kv_bytes_per_token(args))
+    if quant in ("int4", "fp8"):
+        # what the quantisation costs: attention on the unquantised values (the bf16 cache's)
         full = pack_tier(case, "bf16")
         exact = paged_decode_attention_ref(q, full[1], full[2], full[3].block_tables,
                                            full[3].seq_lens, sinks=case.sinks)
         err = _rel_l2(out, exact)
-        assert err < INT4_VS_UNQUANTISED, f"INT4 KV attention vs unquantised: rel L2 {err:.3g}"
-        kvperf.accuracy("int4_rel_l2_vs_unquantised", err, better="lower", rtol=0.25)
+        assert err < QUANT_VS_UNQUANTISED[quant], f"{quant} KV vs unquantised: rel L2 {err:.3g}"
+        kvperf.accuracy(f"{quant}_rel_l2_vs_unquantised", err, better="lower", rtol=0.25)
 
 
 def test_int4_reference_decode_and_control():
@@ -130,17 +137,17 @@ def test_tier_speed(tier, quant, kv_bench, kvperf):
     case = tier_case(tier, seed=len(tier))
     args, ref_k, ref_v, kv = pack_tier(case, quant)
     q = query_for(case, quant)
-    persistent_decode_attention(q, sinks=case.sinks, checked=True, **args)
+    kernel = tier_kernel(quant)
+    kernel(q, sinks=case.sinks, checked=True, **args)
     rows = [0, q.shape[0] - 1]
     ref = paged_decode_attention_ref(q[rows], ref_k, ref_v, kv.block_tables[rows],
                                      kv.seq_lens[rows], sinks=case.sinks)
     tokens = int(kv.seq_lens.sum())
-    per_token = sum(t[0, 0].numel() * t.element_size() for k, t in args.items()
-                    if k in ("k_cache", "v_cache", "k_group_scale", "v_group_scale"))
+    per_token = kv_bytes_per_token(args)
     out = torch.full_like(q, float("nan"))
-    res = kv_bench(persistent_decode_attention, q, sinks=case.sinks,
-                   max_seq_len=max(case.lens), out=out, label=quant,
-                   bytes_moved=tokens * per_token + 2 * q.numel() * q.element_size(), **args)
+    res = kv_bench(kernel, q, sinks=case.sinks, max_seq_len=max(case.lens), out=out,
+                   label=quant, bytes_moved=tokens * per_token + 2 * q.numel() * q.element_size(),
+                   **args)
     assert_matches_reference(out[rows], ref, f"{tier} {quant} timed")
     kvperf.info("kv_bytes_per_token", per_token)
     kvperf.info("median_us", res.median_us)
