@@ -178,6 +178,20 @@ TIE = 1e-2  # a token may differ from eager only where eager's top-2 logits are 
 SPEED = [(1, 1024), (1, 4096), (8, 1024), (8, 4096)]
 
 
+def _device_ops_per_call(fn, *args):
+    """Kernels, copies and memsets one call puts on the GPU (torch.profiler), or why unknown."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn(*args)
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception as exc:  # no CUPTI here: the count is context only
+        return f"n/a: {type(exc).__name__}: {exc}"[:200]
+
+
 @pytest.fixture(scope="module")
 def qwen_sized():
     pages = max([pages_needed(lens, GPU_STEPS, 16) for lens in GPU_LENS.values()]
@@ -238,7 +252,7 @@ def test_step_speed_by_mode(batch, kv_len, qwen_sized, kv_bench, kvperf):
     model.attention = "batched"
     tokens, positions, table = step_workload(model, [kv_len] * batch, 1, seed=kv_len)
     snapshot = model.cache.clone()
-    median, first = {}, None
+    median, first, kernels = {}, None, None
     for mode in ("EAGER", "FULL", "PIECEWISE"):
         model.set_cache(snapshot)
         runner = StepRunner(model, mode, max_pages=table.shape[1])
@@ -247,9 +261,15 @@ def test_step_speed_by_mode(batch, kv_len, qwen_sized, kv_bench, kvperf):
         assert _rel_l2(logits, first) < STEP_RTOL, f"{mode}: logits differ from eager"
         res = kv_bench(runner.run, tokens, positions, table, label=mode.lower())
         median[mode] = res.median_us
+        if mode == "EAGER":
+            kernels = _device_ops_per_call(runner.run, tokens, positions, table)
+            kvperf.info("device_ops_per_eager_step", kernels)
     if median["EAGER"] and median["FULL"]:
         kvperf.info("full_over_eager", round(median["FULL"] / median["EAGER"], 3))
         kvperf.info("piecewise_over_eager", round(median["PIECEWISE"] / median["EAGER"], 3))
         kvperf.info("launch_overhead_removed_us", round(median["EAGER"] - median["FULL"], 1))
+        if isinstance(kernels, int) and kernels:
+            kvperf.info("removed_us_per_device_op",
+                        round((median["EAGER"] - median["FULL"]) / kernels, 3))
         kvperf.info("goal", "FULL <= 0.5x eager (batch 1-8, kv 1K-4K)")
     del snapshot
