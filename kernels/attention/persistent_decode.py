@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from kvperf_kernels.attention.decode import HEAD_DIMS, LOG2E, _check_values
+from kvperf_kernels.attention.offline_compile import compile_offline, in_child
 from kvperf_kernels.device import interpreted
 from kvperf_kernels.formats.checks import (
     check_device,
@@ -518,3 +519,40 @@ def host_loop_decode(q, k_cache, v_cache, block_tables, seq_lens, **kwargs) -> t
         paged_decode_attention(q[b:b + 1], k_cache, v_cache, block_tables[b:b + 1],
                                seq_lens[b:b + 1], out=out[b:b + 1], **kwargs)
     return out
+
+
+def sm_compile_report(capability: int = 90) -> dict[str, dict]:
+    """Compile every KV format x schedule variant and the merge offline for cuda:``capability``
+    (``offline_compile``; under the interpreter in a child): per variant, its atomics in the
+    PTX. A kernel edit that no longer compiles for the GPU fails on the CPU."""
+    if interpreted():
+        return in_child("kvperf_kernels.attention.persistent_decode", "sm_compile_report",
+                        capability)
+    report = {}
+    tiles = {_SAME: ("*bf16", "*bf16", tl.bfloat16), _FP32: ("*fp32", "*fp32", tl.float32),
+             _INT4: ("*u8", "*fp16", tl.float16)}
+    # every schedule in 16-bit, every format with the atomic one (compiles take ~1.5 s each)
+    variants = [(_SAME, name) for name in SCHEDULES] + [(_FP32, "atomic"), (_INT4, "atomic")]
+    for fmt, name in variants:
+        cache, scale, tile = tiles[fmt]
+        schedule = SCHEDULES[name]
+        types = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, ks_ptr=scale, vs_ptr=scale,
+                     block_tables_ptr="*i32", seq_lens_ptr="*i32", counter_ptr="*i32",
+                     owner_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32",
+                     part_l_ptr="*fp32", sm_scale_log2="fp32")
+        const = dict(GROUP=8, ROWS=16, HEAD_DIM=64, PAGE_SIZE=16, BLOCK_N=64,
+                     CHUNK=DEFAULT_CHUNK_TOKENS, B_PAD=64, SCHEDULE=schedule,
+                     RECORD_OWNER=True, KV_FORMAT=fmt, INT4_GROUP=32 if fmt == _INT4 else 1,
+                     Q_RESCALE=fmt == _INT4, PRECISE_PV=fmt != _FP32, TILE=tile, DOT=tile,
+                     PRECISION="ieee" if fmt == _FP32 else "tf32")
+        ptx = compile_offline(_persistent_decode_kernel, types, const,
+                              capability=capability)["ptx"]
+        report[f"{KV_FORMAT_NAMES[fmt]}-{name}"] = {"atomics": ptx.count("atom.")}
+    types = dict(seq_lens_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32",
+                 part_l_ptr="*fp32", sinks_ptr="*fp32", out_ptr="*bf16")
+    ptx = compile_offline(_merge_chunks_kernel, types,
+                          dict(CHUNK=DEFAULT_CHUNK_TOKENS, B_PAD=64, HEAD_DIM=64,
+                               HAS_SINKS=True, MERGE=MERGE_BLOCK, HB=2),
+                          capability=capability)["ptx"]
+    report["merge"] = {"atomics": ptx.count("atom.")}
+    return report

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvperf_kernels.attention.offline_compile import compile_offline, in_child
 from kvperf_kernels.device import interpreted
 from kvperf_kernels.formats.checks import check_int, check_same_device, check_tensor
 
@@ -208,51 +209,25 @@ def prefill_attention_ref(q, k, v, *, sinks=None, sm_scale=None, window_left: in
 
 def compile_for_sm(capability: int, *, use_tma: bool, head_dim: int = 128, hq: int = 32,
                    hkv: int = 8, dtype=torch.bfloat16, num_warps: int = 8) -> dict:
-    """Compile the kernel for an NVIDIA target offline (no GPU needed: Triton's bundled ptxas)
-    with the launcher's default tiles and 16-byte aligned pointers (what a launch with torch
-    tensors specialises), and return its assembly ({'ptx': ..., ...}): the path check runs
-    on any machine. Raises what Triton raises where the backend is missing."""
-    if interpreted():
-        raise RuntimeError("compile_for_sm cannot run under TRITON_INTERPRET=1 (the interpreter "
-                           "patches triton.language); use ptx_by_load_path")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = _prefill_kernel
+    """The kernel compiled offline for cuda:``capability`` with the launcher's default tiles
+    (``offline_compile``): its assembly ({'ptx': ...}), on any machine."""
     ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     types = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, sinks_ptr="*fp32", out_ptr=ptr,
-                 seq_len="i32", sm_scale_log2="fp32", window_left="i32")
+                 sm_scale_log2="fp32")
     const = dict(HQ=hq, HKV=hkv, HEAD_DIM=head_dim, BLOCK_M=128,
                  BLOCK_N=64 if head_dim == 128 else 128, USE_TMA=use_tma, HAS_SINKS=True,
                  NUM_STAGES=3, DOT=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
-    sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if types.get(n, "").startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                            options={"num_warps": num_warps})
-    return dict(kernel.asm)
+    return compile_offline(_prefill_kernel, types, const, capability=capability,
+                           num_warps=num_warps)
 
 
 def ptx_by_load_path(capability: int = 90, head_dim: int = 128) -> dict[str, str]:
-    """{"tma": ptx, "plain": ptx} of ``compile_for_sm``; under the interpreter compiled in one
-    child process without TRITON_INTERPRET (which patches triton.language)."""
-    if not interpreted():
-        return {name: compile_for_sm(capability, use_tma=tma, head_dim=head_dim)["ptx"]
-                for name, tma in (("tma", True), ("plain", False))}
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json, sys; from kvperf_kernels.attention.prefill import ptx_by_load_path "
-            f"as p; json.dump(p({capability}, {head_dim}), sys.stdout)")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=300)
-    if done.returncode:
-        raise RuntimeError(f"offline compile failed: {done.stderr.strip()[-500:]}")
-    return json.loads(done.stdout)
+    """{"tma": ptx, "plain": ptx} of ``compile_for_sm`` (under the interpreter: in a child)."""
+    if interpreted():
+        return in_child("kvperf_kernels.attention.prefill", "ptx_by_load_path", capability,
+                        head_dim)
+    return {name: compile_for_sm(capability, use_tma=tma, head_dim=head_dim)["ptx"]
+            for name, tma in (("tma", True), ("plain", False))}
 
 
 @functools.cache

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
-from kvperf_kernels.attention.persistent_decode import persistent_decode_attention
+from kvperf_kernels.attention.persistent_decode import (
+    persistent_decode_attention,
+    sm_compile_report,
+)
 from kvperf_kernels.cache.paged_kv import cdiv
 from kvperf_kernels.testing.compare import assert_matches_reference
 from kvperf_kernels.testing.decode_variants import LAB_BUG, VARIANTS, run_variant
@@ -150,3 +153,18 @@ def test_persistent_atomic_spreads_the_work(decode_case, kvperf):
     kvperf.info("max_items_per_program", int(busy.max()))
     kvperf.info("mean_items_per_program", round(float(busy.float().mean()), 2))
 
+
+
+def test_persistent_kernels_compile_for_sm90(kvperf):
+    """Every KV format x schedule of the persistent kernel, and its merge, compiled offline for
+    sm90 (no GPU): the atomic schedule's PTX has its atomics (one site per counter read), the
+    others none."""
+    try:
+        report = sm_compile_report(90)
+    except RuntimeError as exc:  # no NVIDIA backend / ptxas in this Triton
+        kvperf.skip(f"needs Triton's NVIDIA backend to compile for sm90 offline; found {exc}"
+                    [:300])
+    assert report.pop("merge")["atomics"] == 0
+    for variant, facts in report.items():
+        assert (facts["atomics"] > 0) == variant.endswith("-atomic"), (variant, facts)
+    assert len(report) == 5
