@@ -26,6 +26,10 @@ LENS = [5, 40, 17]  # batch 3: padded to bucket 4
 STEPS = 2
 FULL_BUCKETS, PIECE_BUCKETS = (1, 2, 4), (4, 8)
 STEP_RTOL = 2e-2  # bf16 matmuls vs float64, rel L2 of the logits (measured 5e-3 on TINY)
+# A padded bucket vs the unpadded eager batch on a GPU: other GEMM kernels and split counts
+# flip bf16 roundings, and 24 layers amplify them (on the CPU, one-ulp flips of 10 % of the
+# attention outputs at every layer of the Qwen-sized step moved the logits by rel L2 1.5e-2).
+GPU_MODE_RTOL = 5e-2
 
 
 def _rel_l2(a, b) -> float:
@@ -94,13 +98,13 @@ def test_mode_matches_eager_without_capture(mode, tiny):
 def _same_as_eager(logits, toks, eager, what) -> None:
     """Bit for bit on the CPU; on a GPU a padded bucket may pick other GEMM kernels and split
     counts than the unpadded eager batch: eager's tokens (bar near-ties), logits within
-    STEP_RTOL."""
+    GPU_MODE_RTOL."""
     if logits.device.type == "cpu":
         assert torch.equal(toks, eager[1])
         assert torch.equal(logits, eager[0]), f"{what}: max diff {(logits - eager[0]).abs().max()}"
     else:
         _tokens_agree(eager[0], eager[1], toks)
-        assert _rel_l2(logits, eager[0]) < STEP_RTOL
+        assert _rel_l2(logits, eager[0]) < GPU_MODE_RTOL
 
 
 def _changed_slots(before, after, page_size):
@@ -235,7 +239,7 @@ def test_graph_modes_match_eager(batch, attention, qwen_sized, kvperf):
     for mode, (logits, toks) in runs.items():
         _tokens_agree(eager_logits, eager_tokens, toks)
         err = _rel_l2(logits, eager_logits)
-        assert err < STEP_RTOL, f"{mode} vs eager: rel L2 {err:.3g}"
+        assert err < GPU_MODE_RTOL, f"{mode} vs eager: rel L2 {err:.3g}"
         kvperf.info(f"{mode.lower()}_bitwise_eager", bool(torch.equal(logits, eager_logits)))
         kvperf.accuracy(f"{mode.lower()}_vs_eager_rel_l2", err, better="lower", rtol=1.0,
                         atol=1e-3)
@@ -258,7 +262,7 @@ def test_step_speed_by_mode(batch, kv_len, qwen_sized, kv_bench, kvperf):
         runner = StepRunner(model, mode, max_pages=table.shape[1])
         logits = runner.run(tokens, positions, table)[0].clone()
         first = logits if first is None else first
-        assert _rel_l2(logits, first) < STEP_RTOL, f"{mode}: logits differ from eager"
+        assert _rel_l2(logits, first) < GPU_MODE_RTOL, f"{mode}: logits differ from eager"
         res = kv_bench(runner.run, tokens, positions, table, label=mode.lower())
         median[mode] = res.median_us
         if mode == "EAGER":
