@@ -216,7 +216,7 @@ def _tokens_agree(eager_logits, eager_tokens, tokens) -> None:
 def test_graph_modes_match_eager(batch, attention, qwen_sized, kvperf):
     """Every mode, captured, fed eager's tokens, gives eager's next tokens at every one of
     GPU_STEPS steps (a token may differ only at a near-tie of eager's logits) and logits
-    within STEP_RTOL; FULL and PIECEWISE run the same kernels at the same bucket, so their
+    within GPU_MODE_RTOL; FULL and PIECEWISE run the same kernels at the same bucket, so their
     logits are equal bit for bit. Whether a mode equals eager bit for bit (expected where
     the batch fills its bucket: the same kernels at the same shapes) is recorded."""
     model = qwen_sized
