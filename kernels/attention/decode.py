@@ -659,7 +659,34 @@ def _bad_block_scales(codes: torch.Tensor, fmt: int) -> torch.Tensor:
     return ((codes & 0x7F) == 0x7F) | (codes > 0x80)
 
 
-def _check_values(block_tables, seq_lens, page_size: int, num_pages: int,
+def check_shared_args(q, k_cache, v_cache, block_tables, seq_lens, sinks, window_left,
+                      sm_scale):
+    """What every paged-decode launcher checks alike (this one and the persistent one):
+    devices, sinks [Hq], window_left, sm_scale. Returns sinks as contiguous float32 (or
+    None), window_left clamped to int32, and sm_scale (1/sqrt(D) when None)."""
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    check_device(q, "q")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache),
+                    ("block_tables", block_tables), ("seq_lens", seq_lens)):
+        check_same_device(t, name, q, "q")
+    if sinks is not None:
+        if not torch.is_tensor(sinks) or not sinks.dtype.is_floating_point:
+            got = getattr(sinks, "dtype", type(sinks))
+            raise TypeError(f"sinks must be a float tensor [Hq], got {got}")
+        if sinks.shape != (num_q_heads,):
+            raise ValueError(f"sinks must be [Hq={num_q_heads}], got {tuple(sinks.shape)}")
+        check_same_device(sinks, "sinks", q, "q")
+        sinks = sinks.to(torch.float32).contiguous()
+    check_int(window_left, "window_left (-1: off)", -1)
+    # A window of the cache's int32 lengths or more is the whole sequence: clamped, the
+    # kernel argument stays int32 whatever the caller passes.
+    window_left = min(window_left, 2**31 - 2)
+    sm_scale = check_scale_value(1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale,
+                                 "sm_scale")
+    return sinks, window_left, sm_scale
+
+
+def check_table_values(block_tables, seq_lens, page_size: int, num_pages: int,
                   max_seq_len: int | None, sinks, scales, blocks=()) -> int:
     """The checked mode: every data check on the device, one sync for all; max(seq_lens).
     scales: (name, mode, tensor) of k_scale and v_scale; blocks: (name, format, bytes) of
@@ -830,26 +857,10 @@ def paged_decode_attention(
     if not seq_lens.is_contiguous():
         raise ValueError("seq_lens must be contiguous")
     device = q.device
-    check_device(q, "q")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache),
-                    ("block_tables", block_tables), ("seq_lens", seq_lens)):
-        check_same_device(t, name, q, "q")
-    if sinks is not None:
-        if not torch.is_tensor(sinks) or not sinks.dtype.is_floating_point:
-            got = getattr(sinks, "dtype", type(sinks))
-            raise TypeError(f"sinks must be a float tensor [Hq], got {got}")
-        if sinks.shape != (num_q_heads,):
-            raise ValueError(f"sinks must be [Hq={num_q_heads}], got {tuple(sinks.shape)}")
-        check_same_device(sinks, "sinks", q, "q")
-        sinks = sinks.to(torch.float32).contiguous()
+    sinks, window_left, sm_scale = check_shared_args(
+        q, k_cache, v_cache, block_tables, seq_lens, sinks, window_left, sm_scale)
 
     # --- Python scalars and options -------------------------------------------------------
-    check_int(window_left, "window_left (-1: off)", -1)
-    # A window of the cache's int32 lengths or more is the whole sequence: clamped, the
-    # kernel argument stays int32 whatever the caller passes.
-    window_left = min(window_left, 2**31 - 2)
-    sm_scale = check_scale_value(1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale,
-                                 "sm_scale")
     k_mode, k_scale_t, k_scale_v, k_scale_strides = _scale_args("k_scale", k_scale, k_cache,
                                                                 k_format)
     v_mode, v_scale_t, v_scale_v, v_scale_strides = _scale_args("v_scale", v_scale, v_cache,
@@ -884,7 +895,7 @@ def paged_decode_attention(
 
     # --- values (one device sync) ---------------------------------------------------------
     if checked or (checked is None and max_seq_len is None):
-        lens_max = _check_values(block_tables, seq_lens, page_size, num_pages, max_seq_len,
+        lens_max = check_table_values(block_tables, seq_lens, page_size, num_pages, max_seq_len,
                                  sinks, (("k_scale", k_mode, k_scale_t), ("v_scale", v_mode,
                                                                           v_scale_t)),
                                  tuple((f"{n}_block_scale", fmt, t) for n, fmt, t in

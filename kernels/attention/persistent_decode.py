@@ -33,21 +33,23 @@ items over the programs there).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from kvperf_kernels.attention.decode import HEAD_DIMS, LOG2E, _check_values
+from kvperf_kernels.attention.decode import (
+    HEAD_DIMS,
+    LOG2E,
+    check_shared_args,
+    check_table_values,
+)
 from kvperf_kernels.attention.offline_compile import compile_offline, in_child
 from kvperf_kernels.device import interpreted
 from kvperf_kernels.formats.checks import (
-    check_device,
     check_flag,
     check_int,
     check_same_device,
-    check_scale_value,
     check_tensor,
 )
 
@@ -405,22 +407,8 @@ def persistent_decode_attention(
         raise ValueError(f"seq_lens must be contiguous [B={batch}], got {tuple(seq_lens.shape)}")
     if batch > MAX_BATCH:
         raise ValueError(f"q: batch {batch} > {MAX_BATCH} (the persistent kernel's bound)")
-    check_device(q, "q")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache),
-                    ("block_tables", block_tables), ("seq_lens", seq_lens)):
-        check_same_device(t, name, q, "q")
-    if sinks is not None:
-        if not torch.is_tensor(sinks) or not sinks.dtype.is_floating_point:
-            raise TypeError(f"sinks must be a float tensor [Hq], got "
-                            f"{getattr(sinks, 'dtype', type(sinks))}")
-        if sinks.shape != (num_q_heads,):
-            raise ValueError(f"sinks must be [Hq={num_q_heads}], got {tuple(sinks.shape)}")
-        check_same_device(sinks, "sinks", q, "q")
-        sinks = sinks.to(torch.float32).contiguous()
-    check_int(window_left, "window_left (-1: off)", -1)
-    window_left = min(window_left, 2**31 - 2)
-    sm_scale = check_scale_value(1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale,
-                                 "sm_scale")
+    sinks, window_left, sm_scale = check_shared_args(
+        q, k_cache, v_cache, block_tables, seq_lens, sinks, window_left, sm_scale)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
     if block_n is None:
@@ -455,7 +443,7 @@ def persistent_decode_attention(
     if batch == 0:
         return out
     if checked or (checked is None and max_seq_len is None):
-        lens_max = _check_values(block_tables, seq_lens, page_size, num_pages, max_seq_len,
+        lens_max = check_table_values(block_tables, seq_lens, page_size, num_pages, max_seq_len,
                                  sinks, (("k_scale", 0, None), ("v_scale", 0, None)))
         max_seq_len = max_seq_len or lens_max
     elif max_seq_len is None:
