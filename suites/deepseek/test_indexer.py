@@ -22,6 +22,7 @@ from kvperf_kernels.latent.indexer import (
     indexer_write,
 )
 from kvperf_kernels.latent.paging import entry_slots, shuffled_block_tables
+from kvperf_kernels.latent.topk import radix_topk
 
 GPU = pytest.mark.gpu
 LOGIT_REL_MAX = 1e-5  # float32 sums of exact bf16 x e4m3 products vs float64: measured ~6e-8
@@ -128,6 +129,78 @@ def test_bad_input(checks_device):
         indexer_logits(q, w, cache, table, lengths, block_size=4)
     with pytest.raises(ValueError, match="weights must be a contiguous float32"):
         indexer_logits(q, w[:1], cache, table, lengths, block_size=8)
+
+
+def same_topk_values(got: torch.Tensor, logits: torch.Tensor, k: int) -> None:
+    """Exact up to ties: per row, the chosen entries' logits (-1 as -inf) sorted equal
+    torch.topk's k largest values, and no entry is chosen twice."""
+    vals = torch.gather(logits, 1, got.clamp_min(0).long())
+    vals = torch.where(got < 0, torch.full_like(vals, float("-inf")), vals)
+    want = logits.topk(k, dim=-1).values
+    bad = (vals.sort(-1, descending=True).values != want).any(-1)
+    assert not bad.any(), f"rows {bad.nonzero().flatten().tolist()} chose other values"
+    for row in range(len(got)):
+        sel = got[row][got[row] >= 0]
+        assert len(sel.unique()) == len(sel), f"row {row} chose an entry twice"
+    assert torch.equal((got < 0).sum(-1), torch.isneginf(want).sum(-1)), "pads differ"
+
+
+@pytest.mark.parametrize("k", [1, 16, 57, 96])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_radix_topk_matches_torch(ties, k, checks_device):
+    """The Triton top-k on the indexer's own logits (ragged lengths: rows with fewer than
+    k visible entries get -1 pads; an empty row is all pads) against torch.topk. With
+    ties, the logits are rounded to 1/4 so many share a value: any choice among them."""
+    q, w, cache, table, lengths = _case([50, 7, 0, 96, 33], 4, 16, checks_device, seed=k)
+    logits = indexer_logits(q, w, cache, table, lengths, block_size=16)
+    if ties:
+        logits = (logits * 4).round() / 4
+    got = radix_topk(logits, k)
+    assert got.shape == (5, k) and got.dtype == torch.int32
+    same_topk_values(got.cpu(), logits.cpu(), k)
+    assert ((got < 0) | (got < lengths[:, None])).all(), "an invisible entry was chosen"
+
+
+def test_radix_topk_control_and_errors(checks_device):
+    """The control: one chosen entry swapped for the best unchosen one (strictly smaller)
+    must fail the comparison. Then the error contract and the empty batch."""
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(3, 64, generator=gen).to(checks_device)
+    got = radix_topk(logits, 8).cpu()
+    same_topk_values(got, logits.cpu(), 8)
+    order = logits.cpu().argsort(-1, descending=True)
+    wrong = got.clone()
+    wrong[1, (got[1] == order[1, 0]).nonzero()[0, 0]] = order[1, 8].to(torch.int32)
+    with pytest.raises(AssertionError, match=r"rows \[1\] chose other values"):
+        same_topk_values(wrong, logits.cpu(), 8)
+    with pytest.raises(ValueError, match=r"k = 65 exceeds the cache's 64 entries"):
+        radix_topk(logits, 65)
+    with pytest.raises(TypeError, match="logits: unsupported dtype torch.float64"):
+        radix_topk(logits.double(), 8)
+    with pytest.raises(ValueError, match="logits must have a contiguous last dim"):
+        radix_topk(logits.t(), 2)
+    nan = logits.clone()
+    nan[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="logits: contains NaN"):
+        radix_topk(nan, 8)
+    assert radix_topk(logits[:0], 8).shape == (0, 8)
+
+
+@GPU
+@pytest.mark.parametrize("rows", [64, 128])
+def test_radix_topk_speed(rows, kv_bench, kvperf):
+    """Top-2048 of 32,768 logits per row: the Triton radix select beside torch.topk in
+    the same run; both checked against torch.topk's values."""
+    n, k = 32768, 2048
+    gen = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, n, generator=gen).to(default_device())
+    moved = rows * n * 4 + rows * k * 4
+    ours = kv_bench(radix_topk, logits, k, bytes_moved=moved)
+    same_topk_values(ours.value.cpu(), logits.cpu(), k)
+    peer = kv_bench(indexer_topk, logits, k, bytes_moved=moved, label="torch.topk")
+    same_topk_values(peer.value.cpu(), logits.cpu(), k)
+    if ours.median_us and peer.median_us:
+        kvperf.info("radix_over_torch_time", round(ours.median_us / peer.median_us, 3))
 
 
 @GPU
