@@ -110,7 +110,7 @@ def _metric_rows(nodeid: str, old: dict[str, Metric], new: dict[str, Metric],
         else:
             if name in converted:
                 n = replace(n, atol=max(n.atol, _COSINE_RESOLUTION))
-            status, detail = judge(o, n)
+            status, detail, _ = judge(o, n)
             rows.append(MetricDiff(nodeid, name, o.value, n.value, status, n.kind, n.better,
                                    n.unit, detail))
     return rows

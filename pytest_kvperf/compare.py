@@ -9,10 +9,11 @@ for the metric is ``invalid``: the file is wrong, and that fails the test too.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 from .metric import Metric, format_domain, in_domain
-from .verdict import judge_speed_metric
+from .verdict import RatioInterval, judge_speed_metric
 
 # worst first: a test's verdict is its worst metric's status. "unreliable": a speed metric
 # timed while the GPU throttled (gpu_facts): not judged, never failing, above improved so
@@ -31,13 +32,24 @@ class MetricChange:
     rtol: float = 0.0
     atol: float = 0.0
     detail: str = ""
+    ci: RatioInterval | None = None  # the speed verdict's interval of the median ratio
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["ci"] = self.ci.to_dict() if self.ci is not None else None
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MetricChange:
-        return cls(**data)
+        """The inverse of to_dict; a results JSON written before 'ci' existed reads as None."""
+        ci = data.get("ci")
+        return cls(**{**data, "ci": RatioInterval.from_dict(ci) if ci is not None else None})
+
+
+class Judgement(NamedTuple):
+    status: str
+    detail: str
+    ci: RatioInterval | None = None
 
 
 @dataclass(frozen=True)
@@ -73,17 +85,19 @@ def compare_value(value: float, base: float, better: str, rtol: float, atol: flo
     return "improved" if better_by else "ok"
 
 
-def judge(base: Metric, metric: Metric) -> tuple[str, str]:
-    """(status, detail) of one metric against its stored counterpart."""
+def judge(base: Metric, metric: Metric) -> Judgement:
+    """(status, detail, ci) of one metric against its stored counterpart; ci only for a
+    speed metric with a spread on both sides."""
     if not in_domain(base.value, metric.domain):
-        return "invalid", (f"stored value {base.value!r} is outside the metric's domain "
-                           f"{format_domain(metric.domain)}: the baseline file is wrong")
+        return Judgement("invalid", f"stored value {base.value!r} is outside the metric's "
+                         f"domain {format_domain(metric.domain)}: the baseline file is wrong")
     if metric.kind == "speed" and base.spread is not None and metric.spread is not None:
-        return judge_speed_metric(base, metric)
+        return Judgement(*judge_speed_metric(base, metric))
     status = compare_value(metric.value, base.value, metric.better, metric.rtol, metric.atol)
     if metric.kind == "speed":
-        return status, f"no spread recorded on both sides: plain tolerance rtol={metric.rtol}"
-    return status, ""
+        return Judgement(status, "no spread recorded on both sides: plain tolerance "
+                         f"rtol={metric.rtol}")
+    return Judgement(status, "")
 
 
 def compare_metrics(base_metrics: Mapping[str, Metric] | None,
@@ -93,10 +107,10 @@ def compare_metrics(base_metrics: Mapping[str, Metric] | None,
     changes = []
     for name, metric in metrics.items():
         base = base_metrics.get(name)
-        status, detail = ("new", "") if base is None else judge(base, metric)
+        j = Judgement("new", "") if base is None else judge(base, metric)
         changes.append(MetricChange(name, metric.kind, metric.better, metric.value,
-                                    None if base is None else base.value, status,
-                                    metric.rtol, metric.atol, detail))
+                                    None if base is None else base.value, j.status,
+                                    metric.rtol, metric.atol, j.detail, j.ci))
     if not base_metrics:
         return TestVerdict("new", tuple(changes))
     return TestVerdict(_worst(changes), tuple(changes))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,9 +24,6 @@ from .trend import Point
 CHANGED = ("invalid", "regressed", "unreliable", "improved")
 FAILED = ("invalid", "regressed", "failed", "error", "interrupted")
 _RANK = {s: i for i, s in enumerate((*STATUS_ORDER, "stored"))}
-
-# verdict.speed_verdict's reason text: "ratio 1.3000, 99% CI [1.2000, 1.4000] ..."
-_CI = re.compile(r"(\d+)% CI \[([-+0-9.eE]+), ([-+0-9.eE]+)\]")
 
 
 class InputError(ValueError):
@@ -95,24 +91,26 @@ def ratio_view(change: dict) -> dict | None:
 
     good: the factor (> 1 better, < 1 worse); band: the factors the verdict calls ok
     (speed: the median ratio within rtol; otherwise value within rtol*|base| + atol);
-    ci: the verdict's confidence interval of the median ratio (speed with spreads) or None.
-    None when there is no baseline or the ratio means nothing (a negative baseline).
+    ci: the verdict's confidence interval of the median ratio (the change's 'ci' field:
+    speed with spreads) or None, also for a results JSON written before that field existed;
+    confidence: its level in percent. None when there is no baseline or the ratio means
+    nothing (a negative baseline).
     """
     base, value, better = change.get("base"), change["value"], change["better"]
     if base is None or base < 0 or value < 0:
         return None
     rtol, atol = float(change.get("rtol") or 0), float(change.get("atol") or 0)
-    match = _CI.search(change.get("detail") or "")
+    interval = change.get("ci")
     if base == 0:
         good = 1.0 if value == 0 else (0.0 if better == "lower" else math.inf)
         return {"good": good, "band": (0.0, math.inf) if value <= atol else (1.0, 1.0),
                 "ci": None, "confidence": None}
     good = _goodness(value / base, better)
-    if match:
-        conf, lo, hi = int(match.group(1)), float(match.group(2)), float(match.group(3))
-        ci = sorted((_goodness(lo, better), _goodness(hi, better)))
+    if interval:
+        ci = sorted((_goodness(interval["low"], better), _goodness(interval["high"], better)))
         band = sorted((_goodness(1 + rtol, better), _goodness(max(1 - rtol, 0.0), better)))
-        return {"good": good, "band": tuple(band), "ci": tuple(ci), "confidence": conf}
+        return {"good": good, "band": tuple(band), "ci": tuple(ci),
+                "confidence": interval["confidence"] * 100}
     slack = (rtol * abs(base) + atol) / base
     band = sorted((_goodness(1 + slack, better), _goodness(max(1 - slack, 0.0), better)))
     return {"good": good, "band": tuple(band), "ci": None, "confidence": None}
@@ -130,7 +128,7 @@ def describe_view(view: dict) -> str:
     text = factor(view["good"])
     if view["ci"]:
         lo, hi = view["ci"]
-        text += f", {view['confidence']}% CI {factor(lo)} .. {factor(hi)}"
+        text += f", {view['confidence']:g}% CI {factor(lo)} .. {factor(hi)}"
     lo, hi = view["band"]
     if lo != hi:
         text += f"; ok from {factor(lo)} to {factor(hi)}"

@@ -35,12 +35,56 @@ _Z_QUARTILE = statistics.NormalDist().inv_cdf(0.75)
 
 
 @dataclass(frozen=True)
+class RatioInterval:
+    """The verdict's confidence interval of the median ratio current / baseline.
+
+    Carried on compare.MetricChange and into the results JSON, so the report draws it
+    without reading it back out of the verdict's text.
+    """
+
+    low: float
+    high: float
+    confidence: float  # 0.99 for a 99 % interval
+
+    def __post_init__(self):
+        for name in ("low", "high", "confidence"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"ci.{name} must be a finite number, got {v!r}")
+            object.__setattr__(self, name, float(v))  # 1 and 1.0 must serialise alike
+        if not 0 < self.low <= self.high:
+            raise ValueError(f"ci needs 0 < low <= high, got [{self.low}, {self.high}]")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"ci.confidence must be in (0, 1), got {self.confidence!r}")
+
+    def to_dict(self) -> dict:
+        return {"low": self.low, "high": self.high, "confidence": self.confidence}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RatioInterval:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"ci must be an object {{low, high, confidence}}, "
+                             f"got {type(data).__name__}")
+        fields = ("low", "high", "confidence")
+        wrong = sorted(set(data) ^ set(fields))
+        if wrong:
+            raise ValueError(f"ci.{wrong[0]}: " + ("unknown field" if wrong[0] in data
+                                                   else "missing"))
+        return cls(data["low"], data["high"], data["confidence"])
+
+
+@dataclass(frozen=True)
 class Verdict:
     status: str  # "ok" | "regressed" | "improved"
     ratio: float  # median(current) / median(baseline)
     ci_low: float
     ci_high: float
     reason: str
+    confidence: float = 0.99  # of [ci_low, ci_high]
+
+    @property
+    def interval(self) -> RatioInterval:
+        return RatioInterval(self.ci_low, self.ci_high, self.confidence)
 
 
 def speed_verdict(
@@ -83,13 +127,15 @@ def speed_verdict(
     worse_up = better == "lower"  # for times a larger ratio is worse
     if ci_low > hi_bound:
         status = "regressed" if worse_up else "improved"
-        return Verdict(status, ratio, ci_low, ci_high, f"{ci} entirely above {hi_bound:.4f}")
+        return Verdict(status, ratio, ci_low, ci_high, f"{ci} entirely above {hi_bound:.4f}",
+                       confidence)
     if ci_high < lo_bound:
         status = "improved" if worse_up else "regressed"
-        return Verdict(status, ratio, ci_low, ci_high, f"{ci} entirely below {lo_bound:.4f}")
+        return Verdict(status, ratio, ci_low, ci_high, f"{ci} entirely below {lo_bound:.4f}",
+                       confidence)
     return Verdict("ok", ratio, ci_low, ci_high,
                    f"{ci} not entirely outside the tolerance band "
-                   f"[{lo_bound:.4f}, {hi_bound:.4f}]")
+                   f"[{lo_bound:.4f}, {hi_bound:.4f}]", confidence)
 
 
 def _check_samples(values: Any, what: str) -> list[float]:
@@ -213,8 +259,9 @@ def _draw(dist, u: float) -> float:
     return values[min(bisect.bisect_left(cdf, u), len(values) - 1)]
 
 
-def judge_speed_metric(base_metric, metric) -> tuple[str, str]:
-    """(status, detail) of a speed metric.Metric against its stored one, both with a spread.
+def judge_speed_metric(base_metric, metric) -> tuple[str, str, RatioInterval]:
+    """(status, detail, interval) of a speed metric.Metric against its stored one, both with
+    a spread; interval: the verdict's confidence interval of the median ratio.
 
     A spread ({median, q1, q3, n[, samples]}) describes the distribution of the metric's
     own value, in its own unit. A change within the metric's atol is ok.
@@ -234,5 +281,5 @@ def judge_speed_metric(base_metric, metric) -> tuple[str, str]:
     v = speed_verdict(base_metric.spread.to_dict(), samples, better=better, rtol=rtol)
     change = abs(metric.value - base_metric.value)
     if v.status != "ok" and change <= atol:
-        return "ok", f"{v.reason}, but |change| {change:.4g} <= atol {atol}"
-    return v.status, v.reason
+        return "ok", f"{v.reason}, but |change| {change:.4g} <= atol {atol}", v.interval
+    return v.status, v.reason, v.interval

@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import pytest
 
 from pytest_kvperf import html_report, report_model
-from pytest_kvperf.compare import judge
+from pytest_kvperf.compare import MetricChange, compare_metrics
 from pytest_kvperf.metric import Metric, Spread
 
 TESTS = """
@@ -180,6 +180,12 @@ def test_report_page_parts(project, monkeypatch):
     doc = json.loads((project.path / "out" / "report.json").read_text())
     speed = doc["tests"]["test_report.py::test_speed[a]"]
     assert speed["status"] == "regressed" and speed["metrics"]["median_us"]["value"] == 1500.0
+    # the speed verdict's interval is a field of the change: timed (spread on both sides)
+    # tests carry it, a plain speed number has none
+    assert [c["ci"] for c in speed["changes"]] == [None]
+    bench = {c["name"]: c for c in doc["tests"]["test_report.py::test_bench"]["changes"]}
+    ci = bench["median_us"]["ci"]
+    assert ci["confidence"] == 0.99 and 0 < ci["low"] <= ci["high"]
     assert "lab threshold broken" in doc["tests"]["test_report.py::test_fails"]["message"]
 
 
@@ -201,18 +207,20 @@ def speed_metric(median, spread_width, n=30):
 
 def test_log_ratio_carries_the_verdicts_interval():
     base, now = speed_metric(100.0, 0.02), speed_metric(130.0, 0.02)
-    status, detail = judge(base, now)
-    change = {"name": "median_us", "kind": "speed", "better": "lower", "value": 130.0,
-              "base": 100.0, "status": status, "rtol": 0.05, "atol": 0.0, "detail": detail}
+    (judged,) = compare_metrics({"median_us": base}, {"median_us": now}).changes
+    # through the results JSON, as the report reads it
+    change = MetricChange.from_dict(json.loads(json.dumps(judged.to_dict()))).to_dict()
+    assert change["ci"] == {"low": judged.ci.low, "high": judged.ci.high, "confidence": 0.99}
     view = report_model.ratio_view(change)
-    lo, hi = map(float, re.search(r"CI \[([0-9.]+), ([0-9.]+)\]", detail).groups())
-    assert status == "regressed"
-    assert view["ci"] == pytest.approx((1 / hi, 1 / lo)) and view["confidence"] == 99
+    assert judged.status == "regressed"
+    assert view["ci"] == pytest.approx((1 / judged.ci.high, 1 / judged.ci.low))
+    assert view["confidence"] == 99
+    assert "99% CI 1.3" in report_model.describe_view(view)
     assert view["good"] == pytest.approx(100 / 130)  # < 1: worse
     assert view["band"] == pytest.approx((1 / 1.05, 1 / 0.95))
     assert view["ci"][1] < view["band"][0]  # the whole interval outside the ok band
     # higher-is-better: the factor is the ratio itself; a 15x rate is 15x better
-    rate = dict(change, better="higher", value=1500.0, detail="")
+    rate = dict(change, better="higher", value=1500.0, detail="", ci=None)
     assert report_model.ratio_view(rate)["good"] == 15.0
     assert report_model.scale_for([report_model.ratio_view(rate)]) == 4
     # accuracy: the band is rtol*|base| + atol around the baseline
@@ -227,6 +235,33 @@ def test_log_ratio_carries_the_verdicts_interval():
         "no finite ratio")
     assert report_model.ratio_view(dict(acc, base=None)) is None
     assert math.isfinite(report_model.scale_for([v]))
+
+
+def test_results_json_without_ci_field_draws_no_interval():
+    """A results JSON written before changes carried 'ci': read, no interval, no crash;
+    the interval's text left in the detail is not read back."""
+    base, now = speed_metric(100.0, 0.02), speed_metric(130.0, 0.02)
+    new = compare_metrics({"median_us": base}, {"median_us": now}).changes[0].to_dict()
+    old = {k: v for k, v in new.items() if k != "ci"}
+    assert "99% CI [" in old["detail"]
+
+    def page_for(change):
+        doc = {"hardware": {"name": "NVIDIA H200", "key": "nvidia-h200", "sm": "sm90"},
+               "tests": {"t.py::test_decode": {"status": "regressed", "metrics": {},
+                                               "changes": [change]}}}
+        model = report_model.build([report_model.run_from_results(doc, "r.json")], {})
+        return model, html_report.render(model)
+
+    interval = "stroke-width='3'"  # how strip() draws the interval
+    model, text = page_for(old)
+    assert model["changed"][0]["metric_view"]["ci"] is None
+    assert model["tests"][0]["view"]["ci"] is None
+    row = Page(text).body("kv-changed-table")[0]
+    assert row["status"] == "regressed" and "<circle>" in row["cells"][5]
+    assert interval not in text and "CI" not in row["cells"][6].split(";")[0]
+    # the same change with its field: the interval is drawn (the check above can fail)
+    model, text = page_for(new)
+    assert model["changed"][0]["metric_view"]["ci"] is not None and interval in text
 
 
 def test_pytest_html_gets_verdict_and_key_metric_columns(pytester, monkeypatch):

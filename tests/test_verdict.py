@@ -7,6 +7,7 @@ current run: unchanged code must stay "ok", a real shift beyond the tolerance mu
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 import statistics
@@ -14,10 +15,10 @@ import statistics
 import pytest
 
 from pytest_kvperf import verdict as V
-from pytest_kvperf.compare import judge
+from pytest_kvperf.compare import MetricChange, compare_metrics, judge, mark_unreliable
 from pytest_kvperf.metric import Metric, Spread
 from pytest_kvperf.stats import binomial_upper_tail
-from pytest_kvperf.verdict import judge_speed_metric, speed_verdict
+from pytest_kvperf.verdict import RatioInterval, judge_speed_metric, speed_verdict
 
 
 def draw(seed: int, n: int, median: float, sigma: float) -> list[float]:
@@ -118,7 +119,7 @@ def test_thinned_samples_keep_the_precision_of_all_rounds():
     assert width(thinned) == pytest.approx(width(full), rel=0.2)
     assert width(as_if_400) > 1.5 * width(full)  # what ignoring n would have cost
     # the plugin adapter expands a thinned current side the same way
-    status, _ = judge_speed_metric(
+    status, _, _ = judge_speed_metric(
         metric(50.0, spread={"samples": thin(base, 400), **summary(base)}),
         metric(55.0, spread={"samples": thin(draw(13, 4000, 55.0, 0.05), 400), "n": 4000}))
     assert status == "regressed"
@@ -188,12 +189,16 @@ def metric(value, *, spread=None, better="lower", rtol=0.05, atol=0.0):
 
 def test_judge_uses_the_bootstrap_when_both_sides_have_a_spread():
     base, cur = draw(1, 60, 100.0, 0.02), draw(2, 60, 110.0, 0.02)
-    status, detail = judge(
+    status, detail, ci = judge(
         metric(statistics.median(base), spread={"samples": base, **summary(base)}),
         metric(statistics.median(cur), spread={"samples": cur, **summary(cur)}))
     assert status == "regressed" and "CI" in detail
+    # the interval is the verdict's own, as a field, not only in the text
+    v = speed_verdict({"samples": base}, cur)
+    assert ci == RatioInterval(v.ci_low, v.ci_high, 0.99) == v.interval
+    assert 1.05 < ci.low <= v.ratio <= ci.high
     # the current side given by quartiles only is rebuilt the same way as a baseline
-    status, _ = judge_speed_metric(metric(statistics.median(base), spread=summary(base)),
+    status, _, _ = judge_speed_metric(metric(statistics.median(base), spread=summary(base)),
                                    metric(statistics.median(cur), spread=summary(cur)))
     assert status == "regressed"
 
@@ -205,14 +210,51 @@ def test_judge_without_spread_falls_back_to_the_plain_tolerance():
     # a spread on one side only is not enough for the bootstrap
     one_sided = metric(100.0, spread=summary(draw(1, 60, 100.0, 0.02)))
     assert judge(one_sided, metric(106.0)) == judge(metric(100.0), metric(106.0))
+    assert judge(metric(100.0), metric(106.0)).ci is None  # no interval without spreads
 
 
 def test_judge_keeps_changes_within_atol_ok():
     base, cur = draw(1, 60, 10.0, 0.01), draw(2, 60, 11.0, 0.01)
-    status, detail = judge_speed_metric(
+    status, detail, ci = judge_speed_metric(
         metric(statistics.median(base), spread={"samples": base}, atol=2.0),
         metric(statistics.median(cur), spread={"samples": cur}, atol=2.0))
     assert status == "ok" and "atol" in detail
+    assert ci.low > 1.05  # the interval still says what the bootstrap saw
+
+
+def test_comparison_carries_the_interval_into_the_results_json():
+    base, cur = draw(1, 60, 100.0, 0.02), draw(2, 60, 110.0, 0.02)
+    stored = {"median_us": metric(statistics.median(base), spread={"samples": base}),
+              "err": Metric(0.01, "accuracy", "lower", 0.5, 0.0)}
+    now = {"median_us": metric(statistics.median(cur), spread={"samples": cur}),
+           "err": Metric(0.01, "accuracy", "lower", 0.5, 0.0)}
+    changes = {c.name: c for c in compare_metrics(stored, now).changes}
+    v = speed_verdict({"samples": base}, cur)
+    assert changes["median_us"].ci == v.interval and changes["err"].ci is None
+    for c in changes.values():  # to_dict / from_dict are each other's inverse, via JSON
+        assert MetricChange.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert changes["median_us"].to_dict()["ci"] == {"low": v.ci_low, "high": v.ci_high,
+                                                    "confidence": 0.99}
+    # a throttled timing keeps the interval it would have been judged by
+    (marked,) = [c for c in mark_unreliable(compare_metrics(stored, now), "throttled").changes
+                 if c.name == "median_us"]
+    assert marked.status == "unreliable" and marked.ci == v.interval
+    # written before the field existed: no interval
+    old = {k: x for k, x in changes["median_us"].to_dict().items() if k != "ci"}
+    assert MetricChange.from_dict(old).ci is None
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"low": 1.1, "high": 1.2}, "ci.confidence: missing"),
+    ({"low": 1.1, "high": 1.2, "confidence": 0.99, "level": 1}, "ci.level: unknown field"),
+    ({"low": 1.3, "high": 1.2, "confidence": 0.99}, "low <= high"),
+    ({"low": math.nan, "high": 1.2, "confidence": 0.99}, "ci.low must be a finite number"),
+    ({"low": 1.1, "high": 1.2, "confidence": 99}, "ci.confidence must be in"),
+    ([1.1, 1.2], "ci must be an object"),
+])
+def test_bad_interval_raises_a_clear_error(data, words):
+    with pytest.raises(ValueError, match=words):
+        RatioInterval.from_dict(data)
 
 
 # ----------------------------------------------------------------- bad input
