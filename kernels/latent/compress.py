@@ -10,8 +10,10 @@ the window), compressed entry ``i`` covers window ``[i * ratio, (i + 1) * ratio)
     sum of ``kv``.
 Then the entry is a latent token like any other: kv_norm, RoPE at position ``i * ratio``,
 FP8 quantise and store (``write.latent_write`` with the compressed cache's slots). Only
-complete windows are compressed (prefill of whole sequences; the decode-time partial
-state is not modelled here).
+complete windows are compressed: ``pool_compress`` pools the complete windows of whole
+sequences (prefill); ``PoolingState`` holds each sequence's partial window during decode
+(tokens appended one at a time) and emits an entry only when its window completes,
+through the same kernel, so it is bit-identical to the prefill entry.
 
 The kernel computes in float32 (exp, sums), the reference in float64; they agree to float32
 rounding, not bit for bit (exp differs), so the stored bytes are compared on the kernel's
@@ -26,7 +28,8 @@ import triton.language as tl
 
 from kvperf_kernels.formats.checks import check_device, check_int, check_tensor
 
-__all__ = ["pool_compress", "pool_compress_ref", "window_starts", "CSA_RATIO", "HCA_RATIO"]
+__all__ = ["pool_compress", "pool_compress_ref", "window_starts", "PoolingState", "CSA_RATIO",
+           "HCA_RATIO"]
 
 CSA_RATIO, HCA_RATIO = 4, 128
 SLIDING_WINDOW = 128
@@ -139,17 +142,110 @@ def pool_compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor,
     if sum(lens) != kv.shape[0]:
         raise ValueError(f"seq_lens sum to {sum(lens)}, kv has {kv.shape[0]} rows")
     starts, index = window_starts(lens, ratio)
-    out = torch.empty(len(starts), d, dtype=torch.float32, device=kv.device)
-    if len(starts) == 0:
-        return out
+    return _launch_pool(kv, score, ape, starts, index, d, ratio)
+
+
+def _block_d(d: int, ratio: int) -> int:
     block_d = min(triton.next_power_of_2(d), max(16, 8192 // ratio))
     if d % block_d:
         raise ValueError(f"kv: d = {d} must be a multiple of {block_d}")
+    return block_d
+
+
+def _launch_pool(kv, score, ape, starts, index, d, ratio) -> torch.Tensor:
+    """Pooled entries of the windows starting at rows ``starts`` (entry ``index`` of their
+    sequence: 0 has no previous window); the one launch prefill and decode share."""
+    out = torch.empty(len(starts), d, dtype=torch.float32, device=kv.device)
+    if len(starts) == 0:
+        return out
+    block_d = _block_d(d, ratio)
     _pool_kernel[(len(starts), d // block_d)](
         kv, score, ape, starts.to(kv.device), index.to(kv.device), out, kv.stride(0),
-        D=d, RATIO=ratio, OVERLAP=coff == 2, BLOCK_D=block_d, num_warps=4,
+        D=d, RATIO=ratio, OVERLAP=overlap_for(ratio), BLOCK_D=block_d, num_warps=4,
     )
     return out
+
+
+class PoolingState:
+    """Decode-time compressor state of a batch of sequences (the model's kv_state /
+    score_state): per sequence, rows for its current window and, at ratio 4, the previous
+    complete window (the overlap reads its first d features). ``step`` appends one token
+    to every sequence; a sequence whose window that token completes gets its pooled entry,
+    computed by the prefill kernel on these rows, so it equals ``pool_compress``'s entry
+    bit for bit. A partial window yields nothing: no entry is visible before it is whole.
+    """
+
+    def __init__(self, batch: int, ape: torch.Tensor, ratio: int):
+        check_int(batch, "batch", 0)
+        check_int(ratio, "ratio", 1)
+        if ratio & (ratio - 1):
+            raise ValueError(f"ratio must be a power of two, got {ratio}")
+        check_tensor(ape, "ape", (torch.float32,), dim=2)
+        check_device(ape, "ape")
+        self.overlap = overlap_for(ratio)
+        coff = 2 if self.overlap else 1
+        if ape.shape[0] != ratio or ape.shape[1] % coff or not ape.is_contiguous():
+            raise ValueError(f"ape must be a contiguous [{ratio}, {coff} x d] tensor, got "
+                             f"{tuple(ape.shape)}")
+        self.ratio, self.ape, self.width = ratio, ape, ape.shape[1]
+        self.d = self.width // coff
+        _block_d(self.d, ratio)
+        self.own = ratio if self.overlap else 0  # first row of the current window
+        rows = self.own + ratio
+        self.kv = torch.zeros(batch, rows, self.width, dtype=torch.float32, device=ape.device)
+        self.score = torch.zeros_like(self.kv)
+        self.seen = torch.zeros(batch, dtype=torch.int64)  # tokens per sequence, on the host
+
+    def prefill(self, kv: torch.Tensor, score: torch.Tensor, seq_lens: list[int]) -> None:
+        """Keep the tail of each packed prefill sequence (its partial window and, at ratio
+        4, its last complete one); their complete windows are ``pool_compress``'s."""
+        lens = [check_int(n, "seq_lens", 0) for n in seq_lens]
+        if len(lens) != len(self.seen):
+            raise ValueError(f"seq_lens: one length per sequence ({len(self.seen)}), got "
+                             f"{len(lens)}")
+        self._check_rows(kv, score, sum(lens), "kv")
+        row, r = 0, self.ratio
+        for b, n in enumerate(lens):
+            whole = n // r * r
+            spans = [(whole, n, self.own)] + ([(whole - r, whole, 0)] if self.overlap else [])
+            for first, last, dst in spans:
+                if first < 0:  # no complete window yet: nothing previous to keep
+                    continue
+                self.kv[b, dst:dst + last - first] = kv[row + first:row + last]
+                self.score[b, dst:dst + last - first] = score[row + first:row + last]
+            row += n
+        self.seen = torch.tensor(lens, dtype=torch.int64)
+
+    def step(self, kv: torch.Tensor, score: torch.Tensor):
+        """Append token rows kv, score [batch, coff * d] (one per sequence). Returns
+        (float32 [m, d] entries, int64 [m] sequences, int64 [m] entry indices) of the m
+        windows completed by this token."""
+        self._check_rows(kv, score, len(self.seen), "kv")
+        pos = self.seen % self.ratio
+        b = torch.arange(len(self.seen))
+        dev = self.kv.device
+        self.kv[b.to(dev), (self.own + pos).to(dev)] = kv
+        self.score[b.to(dev), (self.own + pos).to(dev)] = score
+        self.seen = self.seen + 1
+        done = (self.seen % self.ratio == 0).nonzero().flatten()
+        index = self.seen[done] // self.ratio - 1
+        rows = self.kv.shape[1]
+        flat_kv = self.kv[done.to(dev)].reshape(-1, self.width)
+        flat_score = self.score[done.to(dev)].reshape(-1, self.width)
+        starts = torch.arange(len(done), dtype=torch.int64) * rows + self.own
+        out = _launch_pool(flat_kv, flat_score, self.ape, starts, index, self.d, self.ratio)
+        if self.overlap and len(done):  # the completed window becomes the previous one
+            d2 = done.to(dev)
+            self.kv[d2, :self.ratio] = self.kv[d2, self.ratio:]
+            self.score[d2, :self.ratio] = self.score[d2, self.ratio:]
+        return out, done, index
+
+    def _check_rows(self, kv, score, n, what):
+        for t, name in ((kv, "kv"), (score, "score")):
+            check_tensor(t, name, (torch.float32,), dim=2)
+            if t.shape != (n, self.width):
+                raise ValueError(f"{name} must be [{n}, {self.width}], got {tuple(t.shape)}")
+            check_device(t, name)
 
 
 def compressed_cache_bytes(layout, seq_len: int, ratio: int, block_size: int) -> int:

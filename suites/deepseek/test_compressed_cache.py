@@ -19,6 +19,7 @@ from kvperf_kernels.latent.compress import (
     CSA_RATIO,
     HCA_RATIO,
     SLIDING_WINDOW,
+    PoolingState,
     compressed_cache_bytes,
     overlap_for,
     pool_compress,
@@ -86,6 +87,87 @@ def test_uniform_scores_average_the_window(checks_device):
     out = pool_compress(kv, torch.zeros_like(score), torch.zeros_like(ape), lens, HCA_RATIO)
     torch.testing.assert_close(out.double(), kv.double().mean(0, keepdim=True), rtol=1e-5,
                                atol=1e-6)
+
+
+def _packed_rows(t, lens, first, last):
+    """Rows [first_b, last_b) of each packed sequence b, packed again."""
+    starts = [0]
+    for n in lens[:-1]:
+        starts.append(starts[-1] + n)
+    return torch.cat([t[s + a:s + b] for s, a, b in zip(starts, first, last)])
+
+
+def _decode(state, kv, score, lens, prefix, steps):
+    """Feed tokens prefix_b .. prefix_b + steps - 1 of each sequence one step at a time;
+    returns {(sequence, entry): (pooled, step)} of what the state emitted."""
+    got = {}
+    for t in range(steps):
+        pos = [p + t for p in prefix]
+        out, seqs, index = state.step(_packed_rows(kv, lens, pos, [p + 1 for p in pos]),
+                                      _packed_rows(score, lens, pos, [p + 1 for p in pos]))
+        for e, b, i in zip(out, seqs.tolist(), index.tolist()):
+            assert (b, i) not in got, f"entry {i} of sequence {b} emitted twice"
+            got[(b, i)] = (e, t)
+    return got
+
+
+DECODE_CASES = [(CSA_RATIO, [0, 3, 6, 9], 9), (HCA_RATIO, [0, 100, 127], 130)]
+
+
+@pytest.mark.parametrize(("ratio", "prefix", "steps"), DECODE_CASES, ids=IDS)
+def test_decode_state_matches_prefill(ratio, prefix, steps, checks_device):
+    """Prefill prefix_b tokens, then decode `steps` tokens one at a time: each window the
+    decode completes gives the prefill kernel's entry for the whole sequence bit for bit,
+    at the step of the window's last token, once; partial windows give nothing."""
+    lens = [p + steps for p in prefix]
+    kv, score, ape = _projections(lens, ratio, checks_device, seed=6)
+    want = pool_compress(kv, score, ape, lens, ratio)
+    first = [0] + [sum(n // ratio for n in lens[:b]) for b in range(1, len(lens))]
+    state = PoolingState(len(lens), ape, ratio)
+    state.prefill(_packed_rows(kv, lens, [0] * len(lens), prefix),
+                  _packed_rows(score, lens, [0] * len(lens), prefix), prefix)
+    got = _decode(state, kv, score, lens, prefix, steps)
+    expect = {(b, i) for b, (p, n) in enumerate(zip(prefix, lens))
+              for i in range(p // ratio, n // ratio)}
+    assert set(got) == expect, f"emitted {sorted(set(got) ^ expect)} wrongly"
+    for (b, i), (entry, t) in got.items():
+        assert prefix[b] + t == (i + 1) * ratio - 1, f"entry {i} of {b} emitted early/late"
+        assert torch.equal(entry, want[first[b] + i]), f"entry {i} of sequence {b} differs"
+
+
+def test_decode_state_control(checks_device):
+    """The control: the same decode with two tokens of one window swapped (each then gets
+    the other's position bias) emits that entry at the same step, but not the prefill's."""
+    ratio, prefix, steps = CSA_RATIO, [2], 6
+    lens = [prefix[0] + steps]
+    kv, score, ape = _projections(lens, ratio, checks_device, seed=7)
+    want = pool_compress(kv, score, ape, lens, ratio)
+    perm = torch.arange(lens[0])
+    perm[[4, 5]] = perm[[5, 4]]  # tokens 4 and 5: the middle of entry 1's window
+    state = PoolingState(1, ape, ratio)
+    state.prefill(kv[:2], score[:2], prefix)
+    got = _decode(state, kv[perm], score[perm], lens, prefix, steps)
+    assert set(got) == {(0, 0), (0, 1)}
+    assert torch.equal(got[(0, 0)][0], want[0])
+    miss = ((got[(0, 1)][0] - want[1]).norm() / want[1].norm()).item()
+    assert miss > 100 * POOL_REL_L2_MAX, f"swapped tokens went unnoticed ({miss:.3g})"
+
+
+def test_decode_state_bad_input(checks_device):
+    kv, score, ape = _projections([8], CSA_RATIO, checks_device)
+    state = PoolingState(2, ape, CSA_RATIO)
+    with pytest.raises(ValueError, match=r"kv must be \[2, 1024\], got \(1, 1024\)"):
+        state.step(kv[:1], score[:1])
+    with pytest.raises(ValueError, match="seq_lens: one length per sequence"):
+        state.prefill(kv, score, [8])
+    with pytest.raises(ValueError, match=r"kv must be \[9, 1024\]"):
+        state.prefill(kv, score, [4, 5])
+    with pytest.raises(ValueError, match=r"ape must be a contiguous \[4, 2 x d\]"):
+        PoolingState(2, ape[:2], CSA_RATIO)
+    with pytest.raises(TypeError, match="kv: unsupported dtype torch.bfloat16"):
+        state.step(kv[:2].bfloat16(), score[:2])
+    out, seqs, index = PoolingState(0, ape, CSA_RATIO).step(kv[:0], score[:0])
+    assert out.shape == (0, 512) and len(seqs) == 0 and len(index) == 0
 
 
 @pytest.mark.parametrize(("ratio", "lens"), CASES, ids=IDS)
