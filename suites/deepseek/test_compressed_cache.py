@@ -94,7 +94,7 @@ def _packed_rows(t, lens, first, last):
     starts = [0]
     for n in lens[:-1]:
         starts.append(starts[-1] + n)
-    return torch.cat([t[s + a:s + b] for s, a, b in zip(starts, first, last)])
+    return torch.cat([t[s + a:s + b] for s, a, b in zip(starts, first, last, strict=True)])
 
 
 def _decode(state, kv, score, lens, prefix, steps):
@@ -105,7 +105,7 @@ def _decode(state, kv, score, lens, prefix, steps):
         pos = [p + t for p in prefix]
         out, seqs, index = state.step(_packed_rows(kv, lens, pos, [p + 1 for p in pos]),
                                       _packed_rows(score, lens, pos, [p + 1 for p in pos]))
-        for e, b, i in zip(out, seqs.tolist(), index.tolist()):
+        for e, b, i in zip(out, seqs.tolist(), index.tolist(), strict=True):
             assert (b, i) not in got, f"entry {i} of sequence {b} emitted twice"
             got[(b, i)] = (e, t)
     return got
@@ -127,7 +127,7 @@ def test_decode_state_matches_prefill(ratio, prefix, steps, checks_device):
     state.prefill(_packed_rows(kv, lens, [0] * len(lens), prefix),
                   _packed_rows(score, lens, [0] * len(lens), prefix), prefix)
     got = _decode(state, kv, score, lens, prefix, steps)
-    expect = {(b, i) for b, (p, n) in enumerate(zip(prefix, lens))
+    expect = {(b, i) for b, (p, n) in enumerate(zip(prefix, lens, strict=True))
               for i in range(p // ratio, n // ratio)}
     assert set(got) == expect, f"emitted {sorted(set(got) ^ expect)} wrongly"
     for (b, i), (entry, t) in got.items():
