@@ -25,6 +25,7 @@ from kvperf_kernels.latent.layouts import MODEL1, alloc_cache
 from kvperf_kernels.latent.norm_rope import kv_norm_rope_ref
 from kvperf_kernels.latent.paging import window_entries
 from kvperf_kernels.latent.sparse_mla import D_V, mla_decode_ref, sparse_mla_decode
+from kvperf_kernels.latent.topk import radix_topk
 from kvperf_kernels.latent.write import latent_write, latent_write_ref
 from kvperf_kernels.testing.latent import make_latent_batch
 
@@ -64,6 +65,7 @@ def test_csa_decode_step(checks_device, kvperf):
     ref_chosen = indexer_topk(indexer_logits_ref(iq, iw, icache, table, visible,
                                                  block_size=bs), topk)[0].long()
     assert set(chosen.tolist()) == set(ref_chosen.tolist())  # distinct random keys: no ties
+    assert set(radix_topk(logits, topk)[0].tolist()) == set(chosen.tolist())  # the kernel
 
     win_pos = torch.arange(n - window, n, device=checks_device)
     indices = torch.cat([entry_slots[chosen], bs + win_pos % window])[None]
