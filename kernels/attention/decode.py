@@ -106,7 +106,7 @@ def _e4m3fn_bytes_to_f16(raw, OPAQUE: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(ptr, offs, mask, KV_FORMAT: tl.constexpr, TILE: tl.constexpr,
+def load_kv_tile(ptr, offs, mask, KV_FORMAT: tl.constexpr, TILE: tl.constexpr,
                   OPAQUE: tl.constexpr, NAN_PATCH: tl.constexpr):
     """Load a [BLOCK_N, D] KV tile as TILE (16-bit). FP8 goes to float16, which holds every
     E4M3 value exactly and is one packed hardware convert per two bytes on sm89+ (bfloat16
@@ -175,12 +175,12 @@ def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, str
             ref_h = tl.maximum(tl.max(tl.where(g_head[None, :] == h, e, 0), axis=1), 1)
             ref_g = tl.where(g_head[None, :] == h, ref_h[:, None], ref_g)
             scale_h = tl.where(ref_h == 255, float("nan"),
-                               _pow2_from_biased_exponent(tl.minimum(ref_h, 254)))
+                               pow2_from_biased_exponent(tl.minimum(ref_h, 254)))
             if h == 0:  # padding rows take head 0's (as _token_scales_by_row)
                 tok = tok + scale_h[None, :]
             else:
                 tok = tl.where(r_head[:, None] == h, scale_h[None, :], tok)
-        factor = _pow2_from_biased_exponent(127 - tl.minimum(ref_g - e, 126))
+        factor = pow2_from_biased_exponent(127 - tl.minimum(ref_g - e, 126))
         tile = (x.to(tl.float32) * factor[:, :, None]).to(TILE)
     else:
         offs_j = tl.arange(0, group // 2)
@@ -199,7 +199,7 @@ def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, str
 
 
 @triton.jit
-def _pow2_from_biased_exponent(e):
+def pow2_from_biased_exponent(e):
     """2^(e - 127) as float32 for an int32 biased exponent e in [1, 254] (exact)."""
     return (e << 23).to(tl.float32, bitcast=True)
 
@@ -288,8 +288,8 @@ def _paged_decode_kernel(
         amax = tl.max(tl.abs(q), axis=1)
         e_q = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of amax
         e_q = tl.minimum(tl.maximum(e_q, 16), 254)  # 0 or tiny rows: scale <= 2^125
-        q = q * _pow2_from_biased_exponent(268 - e_q)[:, None]  # 2^(14 - (e_q - 127))
-        q_unscale = _pow2_from_biased_exponent(e_q - 14)  # 2^(e_q - 127 - 14)
+        q = q * pow2_from_biased_exponent(268 - e_q)[:, None]  # 2^(14 - (e_q - 127))
+        q_unscale = pow2_from_biased_exponent(e_q - 14)  # 2^(e_q - 127 - 14)
     q = q.to(TILE).to(DOT)
 
     # Per-tensor scales: K's folds into the score multiplier, V's into the output.
@@ -303,7 +303,7 @@ def _paged_decode_kernel(
         out_mult = v_scale_value
     elif V_SCALE_MODE == 1:
         out_mult = tl.load(v_scale_ptr)
-    if K_FORMAT == 2:  # e4m3fnuz tiles hold twice the value (see _load_kv_tile)
+    if K_FORMAT == 2:  # e4m3fnuz tiles hold twice the value (see load_kv_tile)
         score_mult = score_mult * 0.5
     elif K_FORMAT == 4:
         score_mult = score_mult * 16384.0  # NVFP4 tiles hold value * 2^-14 (_load_block_tile)
@@ -340,7 +340,7 @@ def _paged_decode_kernel(
                 stride_kh, stride_kbh, K_FORMAT, HP, HEAD_DIM, BLOCK_N, ROWS, TILE,
                 (DECODE_ASM & 1) != 0, NAN_PATCH)
         else:
-            k = _load_kv_tile(k_ptr, k_rows[:, None] + k_cols[None, :], n_mask[:, None],
+            k = load_kv_tile(k_ptr, k_rows[:, None] + k_cols[None, :], n_mask[:, None],
                               K_FORMAT, TILE, (DECODE_ASM & 1) != 0, NAN_PATCH)
         s = tl.dot(q, tl.trans(k.to(DOT)))  # [ROWS, BLOCK_N], fp32
         if K_FORMAT == 3:
@@ -366,7 +366,7 @@ def _paged_decode_kernel(
                 stride_vh, stride_vbh, V_FORMAT, HP, HEAD_DIM, BLOCK_N, ROWS, TILE,
                 (DECODE_ASM & 2) != 0, NAN_PATCH)
         else:
-            v = _load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
+            v = load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
                               V_FORMAT, TILE, (DECODE_ASM & 2) != 0, NAN_PATCH)
         if V_SCALE_MODE == 2 or V_FORMAT == 3:
             if V_FORMAT != 3:
@@ -377,10 +377,10 @@ def _paged_decode_kernel(
             e_new = tl.minimum(tl.maximum(e_v, e_tile), 253)
             # acc * 2^(e_v - e_new), 0 when that underflows (acc was negligible then).
             shrink = tl.where(e_v - e_new < -126, 0.0,
-                              _pow2_from_biased_exponent(tl.maximum(127 + e_v - e_new, 1)))
+                              pow2_from_biased_exponent(tl.maximum(127 + e_v - e_new, 1)))
             alpha = alpha * shrink
             e_v = e_new
-            pv = p * (vs * _pow2_from_biased_exponent(254 - e_v))
+            pv = p * (vs * pow2_from_biased_exponent(254 - e_v))
         else:
             pv = p
         # The tensor cores take p in 16 bits. Rounded once (as FlashAttention does) it costs
@@ -395,7 +395,7 @@ def _paged_decode_kernel(
             acc = tl.dot(p_lo.to(DOT), v, acc)
         m_i = m_new
     if V_SCALE_MODE == 2 or V_FORMAT == 3:
-        out_mult = out_mult * _pow2_from_biased_exponent(e_v)
+        out_mult = out_mult * pow2_from_biased_exponent(e_v)
     acc = acc * out_mult
 
     if IS_SPLIT:
@@ -611,7 +611,7 @@ def _block_scale_args(name: str, block, fmt: int, cache: torch.Tensor, head_dim:
     return block.view(torch.uint8), tuple(block.stride()[:3])
 
 
-def _scale_args(name: str, scale, cache: torch.Tensor, fmt: int = _KV_E4M3FN):
+def scale_args(name: str, scale, cache: torch.Tensor, fmt: int = _KV_E4M3FN):
     """(mode, tensor for the pointer, scalar value, strides) for one K or V scale. With a
     block format (MXFP8, NVFP4) the scale is per-tensor only: NVFP4's global scale, an
     extra factor for MXFP8."""
@@ -861,9 +861,9 @@ def paged_decode_attention(
         q, k_cache, v_cache, block_tables, seq_lens, sinks, window_left, sm_scale)
 
     # --- Python scalars and options -------------------------------------------------------
-    k_mode, k_scale_t, k_scale_v, k_scale_strides = _scale_args("k_scale", k_scale, k_cache,
+    k_mode, k_scale_t, k_scale_v, k_scale_strides = scale_args("k_scale", k_scale, k_cache,
                                                                 k_format)
-    v_mode, v_scale_t, v_scale_v, v_scale_strides = _scale_args("v_scale", v_scale, v_cache,
+    v_mode, v_scale_t, v_scale_v, v_scale_strides = scale_args("v_scale", v_scale, v_cache,
                                                                 v_format)
     k_blk_t, k_blk_strides = _block_scale_args("k", k_block_scale, k_format, k_cache, head_dim)
     v_blk_t, v_blk_strides = _block_scale_args("v", v_block_scale, v_format, v_cache, head_dim)

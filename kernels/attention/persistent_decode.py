@@ -43,6 +43,9 @@ from kvperf_kernels.attention.decode import (
     LOG2E,
     check_shared_args,
     check_table_values,
+    load_kv_tile,
+    pow2_from_biased_exponent,
+    scale_args,
 )
 from kvperf_kernels.attention.offline_compile import compile_offline, in_child
 from kvperf_kernels.device import interpreted
@@ -75,10 +78,14 @@ def _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left, CHUNK: tl.conste
 @triton.jit
 def _load_tile(base, rows, scale_base, scale_rows, mask, KV_FORMAT: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INT4_GROUP: tl.constexpr,
-               TILE: tl.constexpr):
+               TILE: tl.constexpr, NAN_PATCH: tl.constexpr):
     """One [BLOCK_N, D] K or V tile as TILE. rows: each token's offset of its head's
-    vector (in elements of the cache: bytes for INT4); masked tokens read as 0."""
-    if KV_FORMAT == 2:  # INT4: nibble pairs (element 2k low) times the group's fp16 scale
+    vector (in elements of the cache: bytes for INT4 and FP8); masked tokens read as 0."""
+    if KV_FORMAT == 3:  # FP8 E4M3 bytes -> float16, exact: decode.py's tile decode
+        offs_d = tl.arange(0, HEAD_DIM)
+        return load_kv_tile(base, rows[:, None] + offs_d[None, :], mask[:, None], 1, TILE,
+                            False, NAN_PATCH)
+    elif KV_FORMAT == 2:  # INT4: nibble pairs (element 2k low) times the group's fp16 scale
         offs_j = tl.arange(0, HEAD_DIM // 2)
         raw = tl.load(base + rows[:, None] + offs_j[None, :], mask=mask[:, None],
                       other=0).to(tl.int32)
@@ -95,11 +102,21 @@ def _load_tile(base, rows, scale_base, scale_rows, mask, KV_FORMAT: tl.constexpr
                        other=0.0).to(TILE)
 
 
+@triton.jit
+def _token_scales(base, rows, mask, SCALE_MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile's per-token FP8 scales [BLOCK_N] (SCALE_MODE 2), else an unused placeholder."""
+    if SCALE_MODE == 2:
+        return tl.load(base + rows, mask=mask, other=0.0)
+    else:
+        return tl.zeros([BLOCK_N], tl.float32)
+
+
 @triton.jit(do_not_specialize=["window_left", "max_tokens", "num_pages", "batch", "max_items"])
 def _persistent_decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, block_tables_ptr, seq_lens_ptr, counter_ptr, owner_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,
     batch, max_tokens, num_pages, max_items, sm_scale_log2, window_left,
+    k_scale_value, v_scale_value,
     stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_ksp, stride_kss, stride_ksh, stride_vsp, stride_vss, stride_vsh,
     stride_bt, num_q_heads, num_kv_heads,
@@ -107,7 +124,8 @@ def _persistent_decode_kernel(
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, B_PAD: tl.constexpr, SCHEDULE: tl.constexpr,
     RECORD_OWNER: tl.constexpr, KV_FORMAT: tl.constexpr, INT4_GROUP: tl.constexpr,
     Q_RESCALE: tl.constexpr, PRECISE_PV: tl.constexpr, TILE: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, K_SCALE_MODE: tl.constexpr, V_SCALE_MODE: tl.constexpr,
+    NAN_PATCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -117,6 +135,18 @@ def _persistent_decode_kernel(
     offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     r_mask = offs_r < GROUP
+    # FP8 per-tensor scales (decode.py's modes): K's folds into the score multiplier, V's
+    # into the partial's acc; per-token ones scale score (K) / probability (V) columns.
+    score_mult = sm_scale_log2
+    if K_SCALE_MODE == 0:
+        score_mult = score_mult * k_scale_value
+    elif K_SCALE_MODE == 1:
+        score_mult = score_mult * tl.load(ks_ptr)
+    out_mult = 1.0
+    if V_SCALE_MODE == 0:
+        out_mult = v_scale_value
+    elif V_SCALE_MODE == 1:
+        out_mult = tl.load(vs_ptr)
 
     if SCHEDULE == 0:
         item = tl.atomic_add(counter_ptr, 1)
@@ -143,9 +173,9 @@ def _persistent_decode_kernel(
         heads = kvh * GROUP + offs_r
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
                     + offs_d[None, :], mask=r_mask[:, None], other=0.0).to(tl.float32)
-        row_mult = tl.full([ROWS], 1.0, tl.float32) * sm_scale_log2
+        row_mult = tl.full([ROWS], 1.0, tl.float32) * score_mult
         if Q_RESCALE:
-            # a bf16 query meets a float16 tile (INT4): each head's row scaled by a power of
+            # a bf16 query meets a float16 tile (INT4, FP8): each head's row scaled by a power of
             # two that puts its largest |q| in [2^14, 2^15), exact in float16 (decode.py's)
             e_q = (tl.max(tl.abs(q), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF
             e_q = tl.minimum(tl.maximum(e_q, 16), 254)
@@ -166,10 +196,17 @@ def _persistent_decode_kernel(
         slot = offs_n % PAGE_SIZE
         k_cur = _load_tile(k_base, page * stride_kp + slot * stride_ks, ks_base,
                            page * stride_ksp + slot * stride_kss, n_mask, KV_FORMAT, HEAD_DIM,
-                           BLOCK_N, INT4_GROUP, TILE)
+                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH)
         v_cur = _load_tile(v_base, page * stride_vp + slot * stride_vs, vs_base,
                            page * stride_vsp + slot * stride_vss, n_mask, KV_FORMAT, HEAD_DIM,
-                           BLOCK_N, INT4_GROUP, TILE)
+                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH)
+        ksc_cur = _token_scales(ks_base, page * stride_ksp + slot * stride_kss, n_mask,
+                                K_SCALE_MODE, BLOCK_N)
+        vsc_cur = _token_scales(vs_base, page * stride_vsp + slot * stride_vss, n_mask,
+                                V_SCALE_MODE, BLOCK_N)
+        # per-token V: p * scale enters float16 relative to a running power of two
+        # 2^(e_v - 127) (decode.py's), so acc is rescaled when a larger scale arrives
+        e_v = tl.full([], 1, tl.int32)
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
@@ -181,18 +218,32 @@ def _persistent_decode_kernel(
             slot_n = nxt % PAGE_SIZE
             k_nxt = _load_tile(k_base, page_n * stride_kp + slot_n * stride_ks, ks_base,
                                page_n * stride_ksp + slot_n * stride_kss, nxt_mask, KV_FORMAT,
-                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE)
+                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE, NAN_PATCH)
             v_nxt = _load_tile(v_base, page_n * stride_vp + slot_n * stride_vs, vs_base,
                                page_n * stride_vsp + slot_n * stride_vss, nxt_mask, KV_FORMAT,
-                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE)
+                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE, NAN_PATCH)
+            ksc_nxt = _token_scales(ks_base, page_n * stride_ksp + slot_n * stride_kss,
+                                    nxt_mask, K_SCALE_MODE, BLOCK_N)
+            vsc_nxt = _token_scales(vs_base, page_n * stride_vsp + slot_n * stride_vss,
+                                    nxt_mask, V_SCALE_MODE, BLOCK_N)
 
             cur_mask = (start + tl.arange(0, BLOCK_N)) < hi
             s = tl.dot(q, tl.trans(k_cur.to(DOT)), input_precision=PRECISION) * row_mult[:, None]
+            if K_SCALE_MODE == 2:
+                s = s * ksc_cur[None, :]
             s = tl.where(cur_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # every tile holds >= 1 token
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
+            if V_SCALE_MODE == 2:
+                e_new = tl.minimum(tl.maximum(e_v, tl.max(vsc_cur).to(tl.int32, bitcast=True)
+                                              >> 23), 253)
+                # acc * 2^(e_v - e_new), 0 when that underflows (acc was negligible then)
+                alpha = alpha * tl.where(e_v - e_new < -126, 0.0, pow2_from_biased_exponent(
+                    tl.maximum(127 + e_v - e_new, 1)))
+                e_v = e_new
+                p = p * (vsc_cur * pow2_from_biased_exponent(254 - e_v))[None, :]
             # p in the tile type, plus its 16-bit rounding residue (decode.py's precise_pv)
             p_hi = p.to(TILE)
             v_t = v_cur.to(DOT)
@@ -202,6 +253,12 @@ def _persistent_decode_kernel(
             m_i = m_new
             k_cur = k_nxt
             v_cur = v_nxt
+            ksc_cur = ksc_nxt
+            vsc_cur = vsc_nxt
+        if V_SCALE_MODE == 2:
+            acc = acc * (out_mult * pow2_from_biased_exponent(e_v))
+        else:
+            acc = acc * out_mult
 
         if lo < hi:
             row = c.to(tl.int64) * num_q_heads + heads
@@ -267,8 +324,8 @@ def _merge_chunks_kernel(
              + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
 
 
-_SAME, _FP32, _INT4 = 0, 1, 2  # KV formats (constexpr KV_FORMAT)
-KV_FORMAT_NAMES = {_SAME: "16bit", _FP32: "fp32", _INT4: "int4"}
+_SAME, _FP32, _INT4, _FP8 = 0, 1, 2, 3  # KV formats (constexpr KV_FORMAT)
+KV_FORMAT_NAMES = {_SAME: "16bit", _FP32: "fp32", _INT4: "int4", _FP8: "fp8"}
 
 
 def _kv_format(q, k_cache, v_cache, k_group_scale, v_group_scale) -> int:
@@ -287,8 +344,11 @@ def _kv_format(q, k_cache, v_cache, k_group_scale, v_group_scale) -> int:
         return _SAME
     if k_cache.dtype == torch.float32:
         return _FP32
+    if k_cache.dtype == torch.float8_e4m3fn:
+        return _FP8
     raise TypeError(f"k_cache dtype {k_cache.dtype}: require q's dtype ({q.dtype}), float32, "
-                    "or uint8 INT4 codes")
+                    "float8_e4m3fn, or uint8 INT4 codes (other FP8 caches: "
+                    "paged_decode_attention)")
 
 
 def _check_group_scales(k_cache, k_group_scale, v_group_scale, head_dim: int) -> int:
@@ -341,10 +401,12 @@ def persistent_decode_attention(
     out: torch.Tensor | None = None,
     k_group_scale: torch.Tensor | None = None,
     v_group_scale: torch.Tensor | None = None,
+    k_scale=None,
+    v_scale=None,
     block_n: int | None = None,
     num_warps: int = 4,
 ) -> torch.Tensor:
-    """Decode attention of one query per sequence over a paged 16-bit KV cache, persistent.
+    """Decode attention of one query per sequence over a paged KV cache, persistent.
 
     Arguments as ``paged_decode_attention`` (q [B, Hq, D] bf16/fp16, D 64 or 128; int32
     block_tables [B, max_pages] and seq_lens [B], lengths >= 1; sinks [Hq] or None;
@@ -354,6 +416,10 @@ def persistent_decode_attention(
     - INT4 (``kvperf_kernels.quant.int4``): uint8 [num_pages, page_size, Hkv, D/2] codes with
       ``k_group_scale``/``v_group_scale`` float16 [num_pages, page_size, Hkv, D/group],
       decoded in registers to float16 tiles (a bf16 query rescaled per head, exact);
+    - FP8: float8_e4m3fn [num_pages, page_size, Hkv, D] with ``k_scale``/``v_scale`` as
+      ``paged_decode_attention`` takes them (None, a float or a float32 one-element tensor:
+      per-tensor; float32 [num_pages, page_size, Hkv], a trailing 1 allowed: per-token),
+      decoded by decode.py's tile decode to float16 (exact; bf16 query rescaled per head);
     plus:
     block_n: tokens per tile (block-k; a power of two >= 16; default 64, 32 for D 128).
     num_programs: the grid (default: the SM count; 4 in the interpreter).
@@ -392,6 +458,15 @@ def persistent_decode_attention(
     int4_group = 1
     if kv_format == _INT4:
         int4_group = _check_group_scales(k_cache, k_group_scale, v_group_scale, head_dim)
+    if kv_format == _FP8:  # decode.py's scale contract (types, shapes, device)
+        k_mode, k_scale_t, k_scale_v, k_scale_strides = scale_args("k_scale", k_scale, k_cache)
+        v_mode, v_scale_t, v_scale_v, v_scale_strides = scale_args("v_scale", v_scale, v_cache)
+    elif k_scale is not None or v_scale is not None:
+        raise TypeError(f"k_scale/v_scale belong to FP8 (float8_e4m3fn) caches, got k_cache "
+                        f"dtype {k_cache.dtype}")
+    else:
+        k_mode = v_mode = 0  # scalar 1.0: the 16-bit, fp32 and INT4 paths are unchanged
+        k_scale_v = v_scale_v = 1.0
     if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > 64:
         raise ValueError(f"q: Hq ({num_q_heads}) must be a multiple of Hkv ({num_kv_heads}), "
                          "group <= 64")
@@ -444,7 +519,8 @@ def persistent_decode_attention(
         return out
     if checked or (checked is None and max_seq_len is None):
         lens_max = check_table_values(block_tables, seq_lens, page_size, num_pages, max_seq_len,
-                                 sinks, (("k_scale", 0, None), ("v_scale", 0, None)))
+                                 sinks, (("k_scale", k_mode, k_scale_t if k_mode else None),
+                                         ("v_scale", v_mode, v_scale_t if v_mode else None)))
         max_seq_len = max_seq_len or lens_max
     elif max_seq_len is None:
         max_seq_len = capacity
@@ -464,26 +540,35 @@ def persistent_decode_attention(
     counter = torch.zeros(1, device=device, dtype=torch.int32)
     group = num_q_heads // num_kv_heads
     q_type = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
-    tile = {_SAME: q_type, _FP32: tl.float32, _INT4: tl.float16}[kv_format]
+    tile = {_SAME: q_type, _FP32: tl.float32, _INT4: tl.float16, _FP8: tl.float16}[kv_format]
     b_pad = max(2, triton.next_power_of_2(batch))
-    ks = k_group_scale if kv_format == _INT4 else k_cache
-    vs = v_group_scale if kv_format == _INT4 else v_cache
+    k_arg, v_arg = k_cache, v_cache
+    if kv_format == _INT4:
+        ks, vs = k_group_scale, v_group_scale
+        scale_strides = (*ks.stride()[:3], *vs.stride()[:3])
+    elif kv_format == _FP8:  # bytes in, decoded in the kernel (as decode.py passes them)
+        k_arg, v_arg = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        ks, vs = k_scale_t, v_scale_t
+        scale_strides = (*k_scale_strides, *v_scale_strides)
+    else:
+        ks, vs, scale_strides = k_cache, v_cache, (0,) * 6
     _persistent_decode_kernel[(num_programs,)](
-        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, counter,
+        q, k_arg, v_arg, ks, vs, block_tables, seq_lens, counter,
         owner if owner is not None else counter, part_acc, part_m, part_l,
         batch, capacity, min(num_pages, 2**31 - 1), max_items, sm_scale * LOG2E, window_left,
+        k_scale_v, v_scale_v,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides,
         block_tables.stride(0), num_q_heads, num_kv_heads,
         GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=block_n, CHUNK=chunk_tokens, B_PAD=b_pad,
         SCHEDULE=SCHEDULES[schedule], RECORD_OWNER=owner is not None, KV_FORMAT=kv_format,
-        INT4_GROUP=int4_group, Q_RESCALE=kv_format == _INT4 and q_type == tl.bfloat16,
+        INT4_GROUP=int4_group, Q_RESCALE=tile == tl.float16 and q_type == tl.bfloat16,
         PRECISE_PV=kv_format != _FP32, TILE=tile,
         # the interpreter computes 16-bit tl.dot wrongly (Triton 3.9): fp32 operands there
         DOT=tl.float32 if interpreted() else tile,
-        PRECISION="ieee" if kv_format == _FP32 else "tf32", num_warps=num_warps,
+        PRECISION="ieee" if kv_format == _FP32 else "tf32", K_SCALE_MODE=k_mode,
+        V_SCALE_MODE=v_mode, NAN_PATCH=interpreted(), num_warps=num_warps,
     )
     hb = max(2, triton.next_power_of_2(num_q_heads)) if interpreted() else 2
     _merge_chunks_kernel[(batch, triton.cdiv(num_q_heads, hb))](
@@ -518,24 +603,30 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
                         capability)
     report = {}
     tiles = {_SAME: ("*bf16", "*bf16", tl.bfloat16), _FP32: ("*fp32", "*fp32", tl.float32),
-             _INT4: ("*u8", "*fp16", tl.float16)}
-    # every schedule in 16-bit, every format with the atomic one (compiles take ~1.5 s each)
-    variants = [(_SAME, name) for name in SCHEDULES] + [(_FP32, "atomic"), (_INT4, "atomic")]
-    for fmt, name in variants:
+             _INT4: ("*u8", "*fp16", tl.float16), _FP8: ("*u8", "*fp32", tl.float16)}
+    # every schedule in 16-bit, every format with the atomic one, FP8 with per-token and
+    # per-tensor (tensor) scales (compiles take ~1.5 s each); (format, schedule, scale mode)
+    variants = [(_SAME, name, 0) for name in SCHEDULES] + [
+        (_FP32, "atomic", 0), (_INT4, "atomic", 0), (_FP8, "atomic", 2), (_FP8, "atomic", 1)]
+    for fmt, name, mode in variants:
         cache, scale, tile = tiles[fmt]
         schedule = SCHEDULES[name]
         types = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, ks_ptr=scale, vs_ptr=scale,
                      block_tables_ptr="*i32", seq_lens_ptr="*i32", counter_ptr="*i32",
                      owner_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32",
-                     part_l_ptr="*fp32", sm_scale_log2="fp32")
+                     part_l_ptr="*fp32", sm_scale_log2="fp32", k_scale_value="fp32",
+                     v_scale_value="fp32")
         const = dict(GROUP=8, ROWS=16, HEAD_DIM=64, PAGE_SIZE=16, BLOCK_N=64,
                      CHUNK=DEFAULT_CHUNK_TOKENS, B_PAD=64, SCHEDULE=schedule,
                      RECORD_OWNER=True, KV_FORMAT=fmt, INT4_GROUP=32 if fmt == _INT4 else 1,
-                     Q_RESCALE=fmt == _INT4, PRECISE_PV=fmt != _FP32, TILE=tile, DOT=tile,
-                     PRECISION="ieee" if fmt == _FP32 else "tf32")
+                     Q_RESCALE=fmt in (_INT4, _FP8), PRECISE_PV=fmt != _FP32, TILE=tile,
+                     DOT=tile, PRECISION="ieee" if fmt == _FP32 else "tf32",
+                     K_SCALE_MODE=mode, V_SCALE_MODE=mode, NAN_PATCH=False)
         ptx = compile_offline(_persistent_decode_kernel, types, const,
                               capability=capability)["ptx"]
-        report[f"{KV_FORMAT_NAMES[fmt]}-{name}"] = {"atomics": ptx.count("atom.")}
+        label = KV_FORMAT_NAMES[fmt] + {0: "", 1: "_per_tensor", 2: "_per_token"}[mode]
+        report[f"{label}-{name}"] = {"atomics": ptx.count("atom."),
+                               "e4m3_converts": ptx.count("cvt.rn.f16x2.e4m3x2")}
     types = dict(seq_lens_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32",
                  part_l_ptr="*fp32", sinks_ptr="*fp32", out_ptr="*bf16")
     ptx = compile_offline(_merge_chunks_kernel, types,

@@ -5,6 +5,9 @@ a host loop (one launch per sequence), our batched split-KV kernel, and the pers
 
 The lab's own Triton variant computed only the first num_programs sequences; ``LAB_BUG`` is
 that defect, and the reference check must fail on it (negative control).
+
+FP8 E4M3 KV (per-tensor and per-token scales) through the persistent kernel: every sequence
+vs the float64 reference on the same dequantised cache, free slots (and their scales) NaN.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
+from kvperf_kernels.attention.decode_ref import dequantize_kv, paged_decode_attention_ref
 from kvperf_kernels.attention.persistent_decode import (
     persistent_decode_attention,
     sm_compile_report,
@@ -113,6 +116,105 @@ def test_empty_batch_and_bad_input(decode_case):
                                     torch.zeros_like(kv.seq_lens))
 
 
+# --- FP8 E4M3 KV (decode.py's tile decode and scale contract) -------------------------------
+
+def _fp8_inputs(case, granularity: str, scale_form: str = "tensor"):
+    kv = case.pack(torch.float8_e4m3fn, granularity)
+    scales = {"k_scale": kv.k_scale, "v_scale": kv.v_scale}
+    if scale_form == "float":  # a Python float: the scalar mode
+        scales = {n: float(t) for n, t in scales.items()}
+    elif scale_form == "trailing1":  # quantize_per_token's [..., 1]
+        scales = {n: t[..., None] for n, t in scales.items()}
+    return kv, scales
+
+
+def _fp8_reference(case, kv, k_scale, v_scale, **opts):
+    return paged_decode_attention_ref(case.q, dequantize_kv(kv.k_cache, k_scale),
+                                      dequantize_kv(kv.v_cache, v_scale), kv.block_tables,
+                                      kv.seq_lens, sinks=opts.get("sinks"),
+                                      window_left=opts.get("window_left", -1))
+
+
+@pytest.mark.parametrize("granularity, scale_form", [
+    ("per_tensor", "tensor"), ("per_tensor", "float"), ("per_token", "tensor"),
+    ("per_token", "trailing1")])
+@pytest.mark.parametrize("page_size, with_sinks, window, q_dtype", [
+    (16, False, -1, torch.bfloat16), (64, True, 40, torch.float16)],
+    ids=["page16-plain-bf16", "page64-sinks-win40-fp16"])
+def test_persistent_fp8_matches_reference(granularity, scale_form, page_size, with_sinks, window,
+                                          q_dtype, decode_case, kvperf):
+    case = decode_case(LENS, hq=8, hkv=2, head_dim=64, page_size=page_size, q_dtype=q_dtype,
+                       seed=page_size + 1)
+    kv, scales = _fp8_inputs(case, granularity, scale_form)
+    # the free slots are poisoned (NaN codes, NaN per-token scales): a read past a sequence
+    # or a wrongly masked scale shows as NaN
+    assert torch.isnan(kv.k_cache.float()).any() and torch.isnan(kv.v_cache.float()).any()
+    if granularity == "per_token":
+        assert torch.isnan(kv.k_scale).any() and torch.isnan(kv.v_scale).any()
+    opts = _options("persistent", case.sinks if with_sinks else None, window)
+    out = persistent_decode_attention(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
+                                      kv.seq_lens, **scales, **opts)
+    ref = _fp8_reference(case, kv, kv.k_scale, kv.v_scale, **opts)
+    assert_matches_reference(out, ref, f"persistent fp8 {granularity} {scale_form}")
+    kvperf.accuracy("max_abs_err", (out.double() - ref).abs().max().item(), better="lower",
+                    rtol=1.0, atol=1e-3)
+
+
+def test_persistent_fp8_controls(decode_case):
+    """Negative controls with FP8 KV: the lab's schedule still leaves the sequences beyond
+    the program count NaN (and computes the owned ones right); the kernel's output misses a
+    reference that swaps the per-token K and V scales (so the scales are really applied)."""
+    case = decode_case(LENS, hq=8, hkv=2, head_dim=64, page_size=16, seed=6)
+    kv, scales = _fp8_inputs(case, "per_token")
+    ref = _fp8_reference(case, kv, kv.k_scale, kv.v_scale, sinks=case.sinks)
+    bug = LAB_BUG(case.q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
+                  sinks=case.sinks, chunk_tokens=CHUNK, num_programs=2, **scales)
+    with pytest.raises(AssertionError, match="NaN/Inf"):
+        assert_matches_reference(bug, ref, "fp8 lab_bug")
+    assert_matches_reference(bug[:2], ref[:2], "fp8 lab_bug, owned sequences")
+    assert torch.isnan(bug[2:].float()).all()
+    swapped = _fp8_reference(case, kv, kv.v_scale, kv.k_scale, sinks=case.sinks)
+    with pytest.raises(AssertionError, match="beyond"):
+        assert_matches_reference(bug[:2], swapped[:2], "fp8 vs swapped scales")
+
+
+def test_persistent_fp8_bad_scales(decode_case):
+    """The batched kernel's scale contract, each error naming the argument."""
+    case = decode_case([3, 9], hq=4, hkv=2, head_dim=64, page_size=16, seed=2)
+    kv, scales = _fp8_inputs(case, "per_token")
+    args = (kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens)
+
+    def run(*a, **kw):
+        return persistent_decode_attention(case.q, *(a or args), **{**scales, **kw})
+
+    with pytest.raises(TypeError, match="k_scale must be float32"):
+        run(k_scale=kv.k_scale.double())
+    with pytest.raises(TypeError, match="v_scale must be None, a float"):
+        run(v_scale="1.0")
+    with pytest.raises(TypeError, match="k_scale must be None, a float.*'bool'"):
+        run(k_scale=True)
+    with pytest.raises(ValueError,
+                       match=r"v_scale must have one element \(per-tensor\) or shape \(3, 16, 2\)"):
+        run(v_scale=kv.v_scale[:, :, :1])
+    with pytest.raises(ValueError, match="k_scale must be a finite positive"):
+        run(k_scale=-0.5)
+    bad = kv.k_scale.clone()
+    slot = kv.block_tables[1, 0].item()  # sequence 1's first token: owned
+    bad[slot, 0, 1] = 0.0
+    with pytest.raises(ValueError, match="k_scale: 1 scales the sequences read"):
+        run(k_scale=bad)
+    with pytest.raises(ValueError, match="v_scale: 1 scales"):
+        run(v_scale=torch.tensor([float("nan")]))
+    bf16 = case.pack()
+    with pytest.raises(TypeError, match="k_scale/v_scale belong to FP8"):
+        run(bf16.k_cache, bf16.v_cache, bf16.block_tables, bf16.seq_lens)
+    with pytest.raises(TypeError, match="k_cache dtype"):
+        run(kv.k_cache, bf16.v_cache, kv.block_tables, kv.seq_lens)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        run(kv.k_cache.view(torch.float8_e5m2), kv.v_cache.view(torch.float8_e5m2),
+            kv.block_tables, kv.seq_lens)
+
+
 # --- GPU: long ragged batches (kv up to 32K), every sequence, every variant -----------------
 
 LONG_LENS = [32768, 1, 513, 4000, 17, 9000, 64, 2048]
@@ -156,9 +258,10 @@ def test_persistent_atomic_spreads_the_work(decode_case, kvperf):
 
 
 def test_persistent_kernels_compile_for_sm90(kvperf):
-    """Every KV format x schedule of the persistent kernel, and its merge, compiled offline for
-    sm90 (no GPU): the atomic schedule's PTX has its atomics (one site per counter read), the
-    others none."""
+    """Every KV format x schedule of the persistent kernel (FP8 with per-token and per-tensor
+    scales), and its merge, compiled offline for sm90 (no GPU): the atomic schedule's PTX has
+    its atomics (one site per counter read), the others none; FP8 tiles are decoded by the
+    packed hardware convert (cvt.rn.f16x2.e4m3x2), which no other format has."""
     try:
         report = sm_compile_report(90)
     except RuntimeError as exc:  # no NVIDIA backend / ptxas in this Triton
@@ -167,4 +270,6 @@ def test_persistent_kernels_compile_for_sm90(kvperf):
     assert report.pop("merge")["atomics"] == 0
     for variant, facts in report.items():
         assert (facts["atomics"] > 0) == variant.endswith("-atomic"), (variant, facts)
-    assert len(report) == 5
+        assert (facts["e4m3_converts"] > 0) == variant.startswith("fp8"), (variant, facts)
+    assert len(report) == 7
+    assert {"fp8_per_token-atomic", "fp8_per_tensor-atomic"} <= set(report)
