@@ -189,13 +189,14 @@ def test_radix_topk_control_and_errors(checks_device):
 @GPU
 @pytest.mark.parametrize("rows", [64, 128])
 def test_radix_topk_speed(rows, kv_bench, kvperf):
-    """Top-2048 of 32,768 logits per row: the Triton radix select beside torch.topk in
-    the same run; both checked against torch.topk's values."""
+    """Top-2048 of 32,768 logits per row: the Triton radix select (without its NaN scan,
+    a host sync) beside torch.topk in the same run; both checked against torch.topk's
+    values."""
     n, k = 32768, 2048
     gen = torch.Generator().manual_seed(rows)
     logits = torch.randn(rows, n, generator=gen).to(default_device())
     moved = rows * n * 4 + rows * k * 4
-    ours = kv_bench(radix_topk, logits, k, bytes_moved=moved)
+    ours = kv_bench(radix_topk, logits, k, check_nan=False, bytes_moved=moved)
     same_topk_values(ours.value.cpu(), logits.cpu(), k)
     peer = kv_bench(indexer_topk, logits, k, bytes_moved=moved, label="torch.topk")
     same_topk_values(peer.value.cpu(), logits.cpu(), k)
