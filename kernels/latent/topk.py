@@ -87,7 +87,7 @@ def radix_topk(logits: torch.Tensor, k: int, *, check_nan: bool = True) -> torch
     out = torch.empty(r, k, dtype=torch.int32, device=logits.device)
     if r == 0:
         return out
-    if check_nan and torch.isnan(logits).any():  # NaN has no place in the order: say so, never guess
+    if check_nan and torch.isnan(logits).any():  # NaN has no place in the order: say so
         raise ValueError("logits: contains NaN")
     _topk_kernel[(r,)](logits, logits.stride(0), out, n, k,
                        BLOCK=min(4096, max(16, triton.next_power_of_2(n))), num_warps=8)
