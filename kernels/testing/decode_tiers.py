@@ -5,8 +5,7 @@ D 64 with one head; ours keep their batch and lengths (ragged up to the tier's l
 GQA heads (Hq 8, Hkv 2), plus a serving shape (gpt-oss: Hq 64, Hkv 8, 64 sequences) for the
 GPU. KV formats: float32, float16, bfloat16 (q's dtype), FP8 E4M3 with per-token scales and
 packed INT4 (``quant.int4``), each with the reference K/V it must be compared with (the
-dequantised values). The persistent kernel reads all but FP8, which our batched kernel
-reads (``tier_kernel``).
+dequantised values). The persistent kernel reads them all (``tier_kernel``).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvperf_kernels.attention.decode import paged_decode_attention
 from kvperf_kernels.attention.decode_ref import dequantize_kv
 from kvperf_kernels.attention.persistent_decode import persistent_decode_attention
 from kvperf_kernels.cache.paged_kv import pack_paged_kv, slot_mapping
@@ -62,7 +60,7 @@ def pack_tier(case: DecodeCase, quant: str) -> tuple[dict, torch.Tensor, torch.T
                                      generator=gen)
         args = dict(k_group_scale=ks, v_group_scale=vs)
         ref_k, ref_v = dequantize_int4(kv.k_cache, ks), dequantize_int4(kv.v_cache, vs)
-    elif quant == "fp8":  # E4M3 with per-token scales (the batched kernel reads it)
+    elif quant == "fp8":  # E4M3 with per-token scales
         kv = pack_paged_kv(case.k_tokens, case.v_tokens, case.lens, case.page_size,
                            kv_dtype=torch.float8_e4m3fn, scale_granularity="per_token",
                            generator=gen)
@@ -90,11 +88,9 @@ def pack_tier(case: DecodeCase, quant: str) -> tuple[dict, torch.Tensor, torch.T
 
 
 def tier_kernel(quant: str, **options):
-    """The decode kernel of a tier's KV format, with ``options`` (chunk_tokens, block_n,
-    num_programs: the persistent kernel's; dropped for the batched one, which takes
-    num_splits instead)."""
-    if quant == "fp8":
-        return lambda q, **kw: paged_decode_attention(q, **kw)
+    """The decode kernel of a tier's KV format (the persistent one for every format), with
+    ``options`` (chunk_tokens, block_n, num_programs)."""
+    del quant  # every format goes through the persistent kernel (FP8 too)
     return lambda q, **kw: persistent_decode_attention(q, **options, **kw)
 
 

@@ -1,6 +1,6 @@
 """Right-sized decode tiers (the lab's small / medium / large plus a serving shape), KV in
-float32 / float16 / bfloat16 / packed INT4 through the persistent kernel and FP8 (per-token
-scales) through our batched kernel, with block-k (block_n) and num_programs as parameters.
+float32 / float16 / bfloat16 / FP8 E4M3 (per-token scales) / packed INT4 through the
+persistent kernel, with block-k (block_n) and num_programs as parameters.
 Every sequence is checked against the float64 reference on the values the cache holds (the
 dequantised codes); the accuracy per tier and format is baselined, INT4's and FP8's also
 against attention on the unquantised K/V.
@@ -97,15 +97,16 @@ def test_int4_kernel_fails_against_a_wrong_decode():
 
 @pytest.mark.parametrize("num_programs", [1, 5])
 @pytest.mark.parametrize("block_n", [16, 64])
-def test_block_k_and_num_programs(block_n, num_programs):
+@pytest.mark.parametrize("quant", ["int4", "fp8"])
+def test_block_k_and_num_programs(quant, block_n, num_programs):
     case = tier_case("medium", seed=9)
-    args, ref_k, ref_v, kv = pack_tier(case, "int4")
-    q = query_for(case, "int4")
+    args, ref_k, ref_v, kv = pack_tier(case, quant)
+    q = query_for(case, quant)
     out = persistent_decode_attention(q, sinks=case.sinks, chunk_tokens=CHUNK, block_n=block_n,
                                       num_programs=num_programs, **args)
     ref = paged_decode_attention_ref(q, ref_k, ref_v, kv.block_tables, kv.seq_lens,
                                      sinks=case.sinks)
-    assert_matches_reference(out, ref, f"block_n {block_n} x{num_programs}")
+    assert_matches_reference(out, ref, f"{quant} block_n {block_n} x{num_programs}")
 
 
 def test_tier_bad_input():
