@@ -152,6 +152,7 @@ class KvBench:
             self.recorder.info(f"{prefix}peak", peak)
             if bw_peak is not None:
                 self.recorder.info(f"{prefix}peak_gbps", round(bw_peak, 1))
+                self.recorder.link_peak(peak, bw_peak)
         self._add_to_pytest_benchmark(label, timing, derived)
         return result
 

@@ -20,6 +20,7 @@ class MetricRecorder:
         self.metrics: dict[str, Metric] = {}
         self.info_values: dict[str, object] = {}
         self.timing_windows: dict[str, dict] = {}  # kv_bench label -> gpu_facts.window()
+        self.link_peaks: dict[str, float] = {}  # named link peak -> GB/s a transfer used
 
     def _record(self, kind: str, name: str, value, better: str, rtol: float, atol: float,
                 **fields) -> float:
@@ -93,6 +94,11 @@ class MetricRecorder:
         """The GPU's state around one kv_bench timing (gpu_facts.window); stored with the
         baseline, and a throttled one makes the test's speed verdict unreliable."""
         self.timing_windows[label] = window
+
+    def link_peak(self, name: str, gbps: float) -> None:
+        """The named link peak (named_peaks.LINK_PEAKS) a kv_bench transfer was divided by;
+        the session lists those its tests used with its peaks (results JSON, machine_info)."""
+        self.link_peaks[name] = float(gbps)
 
     def errors(self, out, ref, *, prefix: str = "", rtol: float = ERROR_RTOL) -> dict[str, float]:
         """Record max_abs_err, rel_l2_err and cosine_distance of `out` against `ref`.

@@ -165,9 +165,12 @@ def environment(run: dict) -> list[tuple[str, str]]:
         if doc.get(name):
             rows.append((name, _flat(doc[name])))
     peaks = doc.get("peaks") or {}
-    if peaks:
-        rows.append(("measured peaks", ", ".join(
-            f"{k} {v:.5g}" for k, v in peaks.items() if isinstance(v, (int, float)))))
+    device = [f"{k} {v:.5g}" for k, v in peaks.items() if isinstance(v, (int, float))]
+    if device:
+        rows.append(("measured peaks", ", ".join(device)))
+    links = peaks.get("link_gbps") or {}
+    if links:
+        rows.append(("link peaks", ", ".join(f"{k} {v:.5g} GB/s" for k, v in links.items())))
     versions = {k: v for k, v in (hw.get("versions") or {}).items() if v}
     if versions:
         rows.append(("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))))

@@ -111,6 +111,9 @@ class KvperfSession:
         self._files: dict[str, baselines.BaselineFile] = {}
         self._peaks = None
         self._peaks_measured = False
+        # named link peaks the session's transfers were divided by, from the tests' reports
+        # (so under xdist the controller has the workers' too)
+        self.link_peaks: dict[str, float] = {}
         self._facts_reader = None
         self._static_facts: dict | None = None
 
@@ -124,7 +127,9 @@ class KvperfSession:
         return self._peaks
 
     def peaks_record(self) -> dict | None:
-        """For the run's metadata; under xdist the workers measured and cached them."""
+        """For the run's metadata (results JSON, pytest-benchmark's machine_info): the device
+        peaks (under xdist the workers measured and cached them) and, as link_gbps, the
+        named link peaks this session's tests used; None when there is neither."""
         from dataclasses import asdict
 
         from .peaks import default_cache_path, load_cached
@@ -132,7 +137,10 @@ class KvperfSession:
         peaks = self._peaks
         if peaks is None and self.real_hw.has_gpu:
             peaks = load_cached(default_cache_path(), self.real_hw.name)
-        return asdict(peaks) if peaks is not None else None
+        record = asdict(peaks) if peaks is not None else {}
+        if self.link_peaks:
+            record["link_gbps"] = dict(sorted(self.link_peaks.items()))
+        return record or None
 
     # -------------------------------------------------------------- GPU facts (NVML)
     def gpu_facts_reader(self):
@@ -214,6 +222,7 @@ class KvperfSession:
             "verdict": verdict.status,
             "changes": [c.to_dict() for c in verdict.changes],
             "gpu_facts": recorder.timing_windows,
+            "link_peaks": recorder.link_peaks,
         }
         item.user_properties.append((PROP_METRICS, json.dumps(payload)))
         if test_failed or self.update:
@@ -239,6 +248,7 @@ class KvperfSession:
             result.verdict = payload["verdict"]
             result.changes = [MetricChange.from_dict(c) for c in payload["changes"]]
             result.gpu_facts = payload.get("gpu_facts", {})
+            self.link_peaks.update(payload.get("link_peaks") or {})
         if report.skipped:
             result.outcome = "skipped"
             longrepr = report.longrepr

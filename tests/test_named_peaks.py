@@ -9,6 +9,7 @@ import json
 import pytest
 
 from pytest_kvperf import named_peaks as NP
+from pytest_kvperf import report_model
 from pytest_kvperf.named_peaks import LINK_PEAKS, LinkPeaks, get_link_peaks, load_cached, store
 
 RECORDED = """
@@ -53,6 +54,50 @@ def test_each_transfer_is_divided_by_the_peak_it_names(pytester):
         "benchmarks"]}
     extra = bench["test_transfers[h2d_pinned]"]["extra_info"]
     assert extra["frac_of_peak_bw"] == pytest.approx(extra["gbps"] / 50.0)
+
+
+SESSION_TESTS = """
+def test_h2d(kv_bench):
+    kv_bench(lambda: sum(range(2000)), bytes_moved=16000, peak="h2d_pinned", max_time_s=0.02)
+
+def test_others(kv_bench):
+    for peak in ("bidir_pinned", "device_copy"):
+        kv_bench(lambda: sum(range(2000)), bytes_moved=16000, peak=peak, label=peak,
+                 max_time_s=0.02)
+"""
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+def test_session_peaks_list_the_link_peaks_its_tests_used(pytester, workers):
+    """The results JSON's peaks record and pytest-benchmark's machine_info name the link
+    peaks this session's transfers were divided by: h2d_pinned. Not d2h_pinned (recorded,
+    used by no test), not bidir_pinned (used, but nobody measured it), not device_copy (a
+    device peak, not a link). Under xdist the workers' tests report them to the controller."""
+    pytester.makeconftest(RECORDED)
+    pytester.makepyfile(SESSION_TESTS)
+    run = pytester.runpytest_subprocess if workers else pytester.runpytest  # xdist: own process
+    run("--kvperf-json=r.json", "--benchmark-json=b.json", *workers).assert_outcomes(passed=2)
+    doc = json.loads((pytester.path / "r.json").read_text())
+    assert doc["peaks"] == {"link_gbps": {"h2d_pinned": 50.0}}  # a CPU: no device peaks
+    # the same number each test was divided by
+    assert doc["tests"]["test_session_peaks_list_the_link_peaks_its_tests_used.py::test_h2d"][
+        "info"]["peak_gbps"] == 50.0
+    machine = json.loads((pytester.path / "b.json").read_text())["machine_info"]["kvperf"]
+    assert machine["peaks"] == doc["peaks"]
+    env = dict(report_model.environment(report_model.run_from_results(doc, "r.json")))
+    assert env["link peaks"] == "h2d_pinned 50 GB/s" and "measured peaks" not in env
+
+
+def test_session_without_link_transfers_has_no_link_peaks(pytester):
+    """Negative control: recorded link peaks that no test used are not the session's."""
+    pytester.makeconftest(RECORDED)
+    pytester.makepyfile("def test_k(kv_bench):\n"
+                        "    kv_bench(lambda: 1, bytes_moved=8, max_time_s=0.02)\n")
+    pytester.runpytest("--kvperf-json=r.json", "--benchmark-json=b.json").assert_outcomes(
+        passed=1)
+    assert json.loads((pytester.path / "r.json").read_text())["peaks"] is None
+    machine = json.loads((pytester.path / "b.json").read_text())["machine_info"]["kvperf"]
+    assert machine["peaks"] is None
 
 
 def test_without_recorded_peaks_a_cpu_run_has_no_fractions(pytester):
@@ -155,3 +200,31 @@ def test_gpu_link_peaks_are_plausible(tmp_path, monkeypatch):
     # the link is full duplex: both directions at once beat either alone
     assert g["bidir_pinned"] > 1.2 * max(g["h2d_pinned"], g["d2h_pinned"]), g
     assert load_cached(tmp_path / "l.json", links.machine) == links
+
+
+GPU_SESSION_TESTS = """
+import torch
+
+def test_h2d(kv_bench):
+    host = torch.ones(1 << 22, pin_memory=True)
+    dev = torch.empty(1 << 22, device="cuda")
+    kv_bench(lambda: dev.copy_(host, non_blocking=True), bytes_moved=16 << 20,
+             peak="h2d_pinned", max_time_s=0.2)
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_session_peaks_carry_the_measured_link_peak(pytester):
+    """On a GPU (no recorded peaks): the session's peaks record holds the device peaks and
+    the link peak its transfer was divided by, the value get_link_peaks measured."""
+    pytester.makepyfile(GPU_SESSION_TESTS)
+    pytester.runpytest("-p", "no:cacheprovider", "--kvperf-json=r.json",
+                       "--benchmark-json=b.json").assert_outcomes(passed=1)
+    doc = json.loads((pytester.path / "r.json").read_text())
+    links = get_link_peaks()  # memoised by the run above: the session's own numbers
+    assert doc["peaks"]["link_gbps"] == {"h2d_pinned": links.gbps["h2d_pinned"]}
+    assert doc["peaks"]["copy_gbps"] > 2 * links.gbps["h2d_pinned"]  # HBM beats any host link
+    (t,) = doc["tests"].values()
+    assert t["info"]["peak_gbps"] == round(links.gbps["h2d_pinned"], 1)
+    machine = json.loads((pytester.path / "b.json").read_text())["machine_info"]["kvperf"]
+    assert machine["peaks"] == doc["peaks"]
