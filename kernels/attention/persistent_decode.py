@@ -19,8 +19,10 @@ batch, whatever its size:
   kernel combines by log-sum-exp per (sequence, query head), adding the sink there once.
 
 Semantics as ``paged_decode_attention`` (FlashInfer's sinks, sliding window, GQA); KV is
-16-bit (q's dtype). A sequence no program computed cannot pass as a number: the partials'
-maxima start at -inf and the merge writes NaN where every chunk is still -inf.
+q's dtype, float32, packed INT4 or FP8 E4M3 (per-tensor or per-token scales; decode.py's
+tile decode and scale contract, imported). A sequence no program computed cannot pass as
+a number: the partials' maxima start at -inf and the merge writes NaN where every chunk is
+still -inf.
 
 Schedules (constexpr SCHEDULE): "atomic" (the kernel), "static" (item = pid + k * programs:
 deterministic, the same coverage without atomics) and "lab_bug" (program p computes
@@ -78,13 +80,13 @@ def _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left, CHUNK: tl.conste
 @triton.jit
 def _load_tile(base, rows, scale_base, scale_rows, mask, KV_FORMAT: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INT4_GROUP: tl.constexpr,
-               TILE: tl.constexpr, NAN_PATCH: tl.constexpr):
+               TILE: tl.constexpr, NAN_PATCH: tl.constexpr, OPAQUE: tl.constexpr):
     """One [BLOCK_N, D] K or V tile as TILE. rows: each token's offset of its head's
     vector (in elements of the cache: bytes for INT4 and FP8); masked tokens read as 0."""
     if KV_FORMAT == 3:  # FP8 E4M3 bytes -> float16, exact: decode.py's tile decode
         offs_d = tl.arange(0, HEAD_DIM)
         return load_kv_tile(base, rows[:, None] + offs_d[None, :], mask[:, None], 1, TILE,
-                            False, NAN_PATCH)
+                            OPAQUE, NAN_PATCH)
     elif KV_FORMAT == 2:  # INT4: nibble pairs (element 2k low) times the group's fp16 scale
         offs_j = tl.arange(0, HEAD_DIM // 2)
         raw = tl.load(base + rows[:, None] + offs_j[None, :], mask=mask[:, None],
@@ -125,7 +127,7 @@ def _persistent_decode_kernel(
     RECORD_OWNER: tl.constexpr, KV_FORMAT: tl.constexpr, INT4_GROUP: tl.constexpr,
     Q_RESCALE: tl.constexpr, PRECISE_PV: tl.constexpr, TILE: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, K_SCALE_MODE: tl.constexpr, V_SCALE_MODE: tl.constexpr,
-    NAN_PATCH: tl.constexpr,
+    NAN_PATCH: tl.constexpr, V_OPAQUE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -196,10 +198,10 @@ def _persistent_decode_kernel(
         slot = offs_n % PAGE_SIZE
         k_cur = _load_tile(k_base, page * stride_kp + slot * stride_ks, ks_base,
                            page * stride_ksp + slot * stride_kss, n_mask, KV_FORMAT, HEAD_DIM,
-                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH)
+                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, False)
         v_cur = _load_tile(v_base, page * stride_vp + slot * stride_vs, vs_base,
                            page * stride_vsp + slot * stride_vss, n_mask, KV_FORMAT, HEAD_DIM,
-                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH)
+                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, V_OPAQUE)
         ksc_cur = _token_scales(ks_base, page * stride_ksp + slot * stride_kss, n_mask,
                                 K_SCALE_MODE, BLOCK_N)
         vsc_cur = _token_scales(vs_base, page * stride_vsp + slot * stride_vss, n_mask,
@@ -218,10 +220,10 @@ def _persistent_decode_kernel(
             slot_n = nxt % PAGE_SIZE
             k_nxt = _load_tile(k_base, page_n * stride_kp + slot_n * stride_ks, ks_base,
                                page_n * stride_ksp + slot_n * stride_kss, nxt_mask, KV_FORMAT,
-                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE, NAN_PATCH)
+                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, False)
             v_nxt = _load_tile(v_base, page_n * stride_vp + slot_n * stride_vs, vs_base,
                                page_n * stride_vsp + slot_n * stride_vss, nxt_mask, KV_FORMAT,
-                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE, NAN_PATCH)
+                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, V_OPAQUE)
             ksc_nxt = _token_scales(ks_base, page_n * stride_ksp + slot_n * stride_kss,
                                     nxt_mask, K_SCALE_MODE, BLOCK_N)
             vsc_nxt = _token_scales(vs_base, page_n * stride_vsp + slot_n * stride_vss,
@@ -564,7 +566,11 @@ def persistent_decode_attention(
         PAGE_SIZE=page_size, BLOCK_N=block_n, CHUNK=chunk_tokens, B_PAD=b_pad,
         SCHEDULE=SCHEDULES[schedule], RECORD_OWNER=owner is not None, KV_FORMAT=kv_format,
         INT4_GROUP=int4_group, Q_RESCALE=tile == tl.float16 and q_type == tl.bfloat16,
-        PRECISE_PV=kv_format != _FP32, TILE=tile,
+        # decode.py's defaults: FP8 with a bf16 query rounds p once (float16 p, 2^-11, is
+        # under bf16's ulp); FP8 V decoded in inline PTX on a GPU (decode_asm=2: not hoisted
+        # into the dot operand, where V would be gathered byte by byte)
+        PRECISE_PV=kv_format != _FP32 and not (kv_format == _FP8 and q_type == tl.bfloat16),
+        V_OPAQUE=kv_format == _FP8 and not interpreted(), TILE=tile,
         # the interpreter computes 16-bit tl.dot wrongly (Triton 3.9): fp32 operands there
         DOT=tl.float32 if interpreted() else tile,
         PRECISION="ieee" if kv_format == _FP32 else "tf32", K_SCALE_MODE=k_mode,
@@ -619,9 +625,10 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
         const = dict(GROUP=8, ROWS=16, HEAD_DIM=64, PAGE_SIZE=16, BLOCK_N=64,
                      CHUNK=DEFAULT_CHUNK_TOKENS, B_PAD=64, SCHEDULE=schedule,
                      RECORD_OWNER=True, KV_FORMAT=fmt, INT4_GROUP=32 if fmt == _INT4 else 1,
-                     Q_RESCALE=fmt in (_INT4, _FP8), PRECISE_PV=fmt != _FP32, TILE=tile,
+                     Q_RESCALE=fmt in (_INT4, _FP8), PRECISE_PV=fmt not in (_FP32, _FP8), TILE=tile,
                      DOT=tile, PRECISION="ieee" if fmt == _FP32 else "tf32",
-                     K_SCALE_MODE=mode, V_SCALE_MODE=mode, NAN_PATCH=False)
+                     K_SCALE_MODE=mode, V_SCALE_MODE=mode, NAN_PATCH=False,
+                     V_OPAQUE=fmt == _FP8)
         ptx = compile_offline(_persistent_decode_kernel, types, const,
                               capability=capability)["ptx"]
         label = KV_FORMAT_NAMES[fmt] + {0: "", 1: "_per_tensor", 2: "_per_token"}[mode]

@@ -235,6 +235,23 @@ def test_variant_long_ragged(variant, page_size, decode_case, kvperf):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+def test_persistent_fp8_long_ragged(granularity, decode_case, kvperf):
+    """FP8 E4M3 KV at gpt-oss shapes, lengths 1 to 32K (sinks): the persistent kernel (inline
+    PTX V decode, the GPU's path) and the batched kernel beside it, every sequence checked
+    against float64 on the dequantised cache."""
+    case = decode_case(LONG_LENS, hq=64, hkv=8, head_dim=64, page_size=16, seed=13)
+    kv, scales = _fp8_inputs(case, granularity)
+    ref = _fp8_reference(case, kv, kv.k_scale, kv.v_scale, sinks=case.sinks)
+    for name in ("persistent", "batched"):
+        out = VARIANTS[name](case.q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
+                             sinks=case.sinks, **scales)
+        assert_matches_reference(out, ref, f"{name} fp8 {granularity} long ragged")
+        kvperf.accuracy(f"{name}_max_abs_err", (out.double() - ref).abs().max().item(),
+                        better="lower", rtol=1.0, atol=1e-3)
+
+
+@pytest.mark.gpu
 def test_persistent_atomic_spreads_the_work(decode_case, kvperf):
     """On the GPU the atomic counter hands items to many programs: every item once, and the
     busiest program's item count recorded beside the mean."""
