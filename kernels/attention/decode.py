@@ -199,6 +199,24 @@ def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, str
 
 
 @triton.jit
+def per_tensor_multipliers(sm_scale_log2, k_scale_value, k_scale_ptr, K_SCALE_MODE: tl.constexpr,
+                           v_scale_value, v_scale_ptr, V_SCALE_MODE: tl.constexpr):
+    """Per-tensor scales (mode 0: a value, 1: a one-element tensor, else none): K's folds into
+    the score multiplier, V's into the output one. (score_mult, out_mult)."""
+    score_mult = sm_scale_log2
+    if K_SCALE_MODE == 0:
+        score_mult = score_mult * k_scale_value
+    elif K_SCALE_MODE == 1:
+        score_mult = score_mult * tl.load(k_scale_ptr)
+    out_mult = 1.0
+    if V_SCALE_MODE == 0:
+        out_mult = v_scale_value
+    elif V_SCALE_MODE == 1:
+        out_mult = tl.load(v_scale_ptr)
+    return score_mult, out_mult
+
+
+@triton.jit
 def pow2_from_biased_exponent(e):
     """2^(e - 127) as float32 for an int32 biased exponent e in [1, 254] (exact)."""
     return (e << 23).to(tl.float32, bitcast=True)
@@ -292,17 +310,9 @@ def _paged_decode_kernel(
         q_unscale = pow2_from_biased_exponent(e_q - 14)  # 2^(e_q - 127 - 14)
     q = q.to(TILE).to(DOT)
 
-    # Per-tensor scales: K's folds into the score multiplier, V's into the output.
-    score_mult = sm_scale_log2
-    if K_SCALE_MODE == 0:
-        score_mult = score_mult * k_scale_value
-    elif K_SCALE_MODE == 1:
-        score_mult = score_mult * tl.load(k_scale_ptr)
-    out_mult = 1.0
-    if V_SCALE_MODE == 0:
-        out_mult = v_scale_value
-    elif V_SCALE_MODE == 1:
-        out_mult = tl.load(v_scale_ptr)
+    score_mult, out_mult = per_tensor_multipliers(
+        sm_scale_log2, k_scale_value, k_scale_ptr, K_SCALE_MODE, v_scale_value, v_scale_ptr,
+        V_SCALE_MODE)
     if K_FORMAT == 2:  # e4m3fnuz tiles hold twice the value (see load_kv_tile)
         score_mult = score_mult * 0.5
     elif K_FORMAT == 4:

@@ -46,6 +46,7 @@ from kvperf_kernels.attention.decode import (
     check_shared_args,
     check_table_values,
     load_kv_tile,
+    per_tensor_multipliers,
     pow2_from_biased_exponent,
     scale_args,
 )
@@ -139,16 +140,8 @@ def _persistent_decode_kernel(
     r_mask = offs_r < GROUP
     # FP8 per-tensor scales (decode.py's modes): K's folds into the score multiplier, V's
     # into the partial's acc; per-token ones scale score (K) / probability (V) columns.
-    score_mult = sm_scale_log2
-    if K_SCALE_MODE == 0:
-        score_mult = score_mult * k_scale_value
-    elif K_SCALE_MODE == 1:
-        score_mult = score_mult * tl.load(ks_ptr)
-    out_mult = 1.0
-    if V_SCALE_MODE == 0:
-        out_mult = v_scale_value
-    elif V_SCALE_MODE == 1:
-        out_mult = tl.load(vs_ptr)
+    score_mult, out_mult = per_tensor_multipliers(
+        sm_scale_log2, k_scale_value, ks_ptr, K_SCALE_MODE, v_scale_value, vs_ptr, V_SCALE_MODE)
 
     if SCHEDULE == 0:
         item = tl.atomic_add(counter_ptr, 1)
