@@ -696,6 +696,33 @@ def check_shared_args(q, k_cache, v_cache, block_tables, seq_lens, sinks, window
     return sinks, window_left, sm_scale
 
 
+def checked_out(out, q: torch.Tensor) -> torch.Tensor:
+    """The output tensor: a new one like q, or the caller's, which must match q's shape,
+    dtype and device and be contiguous in head_dim."""
+    if out is None:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    check_tensor(out, "out")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.stride(-1) != 1:
+        raise ValueError("out must be contiguous in head_dim")
+    return out
+
+
+def check_max_seq_len(max_seq_len, block_tables: torch.Tensor, page_size: int) -> int:
+    """The block-table row's capacity in tokens (int32-bounded), after checking that
+    max_seq_len, when given, fits it. The kernels clamp lengths to this capacity and page
+    ids into the cache."""
+    capacity = min(block_tables.shape[1] * page_size, 2**31 - 1)
+    if max_seq_len is not None:
+        check_int(max_seq_len, "max_seq_len", 1)
+        if max_seq_len > capacity:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds block_tables capacity "
+                             f"{block_tables.shape[1]} pages x {page_size}")
+    return capacity
+
+
 def check_table_values(block_tables, seq_lens, page_size: int, num_pages: int,
                   max_seq_len: int | None, sinks, scales, blocks=()) -> int:
     """The checked mode: every data check on the device, one sync for all; max(seq_lens).
@@ -877,15 +904,7 @@ def paged_decode_attention(
                                                                 v_format)
     k_blk_t, k_blk_strides = _block_scale_args("k", k_block_scale, k_format, k_cache, head_dim)
     v_blk_t, v_blk_strides = _block_scale_args("v", v_block_scale, v_format, v_cache, head_dim)
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    else:
-        check_tensor(out, "out")
-        if out.shape != q.shape or out.dtype != q.dtype or out.device != device:
-            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {device}, got "
-                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
-        if out.stride(-1) != 1:
-            raise ValueError("out must be contiguous in head_dim")
+    out = checked_out(out, q)
     if num_splits is not None:
         check_int(num_splits, "num_splits", 1)
         if num_splits > MAX_SPLITS:
@@ -893,13 +912,7 @@ def paged_decode_attention(
     if not isinstance(launch, DecodeLaunch):
         raise TypeError(f"launch must be a DecodeLaunch, got {type(launch).__name__}")
     check_flag(checked, "checked")
-    # The kernel clamps lengths to this (its block-table row) and page ids into the cache.
-    capacity = min(block_tables.shape[1] * page_size, 2**31 - 1)
-    if max_seq_len is not None:
-        check_int(max_seq_len, "max_seq_len", 1)
-        if max_seq_len > capacity:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds block_tables capacity "
-                             f"{block_tables.shape[1]} pages x {page_size}")
+    capacity = check_max_seq_len(max_seq_len, block_tables, page_size)
     if batch == 0:
         return out
 

@@ -43,8 +43,10 @@ import triton.language as tl
 from kvperf_kernels.attention.decode import (
     HEAD_DIMS,
     LOG2E,
+    check_max_seq_len,
     check_shared_args,
     check_table_values,
+    checked_out,
     load_kv_tile,
     per_tensor_multipliers,
     pow2_from_biased_exponent,
@@ -498,18 +500,8 @@ def persistent_decode_attention(
             q.device.index or 0)
     check_int(num_programs, "num_programs", 1)
     check_flag(checked, "checked")
-    capacity = min(block_tables.shape[1] * page_size, 2**31 - 1)
-    if max_seq_len is not None:
-        check_int(max_seq_len, "max_seq_len", 1)
-        if max_seq_len > capacity:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds block_tables capacity "
-                             f"{block_tables.shape[1]} pages x {page_size}")
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device \
-            or out.stride(-1) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, contiguous "
-                         f"in head_dim; got {tuple(out.shape)} {out.dtype} on {out.device}")
+    capacity = check_max_seq_len(max_seq_len, block_tables, page_size)
+    out = checked_out(out, q)
     if batch == 0:
         return out
     if checked or (checked is None and max_seq_len is None):

@@ -18,6 +18,8 @@ from kvperf_kernels.models import llama
 from kvperf_kernels.models.paged_formats import PagedStore
 
 CONTROLS = ("lost_scales", "swapped_kv_layer")
+# faults in the kernel's reads only: controls of the kernel-beside-reference check
+KERNEL_CONTROLS = ("kernel_lost_v_scale",)
 SWAPPED_LAYER = 15  # the control's layer: the middle of the 30
 
 
@@ -177,7 +179,9 @@ def control_context(control: str | None):
         return lost_scales()
     if control == "swapped_kv_layer":
         return swapped_kv_layer()
-    raise ValueError(f"unknown control {control!r}; known: {CONTROLS}")
+    if control == "kernel_lost_v_scale":
+        return kernel_lost_v_scale()
+    raise ValueError(f"unknown control {control!r}; known: {CONTROLS + KERNEL_CONTROLS}")
 
 
 # --------------------------------------------------------------------------------------
@@ -226,9 +230,7 @@ class LMRuns:
         key = ("agreement", kv_config, n_tokens, control, chunk, layers)
         if key not in self._ppl:
             records: list[LayerAgreement] = []
-            fault = kernel_lost_v_scale() if control == "kernel_lost_v_scale" else (
-                control_context(control))
-            with fault, kernel_beside_reference(records):
+            with control_context(control), kernel_beside_reference(records):
                 model = self.model if layers is None else self.model.truncated(layers)
                 llama.teacher_forced(model, self.text_tokens[:n_tokens], kv_config,
                                      attention="reference", chunk=chunk)
