@@ -204,7 +204,7 @@ def test_persistent_fp8_bad_scales(decode_case):
     with pytest.raises(ValueError, match="k_scale: 1 scales the sequences read"):
         run(k_scale=bad)
     with pytest.raises(ValueError, match="v_scale: 1 scales"):
-        run(v_scale=torch.tensor([float("nan")]))
+        run(v_scale=torch.tensor([float("nan")], device=kv.k_cache.device))
     bf16 = case.pack()
     with pytest.raises(TypeError, match="k_scale/v_scale belong to FP8"):
         run(bf16.k_cache, bf16.v_cache, bf16.block_tables, bf16.seq_lens)
