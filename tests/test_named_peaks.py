@@ -10,6 +10,7 @@ import pytest
 
 from pytest_kvperf import named_peaks as NP
 from pytest_kvperf import report_model
+from pytest_kvperf.hardware import detect
 from pytest_kvperf.named_peaks import LINK_PEAKS, LinkPeaks, get_link_peaks, load_cached, store
 
 RECORDED = """
@@ -29,14 +30,27 @@ def test_transfers(kv_bench):
 """
 
 
-def _run(pytester, conftest=RECORDED, tests=TESTS):
+# The sessions below are a CPU's, with peaks recorded through the hook. On a GPU machine a
+# child session would measure the real peaks (and under xdist want a GPU per worker), so
+# there it runs in a subprocess that sees no GPU, as tests/test_gpu_facts.py's run does.
+ON_GPU = detect().has_gpu
+
+
+def _session(pytester, monkeypatch, *args, subprocess=False):
+    if ON_GPU:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        return pytester.runpytest_subprocess(*args)
+    return (pytester.runpytest_subprocess if subprocess else pytester.runpytest)(*args)
+
+
+def _run(pytester, monkeypatch, conftest=RECORDED, tests=TESTS):
     pytester.makeconftest(conftest)
     pytester.makepyfile(tests)
-    return pytester.runpytest("--kvperf-json=r.json", "--benchmark-json=b.json")
+    return _session(pytester, monkeypatch, "--kvperf-json=r.json", "--benchmark-json=b.json")
 
 
-def test_each_transfer_is_divided_by_the_peak_it_names(pytester):
-    _run(pytester).assert_outcomes(passed=1)
+def test_each_transfer_is_divided_by_the_peak_it_names(pytester, monkeypatch):
+    _run(pytester, monkeypatch).assert_outcomes(passed=1)
     (t,) = json.loads((pytester.path / "r.json").read_text())["tests"].values()
     m = {k: v["value"] for k, v in t["metrics"].items()}
     for peak, gbps in (("h2d_pinned", 50.0), ("d2h_pinned", 40.0), ("device_copy", 4000.0)):
@@ -68,15 +82,15 @@ def test_others(kv_bench):
 
 
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
-def test_session_peaks_list_the_link_peaks_its_tests_used(pytester, workers):
+def test_session_peaks_list_the_link_peaks_its_tests_used(pytester, monkeypatch, workers):
     """The results JSON's peaks record and pytest-benchmark's machine_info name the link
     peaks this session's transfers were divided by: h2d_pinned. Not d2h_pinned (recorded,
     used by no test), not bidir_pinned (used, but nobody measured it), not device_copy (a
     device peak, not a link). Under xdist the workers' tests report them to the controller."""
     pytester.makeconftest(RECORDED)
     pytester.makepyfile(SESSION_TESTS)
-    run = pytester.runpytest_subprocess if workers else pytester.runpytest  # xdist: own process
-    run("--kvperf-json=r.json", "--benchmark-json=b.json", *workers).assert_outcomes(passed=2)
+    _session(pytester, monkeypatch, "--kvperf-json=r.json", "--benchmark-json=b.json", *workers,
+             subprocess=bool(workers)).assert_outcomes(passed=2)  # xdist: its own process
     doc = json.loads((pytester.path / "r.json").read_text())
     assert doc["peaks"] == {"link_gbps": {"h2d_pinned": 50.0}}  # a CPU: no device peaks
     # the same number each test was divided by
@@ -88,20 +102,17 @@ def test_session_peaks_list_the_link_peaks_its_tests_used(pytester, workers):
     assert env["link peaks"] == "h2d_pinned 50 GB/s" and "measured peaks" not in env
 
 
-def test_session_without_link_transfers_has_no_link_peaks(pytester):
+def test_session_without_link_transfers_has_no_link_peaks(pytester, monkeypatch):
     """Negative control: recorded link peaks that no test used are not the session's."""
-    pytester.makeconftest(RECORDED)
-    pytester.makepyfile("def test_k(kv_bench):\n"
-                        "    kv_bench(lambda: 1, bytes_moved=8, max_time_s=0.02)\n")
-    pytester.runpytest("--kvperf-json=r.json", "--benchmark-json=b.json").assert_outcomes(
-        passed=1)
+    _run(pytester, monkeypatch, tests="def test_k(kv_bench):\n"
+         "    kv_bench(lambda: 1, bytes_moved=8, max_time_s=0.02)\n").assert_outcomes(passed=1)
     assert json.loads((pytester.path / "r.json").read_text())["peaks"] is None
     machine = json.loads((pytester.path / "b.json").read_text())["machine_info"]["kvperf"]
     assert machine["peaks"] is None
 
 
-def test_without_recorded_peaks_a_cpu_run_has_no_fractions(pytester):
-    _run(pytester, conftest="").assert_outcomes(passed=1)
+def test_without_recorded_peaks_a_cpu_run_has_no_fractions(pytester, monkeypatch):
+    _run(pytester, monkeypatch, conftest="").assert_outcomes(passed=1)
     (t,) = json.loads((pytester.path / "r.json").read_text())["tests"].values()
     assert not [k for k in t["metrics"] if "frac_of_peak" in k]
     assert [k for k in t["metrics"] if k.endswith(".gbps")]  # the rates are there
@@ -124,8 +135,9 @@ def test_without_recorded_peaks_a_cpu_run_has_no_fractions(pytester):
     ],
     ids=["unknown-name", "unknown-recorded-name", "nan-recorded", "not-a-dict"],
 )
-def test_bad_peak_names_and_recorded_values_are_clear_errors(pytester, conftest, tests, words):
-    result = _run(pytester, conftest=conftest, tests=tests)
+def test_bad_peak_names_and_recorded_values_are_clear_errors(pytester, monkeypatch, conftest,
+                                                             tests, words):
+    result = _run(pytester, monkeypatch, conftest=conftest, tests=tests)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([f"*{words}*"])
 

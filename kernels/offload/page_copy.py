@@ -3,8 +3,9 @@
 A 16-token page of 8 heads x 128 x 2 B is 32 KB, and a copy engine is inefficient at that
 size (a fixed cost per copy). ``dst[slots[i]] = src[ids[i]]`` for pages of any byte size:
 * ``copy_per_page``: one ``copy_`` per page (what a naive offload does);
-* ``copy_batched``: gather the pages into a pinned staging buffer on the host, one copy of
-  the whole batch, scatter on the destination (one DMA instead of n);
+* ``copy_batched``: gather the pages into a pinned staging buffer on the host, copy it in a
+  few large chunks (the host gathers chunk j+1 while chunk j crosses the link), one scatter
+  on the destination (a few DMAs instead of n);
 * ``gather_pages``: a Triton kernel that reads the source pages where they are (pinned host
   memory is addressable from the GPU under unified addressing) and writes the destination
   slots, no copy engine at all (the same kernel runs on the CPU in the interpreter).
@@ -19,10 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kvperf_kernels.formats.checks import check_int
+from kvperf_kernels.device import interpreted
+from kvperf_kernels.formats.checks import check_device, check_int
 from kvperf_kernels.offload.transfer import require_pinned
 
 BLOCK_WORDS = 1024  # int32 words per program: 4 KB, 16-byte vectors per thread
+# bytes per staged copy: 2 MB copies already run the copy engine at its full rate, and a
+# 32 MB batch still splits into 8 chunks whose host gathers hide behind the copies
+CHUNK_BYTES = 4 << 20
 
 
 def _check(src: torch.Tensor, ids: torch.Tensor, dst: torch.Tensor, slots: torch.Tensor):
@@ -66,13 +71,61 @@ def copy_per_page(src, ids, dst, slots, *, non_blocking: bool = True) -> torch.T
     return dst
 
 
-def copy_batched(src, ids, dst, slots, stage_host: torch.Tensor, stage_dev: torch.Tensor):
-    """Host gather into ``stage_host`` (pinned), one copy to ``stage_dev`` (dst's device),
-    scatter into dst's slots. ids on the host, slots on dst's device."""
+class Staging:
+    """Where copy_batched stages up to ``pages`` pages shaped like ``like``'s: host memory
+    (pinned when ``device`` is a GPU) and memory on ``device``, in chunks of ``chunk_bytes``
+    (whole pages, at least one). A chunk's host part is gathered into again only after the
+    copy that last read it has finished (an event per chunk): the copies are async, so a
+    second call must not overwrite bytes the first one's copy is still reading."""
+
+    def __init__(self, pages: int, like: torch.Tensor, device, *,
+                 chunk_bytes: int = CHUNK_BYTES):
+        check_int(pages, "pages", 1)
+        check_int(chunk_bytes, "chunk_bytes", 1)
+        if not isinstance(like, torch.Tensor) or like.dim() < 2:
+            raise ValueError("like must be a [pages, ...] tensor (the source pages)")
+        self.device = torch.device(device)
+        self._gpu = self.device.type == "cuda"
+        shape = (pages, *like.shape[1:])
+        self.host = torch.empty(shape, dtype=like.dtype, pin_memory=self._gpu)
+        self.dev = torch.empty(shape, dtype=like.dtype, device=self.device)
+        self.pages = pages
+        self.chunk_pages = max(1, chunk_bytes // page_bytes(like))
+        self._read: list = [None] * -(-pages // self.chunk_pages)  # chunk -> its copy's end
+
+    def chunks(self, n: int):
+        """(index, first page, end page) of the chunks holding n staged pages."""
+        for j, a in enumerate(range(0, n, self.chunk_pages)):
+            yield j, a, min(a + self.chunk_pages, n)
+
+    def wait_free(self, chunk: int) -> None:
+        """Block the host until the last copy out of this chunk's host part is done."""
+        if self._read[chunk] is not None:
+            self._read[chunk].synchronize()
+
+    def mark_read(self, chunk: int) -> None:
+        """The copy out of this chunk was just queued on the current stream."""
+        if self._gpu:
+            if self._read[chunk] is None:
+                self._read[chunk] = torch.cuda.Event()
+            self._read[chunk].record()
+
+
+def copy_batched(src, ids, dst, slots, staging: Staging):
+    """Host gather into the pinned staging, one async copy per chunk to dst's device (the
+    gather of the next chunk runs while it crosses the link), one scatter into dst's slots.
+    ids on the host, slots on dst's device."""
     n = ids.numel()
-    torch.index_select(src, 0, ids, out=stage_host[:n])
-    stage_dev[:n].copy_(stage_host[:n], non_blocking=True)
-    dst.index_copy_(0, slots, stage_dev[:n])
+    if n > staging.pages:
+        raise ValueError(f"ids: {n} pages do not fit the staging's {staging.pages}")
+    if n == 0:
+        return dst
+    for j, a, b in staging.chunks(n):
+        staging.wait_free(j)
+        torch.index_select(src, 0, ids[a:b], out=staging.host[a:b])
+        staging.dev[a:b].copy_(staging.host[a:b], non_blocking=True)
+        staging.mark_read(j)
+    dst.index_copy_(0, slots, staging.dev[:n])
     return dst
 
 
@@ -98,6 +151,12 @@ def gather_pages(src, ids, dst, slots, *, checked: bool = True) -> torch.Tensor:
             for name, t in (("src", src), ("dst", dst)):
                 if t.device.type == "cpu":  # pageable memory is not addressable from the GPU
                     require_pinned(t, name)
+        elif not interpreted():
+            raise ValueError("src and dst are both host memory: the kernel runs on a GPU, "
+                             "one side must be a CUDA tensor (host to host only with "
+                             "TRITON_INTERPRET=1)")
+        check_device(ids, "ids")
+        check_device(slots, "slots")
     nbytes = page_bytes(src)
     if nbytes % 4:
         raise ValueError(f"page bytes ({nbytes}) must be a multiple of 4")

@@ -179,8 +179,10 @@ class PagedOffloadCache:
     def _to_device(self, a) -> torch.Tensor:
         """A small host array on the device without a stream sync: a blocking H2D copy
         would wait for the decode in flight and serialise the steps. Pinned through torch's
-        caching host allocator, which keeps the block until its async copy is done."""
-        t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+        caching host allocator, which keeps the block until its async copy is done. Numpy
+        views of any stride are copied to a contiguous array first (torch.from_numpy refuses
+        negative strides, e.g. the reversed free-slot list of _take_slots)."""
+        t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
         if not self._gpu:
             return t.to(self.device)
         if t.device.type != "cpu":

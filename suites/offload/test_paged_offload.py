@@ -14,6 +14,7 @@ import os
 import stat
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,19 @@ def test_lru_order_and_prefetch_accounting():
         # the pages' bytes are the cold tier's, whatever the slot
         for page, slot in off.lru().items():
             assert torch.equal(off.pool["k"][slot], cache["k"][page])
+
+
+def test_page_and_slot_lists_of_any_stride_reach_the_device():
+    """The free slots come out of the LRU reversed (a numpy view of negative stride), and on
+    a GPU they go to the device as the gather's destination list: the same ids arrive."""
+    cache, _, _ = make_cache("bf16", [16])
+    with PagedOffloadCache(**cache, hot_pages=2, device=default_device()) as off:
+        rev = np.arange(6, dtype=np.int64)[::-1]
+        assert rev.strides[0] < 0
+        for a in (rev, rev[::2], np.arange(3)):
+            got = off._to_device(a)
+            assert got.device.type == off.device.type
+            assert got.cpu().tolist() == a.tolist()
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
