@@ -20,11 +20,12 @@ from kvperf_kernels.device import interpreted
 
 
 def compile_offline(fn, types: dict[str, str], constexprs: dict, *, capability: int = 90,
-                    num_warps: int = 4) -> dict:
-    """Assembly ({'ptx': ..., 'cubin': ...}) of ``fn`` compiled for cuda:``capability``.
-    types: Triton signature types of the runtime arguments ("*bf16", "i32", "fp32"; others
-    "i32"); pointers are declared 16-byte aligned, as a launch with torch tensors
-    specialises them."""
+                    num_warps: int = 4, aligned: tuple[str, ...] = ()) -> dict:
+    """Assembly ({'ptx': ..., 'ttgir': ..., 'cubin': ...}) of ``fn`` compiled for
+    cuda:``capability``. types: Triton signature types of the runtime arguments ("*bf16",
+    "i32", "fp32"; others "i32"); pointers are declared 16-byte aligned, as a launch with
+    torch tensors specialises them, and so are the integer arguments named in ``aligned``
+    (a launch declares an int divisible by 16 when its value is a multiple of 16)."""
     if interpreted():
         raise RuntimeError("compile_offline cannot run under TRITON_INTERPRET=1 (the "
                            "interpreter patches triton.language); use in_child")
@@ -37,7 +38,7 @@ def compile_offline(fn, types: dict[str, str], constexprs: dict, *, capability: 
             sig[name] = "constexpr"
         else:
             sig[name] = types.get(name, "i32")
-            if sig[name].startswith("*"):
+            if sig[name].startswith("*") or name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),

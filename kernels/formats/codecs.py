@@ -195,7 +195,10 @@ def decode_e4m3(code, HW_CAST: tl.constexpr):
         normal = (((exp + 120) << 23) | (mant << 20)).to(tl.float32, bitcast=True)
         value = tl.where(exp == 0, mant.to(tl.float32) * 0.001953125, normal)  # 2^-9 units
         value = tl.where((code & 0x7F) == 0x7F, float("nan"), value)
-        return tl.where((code & 0x80) != 0, -value, value)
+        # the sign bit ORed in: Triton 3.6 builds a float's -x as 0 - x (3.9: fneg), which
+        # made code 0x80 +0 where the hardware conversion and torch's float8_e4m3fn give -0
+        sign = (code & 0x80) << 24
+        return (value.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

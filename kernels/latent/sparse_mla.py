@@ -17,17 +17,20 @@ the same bf16 latent, and also returns P @ |V|, which bounds what rounding P can
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import triton
 import triton.language as tl
 
+from kvperf_kernels.attention.offline_compile import compile_offline, in_child
 from kvperf_kernels.device import interpreted
 from kvperf_kernels.formats.checks import check_device, check_tensor, use_hw_cast
 from kvperf_kernels.formats.codecs import cast_out, decode_e4m3
 from kvperf_kernels.latent.gather import latent_gather_ref
 from kvperf_kernels.latent.layouts import (
     INDEX_DTYPES,
+    LAYOUTS,
     check_cache,
     check_slots,
     get_layout,
@@ -35,6 +38,7 @@ from kvperf_kernels.latent.layouts import (
 from kvperf_kernels.latent.write import SCALE_KINDS
 
 D_V = 512
+NUM_WARPS = 8
 
 __all__ = ["sparse_mla_decode", "dense_mla_decode", "mla_decode_ref", "dense_indices"]
 
@@ -110,15 +114,21 @@ def _mla_decode_kernel(
     for start in range(0, total, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         if DENSE:
+            # the page and its offset straight from n: Triton 3.6 takes the offset of a
+            # rebuilt slot, (page * block_size + n % block_size) % block_size, to be a
+            # multiple of 16 in every lane (triton-lang/triton#11544) and reads the lab's
+            # 516-byte rows (4-byte aligned) in 16-byte copies: misaligned on the GPU
             valid = n < total
-            page = tl.load(bt_ptr + r * bt_stride + n // block_size, mask=valid, other=0)
-            slot = page.to(tl.int64) * block_size + n % block_size
+            blk = tl.load(bt_ptr + r * bt_stride + n // block_size, mask=valid,
+                          other=0).to(tl.int64)
+            off = n % block_size
         else:
             slot = tl.load(idx_ptr + r * idx_stride + n, mask=n < total, other=-1).to(tl.int64)
             valid = slot >= 0
-        slot = tl.where(valid, slot, 0)
-        blk = slot // block_size
-        row = cache_ptr + blk * block_bytes + (slot % block_size) * ROW_BYTES
+            slot = tl.where(valid, slot, 0)
+            blk = slot // block_size
+            off = slot % block_size
+        row = cache_ptr + blk * block_bytes + off * ROW_BYTES
         # codes as [BLOCK_N, tiles, TILE] so that each tile's scale is loaded once
         tile = tl.arange(0, NT_PAD)
         d3 = tile[None, :, None] * TILE + tl.arange(0, TILE)[None, None, :]
@@ -129,8 +139,7 @@ def _mla_decode_kernel(
             sp = (row + SCALE_ROW_OFF).to(tl.pointer_type(tl.float32))
             scale = tl.load(sp[:, None] + tile[None, :], mask=ms, other=0.0)
         else:
-            foot = cache_ptr + blk * block_bytes + block_size * ROW_BYTES \
-                + (slot % block_size) * FOOTER_BYTES
+            foot = cache_ptr + blk * block_bytes + block_size * ROW_BYTES + off * FOOTER_BYTES
             e = tl.load(foot[:, None] + tile[None, :], mask=ms, other=127).to(tl.int32)
             scale = tl.where(e == 255, float("nan"), (e << 23).to(tl.float32, bitcast=True))
         a3 = cast_out(decode_e4m3(code, HW_CAST) * scale[:, :, None], tl.bfloat16, HW_CAST)
@@ -187,20 +196,77 @@ def _launch(q, cache, layout, block_size, sm_scale, hw_cast, *, indices=None,
     bt = block_tables if dense else dummy
     lens = seq_lens if dense else dummy.view(-1)
     block_h = 16 if h <= 16 else 32
-    nt_pad = triton.next_power_of_2(layout.num_tiles)  # tiles x TILE = 512 in each layout
     _mla_decode_kernel[(r, triton.cdiv(h, block_h))](
         q, q.stride(0), q.stride(1), cache, idx, idx.stride(0), 0 if dense else idx.shape[1],
         bt, bt.stride(0), lens, out, out.stride(0), out.stride(1), lse, sm_scale, block_size,
-        layout.block_bytes(block_size), h,
+        layout.block_bytes(block_size), h, num_warps=NUM_WARPS,
+        **_constexprs(layout, dense, block_h, use_hw_cast(q.device, hw_cast), interpreted()),
+    )
+    return out, lse
+
+
+def _constexprs(layout, dense: bool, block_h: int, hw_cast: bool, f32: bool) -> dict:
+    nt_pad = triton.next_power_of_2(layout.num_tiles)  # tiles x TILE = 512 in each layout
+    return dict(
         D_FP8=layout.d_fp8, PA=nt_pad * layout.tile, TILE=layout.tile, NT=layout.num_tiles,
-        NT_PAD=nt_pad,
-        HAS_R=not layout.rope_fp8, V_HAS_R=layout.d_fp8 < D_V,
+        NT_PAD=nt_pad, HAS_R=not layout.rope_fp8, V_HAS_R=layout.d_fp8 < D_V,
         SCALE_KIND=SCALE_KINDS[layout.scale_kind], ROW_BYTES=layout.row_bytes,
         SCALE_ROW_OFF=layout.scale_row_off, ROPE_ROW_OFF=layout.rope_row_off,
         FOOTER_BYTES=layout.footer_bytes, DENSE=dense, BLOCK_H=block_h, BLOCK_N=32,
-        HW_CAST=use_hw_cast(q.device, hw_cast), F32=interpreted(), num_warps=8,
+        HW_CAST=hw_cast, F32=f32,
     )
-    return out, lse
+
+
+# the kernel's loads of uint8 (codes, footers) and float32 (scales) read the cache only
+_CACHE_LOAD = re.compile(r"= (tt\.load|ttg\.async_copy_global_to_local) .*"
+                         r"tensor<[0-9x]+x!tt\.ptr<(i8|f32)>, (#[^>]*>?)")
+_BLOCKED = re.compile(r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\].*?"
+                      r"order = \[([\d, ]+)\]", re.M)
+_BYTES = {"i8": 1, "f32": 4}
+
+
+def cache_access_bytes(capability: int = 90) -> dict[str, list[int]]:
+    """The decode kernel compiled offline for cuda:``capability`` (``offline_compile``; under
+    the interpreter in a child), per layout and path ("lab-dense", ...): the widths in bytes
+    of its uint8 and float32 cache loads (one thread's vector each), with block_size and
+    block_bytes declared multiples of 16, as a launch at block size 16 or 64 declares them."""
+    if interpreted():
+        return in_child("kvperf_kernels.latent.sparse_mla", "cache_access_bytes", capability)
+    types = dict(q_ptr="*bf16", cache_ptr="*u8", idx_ptr="*i32", bt_ptr="*i32",
+                 len_ptr="*i32", out_ptr="*bf16", lse_ptr="*fp32", sm_scale="fp32")
+    report = {}
+    for layout in LAYOUTS.values():
+        for dense in (False, True):
+            asm = compile_offline(_mla_decode_kernel, types,
+                                  _constexprs(layout, dense, 32, True, False),
+                                  capability=capability, num_warps=NUM_WARPS,
+                                  aligned=("block_size", "block_bytes"))
+            path = "dense" if dense else "sparse"
+            report[f"{layout.name}-{path}"] = _cache_load_widths(asm["ttgir"])
+    return report
+
+
+def _cache_load_widths(ttgir: str) -> list[int]:
+    """Bytes per thread of each cache load in TTGIR: an async copy's contiguity; a plain
+    load's sizePerThread along its layout's fastest dim (of a slice: the largest of its
+    parent's, an upper bound), times the element size."""
+    blocked = {name: ([int(v) for v in spt.split(",")], int(order.split(",")[0]))
+               for name, spt, order in _BLOCKED.findall(ttgir)}
+    widths = []
+    for line in ttgir.splitlines():
+        m = _CACHE_LOAD.search(line)
+        if m is None:
+            continue
+        kind, elem, layout = m.groups()
+        if kind == "tt.load":
+            name = re.findall(r"#\w+", layout)[-1]  # a slice's parent is its last name
+            spt, fastest = blocked.get(name, ([1], 0))
+            elems = max(spt) if layout.startswith("#ttg.slice") else spt[fastest]
+        else:
+            c = re.search(r"contiguity = (\d+)", line)
+            elems = int(c.group(1)) if c else 1
+        widths.append(elems * _BYTES[elem])
+    return widths
 
 
 def sparse_mla_decode(q, cache, indices, *, layout, block_size: int, sm_scale=None,

@@ -102,7 +102,9 @@ def quantize_latent_ref(y: torch.Tensor, layout: LatentLayout) -> dict:
     t = y.shape[0]
     tiles = y[:, :layout.d_fp8].float().reshape(t, layout.num_tiles, layout.tile)
     amax = tiles.abs().amax(dim=-1)
-    s = amax / E4M3_MAX
+    # a tensor divisor: torch's CUDA division by a Python scalar multiplies by its rounded
+    # reciprocal (one bit off amax / 448, the kernel's IEEE quotient)
+    s = amax / torch.full_like(amax, E4M3_MAX)
     if layout.scale_kind == "amax":
         scale = torch.where(s == 0, torch.ones_like(s), s)
         stored = scale

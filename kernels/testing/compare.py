@@ -10,8 +10,9 @@ import torch
 def same_bytes(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Bit-exact comparison (fp8, uint8 codes, ...), reporting the first differences."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    a = actual.contiguous().view(torch.uint8).cpu()
-    e = expected.contiguous().view(torch.uint8).cpu()
+    # a 0-d tensor cannot be viewed as bytes of another size: compare scalars as [1]
+    a = actual.contiguous().reshape(actual.shape or (1,)).view(torch.uint8).cpu()
+    e = expected.contiguous().reshape(expected.shape or (1,)).view(torch.uint8).cpu()
     diff = (a != e).nonzero()
     if diff.numel():
         idx = [tuple(i) for i in diff[:5].tolist()]

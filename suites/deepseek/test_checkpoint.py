@@ -94,6 +94,19 @@ def test_file_format_by_hand(tmp_path):
     assert torch.equal(read_safetensors(tmp_path / "a.safetensors")["x"], t)
 
 
+def test_scalars_round_trip(tmp_path):
+    """0-d tensors (ModelOpt's weight_scale_2) write and read back as 0-d, byte for byte,
+    and the byte comparison takes them (torch views no 0-d float32 as bytes) and can fail."""
+    tensors = {"g": torch.tensor(0.0139), "h": torch.tensor(-2.5, dtype=torch.bfloat16)}
+    write_safetensors(tmp_path / "s.safetensors", tensors)
+    back = read_safetensors(tmp_path / "s.safetensors")
+    for name, t in tensors.items():
+        assert back[name].shape == () and back[name].dtype == t.dtype, name
+        same_bytes(back[name], t, name)
+    with pytest.raises(AssertionError, match=r"g vs 0\.014: \d of 4 bytes differ"):
+        same_bytes(back["g"], torch.tensor(0.014), "g vs 0.014")
+
+
 @pytest.mark.requires("safetensors")
 def test_matches_the_safetensors_package(checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file

@@ -25,7 +25,12 @@ from kvperf_kernels.latent.norm_rope import (
     rope_ref,
 )
 from kvperf_kernels.latent.sparse_mla import sparse_mla_decode
-from kvperf_kernels.latent.write import latent_write, latent_write_ref, quantize_latent_ref
+from kvperf_kernels.latent.write import (
+    cache_views,
+    latent_write,
+    latent_write_ref,
+    quantize_latent_ref,
+)
 from kvperf_kernels.quant.nvfp4 import dequantize_nvfp4, quantize_nvfp4, quantize_nvfp4_ref
 from kvperf_kernels.testing.compare import same_bytes
 from kvperf_kernels.testing.latent import POISON, make_latent_batch
@@ -186,8 +191,40 @@ def test_gather_matches_reference(name, out_dtype, checks_device):
     ref = latent_gather_ref(cache, slots, layout=name, block_size=16, out_dtype=out_dtype)
     assert got.shape == (len(slots), LAYOUTS[name].d_in) and got.dtype == out_dtype
     same_bytes(got, ref, f"{name} gather -> {out_dtype}")
-    assert torch.equal(got[1].float(), torch.zeros(LAYOUTS[name].d_in))
+    assert torch.equal(got[1].float(), torch.zeros(LAYOUTS[name].d_in, device=checks_device))
     assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("out_dtype", [BF16, FP32], ids=dtype_id)
+@pytest.mark.parametrize("name", NAMES)
+def test_negative_zero_codes_keep_their_sign(name, out_dtype, checks_device):
+    """E4M3 code 0x80 is -0 (what the encoders store for a tiny negative value): it reads
+    back as -0 on every cast path, as the hardware conversion and torch's float8_e4m3fn
+    give it. Triton 3.6 builds a float's -x as 0 - x, so the integer decoder's negation
+    made it +0 (0x00 against the hardware's 0x80 on the H200)."""
+    layout = LAYOUTS[name]
+    cache = alloc_cache(layout, 1, 4, checks_device)
+    views = cache_views(cache, layout, 4)
+    codes = torch.tensor([0x80, 0x00, 0x38, 0xB8], dtype=torch.uint8)  # -0, +0, 1, -1
+    views["fp8"][0, :2] = codes.repeat(layout.d_fp8 // 4).to(checks_device)
+    views["scale"][0, :2] = 127 if layout.scale_kind == "ue8m0" else 1.0
+    if "rope" in views:  # bf16 -0 and +0 pairs: stored bits, copied as they are
+        views["rope"][0, :2] = torch.tensor([-0.0, 0.0] * 32, dtype=BF16).to(checks_device)
+    slots = torch.tensor([0, 1], device=checks_device)
+    ref = latent_gather_ref(cache, slots, layout=name, block_size=4, out_dtype=out_dtype)
+    # the reference's signs are the codes' sign bits (-0 included), its zeros where 0 is coded
+    negative = torch.zeros(layout.d_in, dtype=torch.bool)
+    negative[:layout.d_fp8] = (codes >= 0x80).repeat(layout.d_fp8 // 4)
+    zero = torch.ones(layout.d_in, dtype=torch.bool)
+    zero[:layout.d_fp8] = (codes & 0x7F == 0).repeat(layout.d_fp8 // 4)
+    if "rope" in views:
+        negative[layout.rope_in::2] = True
+    assert torch.equal(torch.signbit(ref), negative.to(checks_device).expand(2, -1))
+    assert torch.equal(ref == 0, zero.to(checks_device).expand(2, -1))
+    for hw in (False, None):  # the integer decoder, and the default (hardware on an FP8 GPU)
+        got = latent_gather(cache, slots, layout=name, block_size=4, out_dtype=out_dtype,
+                            hw_cast=hw)
+        same_bytes(got, ref, f"{name} gather of -0 codes (hw_cast={hw})")
 
 
 @pytest.mark.parametrize("name", NAMES)

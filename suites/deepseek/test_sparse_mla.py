@@ -11,7 +11,8 @@ held to abs 1e-3 + 2^-8 |ref| (tighter than 2.01/128) + 2^-8 (P @ |V|) (the P ro
 FlashMLA's 5e-6 (measured 2.5e-6) and the LSE to 1e-5 (measured ~4e-7).
 A one-hot selection reproduces the dequantised row exactly; scrambled indices must fail
 the budget (the negative control); NaN-poisoned slots prove nothing past a sequence or a
--1 is read. The FP8-vs-BF16 drift (the lab's cosine >= 0.98 at 128 heads) is its own
+-1 is read; compiled offline for sm90, no cache load is wider than the layout's rows are
+aligned. The FP8-vs-BF16 drift (the lab's cosine >= 0.98 at 128 heads) is its own
 baselined metric. Speed on the GPU only, FlashInfer's MLA decode beside the dense one.
 """
 
@@ -26,6 +27,7 @@ from kvperf_kernels.latent.layouts import LAYOUTS, V32
 from kvperf_kernels.latent.norm_rope import kv_norm_rope_ref
 from kvperf_kernels.latent.sparse_mla import (
     D_V,
+    cache_access_bytes,
     dense_indices,
     dense_mla_decode,
     mla_decode_ref,
@@ -206,6 +208,28 @@ def test_bad_input(checks_device):
                          layout="model1", block_size=8)
     out, lse = sparse_mla_decode(q[:0], cache, idx[:0], layout="model1", block_size=8)
     assert out.shape == (0, 16, D_V) and lse.shape == (0, 16)
+
+
+def test_cache_loads_fit_the_row_alignment(kvperf):
+    """The decode kernel compiled offline for sm90 (no GPU needed), each layout and path: no
+    load from the cache is wider than the layout's rows are aligned (lab: 516-byte rows, 4
+    bytes; v32 656 and model1 576: 16), and v32's codes still load 16 bytes at a time (the
+    widths are read, not assumed). Triton 3.6 declared the dense path's lab rows 16-byte
+    aligned (``%`` of a run of offsets: triton-lang/triton#11544), and its 16-byte copies
+    faulted on the H200 (misaligned address)."""
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        kvperf.skip(f"needs Triton's NVIDIA backend to compile for sm90 offline; found "
+                    f"{sorted(backends)}")
+    widths = cache_access_bytes(90)
+    assert set(widths) == {f"{n}-{p}" for n in NAMES for p in ("sparse", "dense")}
+    for key, found in widths.items():
+        rows = LAYOUTS[key.split("-")[0]].row_bytes
+        aligned = min(16, rows & -rows)  # the largest power of two dividing the row stride
+        assert found and max(found) <= aligned, f"{key}: loads of {found} bytes, rows " \
+                                                f"{rows} bytes ({aligned}-byte aligned)"
+    assert max(widths["v32-dense"]) == 16, widths
 
 
 # ======================================================================================
