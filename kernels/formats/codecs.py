@@ -252,7 +252,9 @@ def decode_e2m1(code):
     m = (mag & 1).to(tl.float32)
     normal = (1.0 + 0.5 * m) * tl.where(e == 3, 4.0, tl.where(e == 2, 2.0, 1.0))
     value = tl.where(e == 0, 0.5 * m, normal)
-    return tl.where((code & 8) != 0, -value, value)
+    # the sign bit ORed in, as in decode_e4m3: Triton 3.6's -x is 0 - x, +0 for code 8
+    sign = (code & 8) << 28
+    return (value.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -141,6 +141,20 @@ def test_e2m1_grid_roundtrips_exactly(quant_device, checks):
         assert torch.equal(x_hat, x), f"{what}: exact round trip"
 
 
+@pytest.mark.parametrize("out_dtype", [FP32, BF16], ids=dtype_id)
+def test_e2m1_negative_zero_dequantizes_to_negative_zero(out_dtype, quant_device, checks):
+    """Code 8 is -0 (what the encoder stores for a tiny negative value): the dequantise
+    kernel gives -0, as the reference does. Triton 3.6 builds a float's -x as 0 - x, so a
+    negation-based decoder makes it +0 (the E4M3 decoder's defect on the H200)."""
+    codes = torch.tensor([[8, 0, 2, 10] * 4], dtype=torch.uint8)  # -0, +0, 1, -1
+    packed = pack_nibbles_ref(codes).to(quant_device)
+    s = torch.ones(1, 1, dtype=torch.float8_e4m3fn, device=quant_device)
+    g = torch.ones(1, dtype=torch.float32, device=quant_device)
+    ref = dequantize_nvfp4_ref(packed, s, g, out_dtype)
+    assert torch.equal(torch.signbit(ref).cpu(), (codes >= 8).reshape(ref.shape))
+    checks.same_bytes(dequantize_nvfp4(packed, s, g, out_dtype), ref, f"-0 codes -> {out_dtype}")
+
+
 def test_e2m1_ties_to_even_and_signs(quant_device):
     """Block scale 1: midpoints go to the even code; -0.0 -> +0 and tiny negatives -> -0
     (TE's table); the even element sits in the low nibble."""

@@ -86,9 +86,18 @@ def _cpu_skips(config: str, attention: str):
 # in perplexity at 2K tokens (amplification through 30 layers of quantised K/V).
 PPL_UNDECIDED = 0.005
 # A quantised cache's perplexity moves by that much between machines too (the CPU reference
-# path on two x86 hosts: FP8 per-token 17.79 / 17.68, NVFP4 19.16 / 18.99): float-level
-# differences flip some K/V codes and the flips compound. BF16 KV keeps its 0.2 %.
+# path on two x86 hosts, an Intel Xeon with AMX and an AMD EPYC with avx512_bf16: FP8
+# per-token 17.79 / 17.68, NVFP4 19.16 / 18.99): float-level differences in the BF16
+# matmuls flip some K/V codes and the flips compound. BF16 KV keeps its 0.2 %.
 QUANTISED_PPL_RTOL = 0.01
+# The change vs BF16 moves with it, more where it is large: between those hosts FP8
+# per-token +1.14 % / +0.48 %, NVFP4 +8.97 % / +7.94 % (spread 0.0066, 0.0104); the
+# slack is rtol x baseline + atol, 0.0102 and 0.0140 there.
+PPL_CHANGE_ATOL, PPL_CHANGE_RTOL = 0.01, 0.05
+# Greedy match over 27 prompts x 32 new tokens (864): a prompt that diverges early moves it
+# by up to 1/27; between those hosts K FP8 + V NVFP4 0.473 / 0.514 (spread 0.041), the
+# others <= 0.02.
+MATCH_ATOL = 0.06
 MATCH_UNDECIDED = 0.03
 
 
@@ -125,8 +134,8 @@ def test_perplexity_change_vs_bf16(config, attention, n_tokens, lm, kvperf):
     change = r.perplexity / base.perplexity - 1
     d = Drift.of(r.logits, base.logits)
     kvperf.accuracy("perplexity", r.perplexity, better="lower", rtol=QUANTISED_PPL_RTOL)
-    kvperf.accuracy("ppl_change_vs_bf16", change, better="lower", rtol=0,
-                    atol=QUANTISED_PPL_RTOL)
+    kvperf.accuracy("ppl_change_vs_bf16", change, better="lower", rtol=PPL_CHANGE_RTOL,
+                    atol=PPL_CHANGE_ATOL)
     kvperf.accuracy("logits_rel_l2_vs_bf16", d.rel_l2, better="lower", rtol=0.1, atol=0.002)
     kvperf.accuracy("mean_kl_vs_bf16", d.mean_kl, better="lower", rtol=0.15, atol=5e-4)
     kvperf.accuracy("top1_agreement_vs_bf16", d.top1_agreement, better="higher", rtol=0,
@@ -149,7 +158,7 @@ def test_greedy_match_vs_bf16(config, attention, lm, kvperf):
     r = lm.runs.greedy(config, "all", lm.prompts, NEW_TOKENS, attention)
     rate = match_rate(r.tokens, base.tokens)
     same = (r.tokens == base.tokens).all(1).double().mean().item()
-    kvperf.accuracy("token_match", rate, better="higher", rtol=0, atol=0.03)
+    kvperf.accuracy("token_match", rate, better="higher", rtol=0, atol=MATCH_ATOL)
     kvperf.info("prompts_identical", round(same, 4))
     kvperf.info("tokens_compared", r.tokens.numel())
     _check_lab(rate, LAB_MATCH, config in MEETS_LAB_MATCH, f"{config} greedy match",
