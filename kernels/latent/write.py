@@ -19,6 +19,8 @@ encoders (``formats.codecs``): the hardware conversion on an FP8 GPU, integer co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +29,7 @@ from kvperf_kernels.formats.checks import (
     QUANT_INPUT_DTYPES,
     check_device,
     check_flag,
+    check_int,
     check_same_device,
     check_scale_value,
     check_tensor,
@@ -66,7 +69,26 @@ SCALE_KINDS = {"amax": 0, "pow2": 1, "ue8m0": 2}
 _NORM_D = tl.constexpr(D_NORM)  # globals a @triton.jit body reads must be constexpr
 _HALF = tl.constexpr(D_ROPE // 2)
 
-__all__ = ["latent_write", "latent_write_ref", "quantize_latent_ref", "cache_views"]
+__all__ = ["WriteLaunch", "latent_write", "latent_write_ref", "quantize_latent_ref",
+           "cache_views"]
+
+
+@dataclass(frozen=True)
+class WriteLaunch:
+    """Launch parameters of the write kernel (one token per program).
+
+    num_warps: Triton's, a power of two. A token's norm, amax and scale reductions cross
+        the program's warps through shared memory (a barrier each) unless it is one warp;
+        fewer warps also let more token programs reside per SM (test_write_speed records
+        1, 2, 4 and 8 side by side).
+    """
+
+    num_warps: int = 4
+
+    def __post_init__(self):
+        w = check_int(self.num_warps, "WriteLaunch.num_warps", 1)
+        if w & (w - 1) or w > 32:
+            raise ValueError(f"WriteLaunch.num_warps must be a power of two <= 32, got {w!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -288,7 +310,7 @@ def _check_write_inputs(x, weight, positions, cos_sin, slot_mapping, cache, layo
 
 def latent_write(x, kv_norm_weight, positions, cos_sin, slot_mapping, cache, *, layout,
                  block_size: int, eps: float = RMS_EPS, hw_cast: bool | None = None,
-                 checked: bool = True) -> torch.Tensor:
+                 checked: bool = True, launch: WriteLaunch = WriteLaunch()) -> torch.Tensor:
     """Normalise, rotate, quantise and store tokens x [T, layout.d_in] (bf16/fp16/fp32) in
     ``cache`` at ``slot_mapping`` [T] (-1: skip); RoPE at ``positions`` [T] from ``cos_sin``
     (float32 [max_position, 64]). Returns the cache (written in place).
@@ -297,6 +319,8 @@ def latent_write(x, kv_norm_weight, positions, cos_sin, slot_mapping, cache, *, 
     """
     layout = get_layout(layout)
     check_flag(checked, "checked")
+    if not isinstance(launch, WriteLaunch):
+        raise TypeError(f"launch must be a WriteLaunch, got {type(launch).__name__}")
     _check_write_inputs(x, kv_norm_weight, positions, cos_sin, slot_mapping, cache, layout,
                         block_size, eps, checked=bool(checked))
     t = x.shape[0]
@@ -312,6 +336,6 @@ def latent_write(x, kv_norm_weight, positions, cos_sin, slot_mapping, cache, *, 
         SCALE_KIND=SCALE_KINDS[layout.scale_kind], ROW_BYTES=layout.row_bytes,
         SCALE_ROW_OFF=layout.scale_row_off, ROPE_ROW_OFF=layout.rope_row_off,
         FOOTER_BYTES=layout.footer_bytes, HW_CAST=use_hw_cast(cache.device, hw_cast),
-        num_warps=4, **IEEE_SUBNORMALS,
+        num_warps=launch.num_warps, **IEEE_SUBNORMALS,
     )
     return cache

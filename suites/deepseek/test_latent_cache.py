@@ -26,6 +26,7 @@ from kvperf_kernels.latent.norm_rope import (
 )
 from kvperf_kernels.latent.sparse_mla import sparse_mla_decode
 from kvperf_kernels.latent.write import (
+    WriteLaunch,
     cache_views,
     latent_write,
     latent_write_ref,
@@ -130,6 +131,24 @@ def test_write_matches_reference(name, block_size, dtype, checks_device):
     assert int((ours != POISON).any(dim=-1).sum()) >= 1
     per_token = LAYOUTS[name].bytes_per_token
     assert int((ours != POISON).sum()) <= n_written * per_token
+
+
+@GPU
+@pytest.mark.parametrize("num_warps", [1, 2, 8])
+@pytest.mark.parametrize("name", NAMES)
+def test_write_launches_store_the_same_bytes(name, num_warps):
+    """Every WriteLaunch the speed test times writes the reference's bytes (the interpreter
+    ignores num_warps: a GPU check; the reductions' order is fixed-point, so no warp split
+    changes a bit)."""
+    batch = make_latent_batch(name, *RAGGED, 16, device=default_device(), seed=17,
+                              drop_every=4)
+    ours = batch.new_cache()
+    ref = ours.clone()
+    latent_write(batch.x, batch.weight, batch.positions, batch.cos_sin, batch.slots, ours,
+                 layout=name, block_size=16, launch=WriteLaunch(num_warps=num_warps))
+    latent_write_ref(batch.x, batch.weight, batch.positions, batch.cos_sin, batch.slots, ref,
+                     layout=name, block_size=16)
+    same_bytes(ours, ref, f"{name} write, {num_warps} warps")
 
 
 def test_unwritten_slots_keep_their_bytes(checks_device):
@@ -354,6 +373,11 @@ def test_bad_input_is_refused(checks_device):
     with pytest.raises(ValueError, match="block_size must be an int >= 1"):
         latent_write(b.x, b.weight, b.positions, b.cos_sin, b.slots, cache, layout="v32",
                      block_size=0)
+    with pytest.raises(TypeError, match="launch must be a WriteLaunch, got dict"):
+        write(launch={"num_warps": 2})
+    for bad in (3, 0, 64, 2.0, True):
+        with pytest.raises(ValueError, match="WriteLaunch.num_warps must be"):
+            WriteLaunch(num_warps=bad)
     with pytest.raises(ValueError, match="slots: slots must be in"):
         latent_gather(cache, torch.tensor([capacity], device=checks_device), layout="v32",
                       block_size=4)
@@ -432,6 +456,7 @@ def test_hardware_and_integer_casts_agree(name):
 
 
 SPEED_TOKENS = [16384, 131072]
+SWEEP_WARPS = [w for w in (1, 2, 4, 8) if w != WriteLaunch().num_warps]
 
 
 @GPU
@@ -455,6 +480,11 @@ def test_write_speed(name, tokens, kv_bench, kvperf):
     same_bytes(res.value, ref, "timed write")  # what was timed is still correct
     copy = kv_bench(torch.Tensor.copy_, torch.empty_like(batch.x), batch.x, label="copy_x",
                     bytes_moved=2 * batch.x.numel() * 2)
+    for warps in SWEEP_WARPS:  # the launch default's evidence, in the same run
+        kv_bench(latent_write, batch.x, batch.weight, batch.positions, batch.cos_sin,
+                 batch.slots, batch.new_cache(), layout=name, block_size=64, checked=False,
+                 launch=WriteLaunch(num_warps=warps), bytes_moved=moved,
+                 label=f"warps{warps}")
     if res.frac_of_peak is not None:
         kvperf.info("frac_of_peak_copy_bw", round(res.frac_of_peak, 3))
         kvperf.info("issue_goal_frac_of_copy_bw", 0.8)
