@@ -174,7 +174,7 @@ def check_pages_moved(src, ids, dst, slots, before: torch.Tensor) -> None:
     """Bit for bit: each named slot holds its page, every other slot is as ``before``."""
     check_int(len(ids), "ids", 0)
     got = dst.cpu()
-    expect = before.clone()
+    expect = before.cpu().clone()  # before: a copy of dst, on its device
     expect[slots.cpu().long()] = src.cpu()[ids.cpu().long()]
     if not torch.equal(got.view(torch.uint8), expect.view(torch.uint8)):
         bad = (got.view(torch.uint8) != expect.view(torch.uint8)).reshape(got.shape[0], -1)

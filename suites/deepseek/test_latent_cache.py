@@ -134,7 +134,7 @@ def test_write_matches_reference(name, block_size, dtype, checks_device):
 
 
 @GPU
-@pytest.mark.parametrize("num_warps", [1, 2, 8])
+@pytest.mark.parametrize("num_warps", [2, 4])
 @pytest.mark.parametrize("name", NAMES)
 def test_write_launches_store_the_same_bytes(name, num_warps):
     """Every WriteLaunch the speed test times writes the reference's bytes (the interpreter
@@ -375,7 +375,7 @@ def test_bad_input_is_refused(checks_device):
                      block_size=0)
     with pytest.raises(TypeError, match="launch must be a WriteLaunch, got dict"):
         write(launch={"num_warps": 2})
-    for bad in (3, 0, 64, 2.0, True):
+    for bad in (3, 0, 8, 2.0, True):
         with pytest.raises(ValueError, match="WriteLaunch.num_warps must be"):
             WriteLaunch(num_warps=bad)
     with pytest.raises(ValueError, match="slots: slots must be in"):
@@ -456,7 +456,7 @@ def test_hardware_and_integer_casts_agree(name):
 
 
 SPEED_TOKENS = [16384, 131072]
-SWEEP_WARPS = [w for w in (1, 2, 4, 8) if w != WriteLaunch().num_warps]
+SWEEP_WARPS = [w for w in (1, 2, 4) if w != WriteLaunch().num_warps]
 
 
 @GPU

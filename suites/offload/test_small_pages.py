@@ -115,10 +115,12 @@ def test_batched_calls_in_a_row_reuse_the_staging_safely():
 
 
 def test_an_empty_batch_moves_nothing():
-    src, dst = pages(4, 4 * KiB, 1), pages(4, 4 * KiB, 2)
+    gpu = SMALL_DEVICE == "cuda"
+    src = pages(4, 4 * KiB, 1, pinned=gpu)
+    dst = pages(4, 4 * KiB, 2, device=SMALL_DEVICE)
     before = dst.clone()
     empty = torch.empty(0, dtype=torch.int32)
-    pc.gather_pages(src, empty, dst, empty)
+    pc.gather_pages(src, empty.to(dst.device), dst, empty.to(dst.device))
     assert torch.equal(dst, before)
 
 
