@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,7 +26,7 @@ import triton.language as tl
 
 from kvperf_kernels.attention.offline_compile import compile_offline, in_child
 from kvperf_kernels.device import interpreted
-from kvperf_kernels.formats.checks import check_device, check_tensor, use_hw_cast
+from kvperf_kernels.formats.checks import check_device, check_int, check_tensor, use_hw_cast
 from kvperf_kernels.formats.codecs import cast_out, decode_e4m3
 from kvperf_kernels.latent.gather import latent_gather_ref
 from kvperf_kernels.latent.layouts import (
@@ -40,7 +41,45 @@ from kvperf_kernels.latent.write import SCALE_KINDS
 D_V = 512
 NUM_WARPS = 8
 
-__all__ = ["sparse_mla_decode", "dense_mla_decode", "mla_decode_ref", "dense_indices"]
+__all__ = ["MLALaunch", "sparse_mla_decode", "dense_mla_decode", "mla_decode_ref",
+           "dense_indices"]
+
+
+@dataclass(frozen=True)
+class MLALaunch:
+    """Launch parameters of the MLA decode kernel (grid: query rows x head groups).
+
+    block_h: query heads per program (16, 32 or 64; None: 16 for up to 16 heads, else 32).
+        Every program dequantises the rows it reads, so 128 heads in groups of 32 decode
+        each selected token 4 times; 64 halves that and gives the dots M = 64, which
+        wgmma takes (compiled offline for sm90: 32 heads use mma.sync and spill 512 bytes,
+        64 use wgmma and spill 80).
+    block_n: keys per tile (16, 32 or 64). num_warps: Triton's (4 or 8).
+    test_sparse_decode_speed times the variants in SPEED_SWEEP beside the default.
+    """
+
+    block_h: int | None = None
+    block_n: int = 32
+    num_warps: int = NUM_WARPS
+
+    def __post_init__(self):
+        if self.block_h is not None and check_int(self.block_h, "MLALaunch.block_h", 1) \
+                not in (16, 32, 64):
+            raise ValueError(f"MLALaunch.block_h must be 16, 32, 64 or None, got "
+                             f"{self.block_h!r}")
+        if check_int(self.block_n, "MLALaunch.block_n", 1) not in (16, 32, 64):
+            raise ValueError(f"MLALaunch.block_n must be 16, 32 or 64, got {self.block_n!r}")
+        if check_int(self.num_warps, "MLALaunch.num_warps", 1) not in (4, 8):
+            raise ValueError(f"MLALaunch.num_warps must be 4 or 8, got {self.num_warps!r}")
+
+    def heads_per_program(self, heads: int) -> int:
+        if self.block_h is not None:
+            return self.block_h
+        return 16 if heads <= 16 else 32
+
+
+# the variants the speed test times beside the default (their outputs checked too)
+SPEED_SWEEP = {"h64": MLALaunch(block_h=64), "h64n16": MLALaunch(block_h=64, block_n=16)}
 
 
 def mla_decode_ref(q, cache, indices, *, layout, block_size: int, sm_scale=None):
@@ -180,8 +219,10 @@ def _check_q(q, layout):
     check_device(q, "q")
 
 
-def _launch(q, cache, layout, block_size, sm_scale, hw_cast, *, indices=None,
+def _launch(q, cache, layout, block_size, sm_scale, hw_cast, launch, *, indices=None,
             block_tables=None, seq_lens=None):
+    if not isinstance(launch, MLALaunch):
+        raise TypeError(f"launch must be an MLALaunch, got {type(launch).__name__}")
     r, h, d = q.shape
     out = torch.empty(r, h, D_V, dtype=torch.bfloat16, device=q.device)
     lse = torch.empty(r, h, dtype=torch.float32, device=q.device)
@@ -195,28 +236,33 @@ def _launch(q, cache, layout, block_size, sm_scale, hw_cast, *, indices=None,
     idx = dummy if dense else indices
     bt = block_tables if dense else dummy
     lens = seq_lens if dense else dummy.view(-1)
-    block_h = 16 if h <= 16 else 32
+    block_h = launch.heads_per_program(h)
     _mla_decode_kernel[(r, triton.cdiv(h, block_h))](
         q, q.stride(0), q.stride(1), cache, idx, idx.stride(0), 0 if dense else idx.shape[1],
         bt, bt.stride(0), lens, out, out.stride(0), out.stride(1), lse, sm_scale, block_size,
-        layout.block_bytes(block_size), h, num_warps=NUM_WARPS,
-        **_constexprs(layout, dense, block_h, use_hw_cast(q.device, hw_cast), interpreted()),
+        layout.block_bytes(block_size), h, num_warps=launch.num_warps,
+        **_constexprs(layout, dense, block_h, use_hw_cast(q.device, hw_cast), interpreted(),
+                      launch.block_n),
     )
     return out, lse
 
 
-def _constexprs(layout, dense: bool, block_h: int, hw_cast: bool, f32: bool) -> dict:
+def _constexprs(layout, dense: bool, block_h: int, hw_cast: bool, f32: bool,
+                block_n: int = 32) -> dict:
     nt_pad = triton.next_power_of_2(layout.num_tiles)  # tiles x TILE = 512 in each layout
     return dict(
         D_FP8=layout.d_fp8, PA=nt_pad * layout.tile, TILE=layout.tile, NT=layout.num_tiles,
         NT_PAD=nt_pad, HAS_R=not layout.rope_fp8, V_HAS_R=layout.d_fp8 < D_V,
         SCALE_KIND=SCALE_KINDS[layout.scale_kind], ROW_BYTES=layout.row_bytes,
         SCALE_ROW_OFF=layout.scale_row_off, ROPE_ROW_OFF=layout.rope_row_off,
-        FOOTER_BYTES=layout.footer_bytes, DENSE=dense, BLOCK_H=block_h, BLOCK_N=32,
+        FOOTER_BYTES=layout.footer_bytes, DENSE=dense, BLOCK_H=block_h, BLOCK_N=block_n,
         HW_CAST=hw_cast, F32=f32,
     )
 
 
+# the kernel's runtime argument types for an offline compile (the others are i32)
+_OFFLINE_TYPES = dict(q_ptr="*bf16", cache_ptr="*u8", idx_ptr="*i32", bt_ptr="*i32",
+                      len_ptr="*i32", out_ptr="*bf16", lse_ptr="*fp32", sm_scale="fp32")
 # the kernel's loads of uint8 (codes, footers) and float32 (scales) read the cache only
 _CACHE_LOAD = re.compile(r"= (tt\.load|ttg\.async_copy_global_to_local) .*"
                          r"tensor<[0-9x]+x!tt\.ptr<(i8|f32)>, (#[^>]*>?)")
@@ -232,17 +278,32 @@ def cache_access_bytes(capability: int = 90) -> dict[str, list[int]]:
     block_bytes declared multiples of 16, as a launch at block size 16 or 64 declares them."""
     if interpreted():
         return in_child("kvperf_kernels.latent.sparse_mla", "cache_access_bytes", capability)
-    types = dict(q_ptr="*bf16", cache_ptr="*u8", idx_ptr="*i32", bt_ptr="*i32",
-                 len_ptr="*i32", out_ptr="*bf16", lse_ptr="*fp32", sm_scale="fp32")
     report = {}
     for layout in LAYOUTS.values():
         for dense in (False, True):
-            asm = compile_offline(_mla_decode_kernel, types,
+            asm = compile_offline(_mla_decode_kernel, _OFFLINE_TYPES,
                                   _constexprs(layout, dense, 32, True, False),
                                   capability=capability, num_warps=NUM_WARPS,
                                   aligned=("block_size", "block_bytes"))
             path = "dense" if dense else "sparse"
             report[f"{layout.name}-{path}"] = _cache_load_widths(asm["ttgir"])
+    return report
+
+
+def sweep_instructions(capability: int = 90) -> dict[str, list[str]]:
+    """The default launch and each SPEED_SWEEP variant (v32, sparse) compiled offline for
+    cuda:``capability``: the tensor-core instructions of its PTX ("wgmma", "mma.sync"), so
+    that a CPU run shows each variant compiles, and which dots it gets, before a GPU run."""
+    if interpreted():
+        return in_child("kvperf_kernels.latent.sparse_mla", "sweep_instructions", capability)
+    report = {}
+    for name, launch in {"default": MLALaunch(), **SPEED_SWEEP}.items():
+        ptx = compile_offline(_mla_decode_kernel, _OFFLINE_TYPES,
+                              _constexprs(LAYOUTS["v32"], False, launch.heads_per_program(128),
+                                          True, False, launch.block_n),
+                              capability=capability, num_warps=launch.num_warps,
+                              aligned=("block_size", "block_bytes"))["ptx"]
+        report[name] = [op for op in ("wgmma", "mma.sync") if op in ptx]
     return report
 
 
@@ -270,7 +331,8 @@ def _cache_load_widths(ttgir: str) -> list[int]:
 
 
 def sparse_mla_decode(q, cache, indices, *, layout, block_size: int, sm_scale=None,
-                      hw_cast: bool | None = None, checked: bool = True):
+                      hw_cast: bool | None = None, checked: bool = True,
+                      launch: MLALaunch = MLALaunch()):
     """(out bf16 [R, H, 512], lse float32 [R, H]) for q bf16 [R, H, d_qk] over the cache
     slots indices [R, K] (-1: padding). ``checked`` verifies the index range (one sync)."""
     layout = get_layout(layout)
@@ -282,11 +344,12 @@ def sparse_mla_decode(q, cache, indices, *, layout, block_size: int, sm_scale=No
                          f"got {tuple(indices.shape)}")
     check_slots(indices.reshape(-1), "indices", indices.numel(), nb * block_size, cache,
                 checked=checked)
-    return _launch(q, cache, layout, block_size, sm_scale, hw_cast, indices=indices)
+    return _launch(q, cache, layout, block_size, sm_scale, hw_cast, launch, indices=indices)
 
 
 def dense_mla_decode(q, cache, block_tables, seq_lens, *, layout, block_size: int,
-                     sm_scale=None, hw_cast: bool | None = None):
+                     sm_scale=None, hw_cast: bool | None = None,
+                     launch: MLALaunch = MLALaunch()):
     """(out, lse) of q [R, H, d_qk] over each row's tokens 0..seq_lens[r]-1 through
     block_tables [R, max_blocks] (page ids checked against the cache)."""
     layout = get_layout(layout)
@@ -303,7 +366,7 @@ def dense_mla_decode(q, cache, block_tables, seq_lens, *, layout, block_size: in
         ids = dense_indices(block_tables, seq_lens, block_size)
         check_slots(ids.reshape(-1), "block_tables (as slots)", ids.numel(), nb * block_size,
                     cache)
-    return _launch(q, cache, layout, block_size, sm_scale, hw_cast,
+    return _launch(q, cache, layout, block_size, sm_scale, hw_cast, launch,
                    block_tables=block_tables, seq_lens=seq_lens)
 
 

@@ -27,11 +27,14 @@ from kvperf_kernels.latent.layouts import LAYOUTS, V32
 from kvperf_kernels.latent.norm_rope import kv_norm_rope_ref
 from kvperf_kernels.latent.sparse_mla import (
     D_V,
+    SPEED_SWEEP,
+    MLALaunch,
     cache_access_bytes,
     dense_indices,
     dense_mla_decode,
     mla_decode_ref,
     sparse_mla_decode,
+    sweep_instructions,
 )
 from kvperf_kernels.latent.write import latent_write, latent_write_ref
 from kvperf_kernels.testing.compare import same_bytes
@@ -232,6 +235,69 @@ def test_cache_loads_fit_the_row_alignment(kvperf):
     assert max(widths["v32-dense"]) == 16, widths
 
 
+def test_speed_sweep_compiles_for_sm90(kvperf):
+    """Each launch the speed test times compiles for sm90 (offline, Triton's ptxas), and
+    64-head programs get wgmma (32-head ones mma.sync): found on the CPU, not on the GPU."""
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        kvperf.skip(f"needs Triton's NVIDIA backend to compile for sm90 offline; found "
+                    f"{sorted(backends)}")
+    ops = sweep_instructions(90)
+    assert set(ops) == {"default", *SPEED_SWEEP}, ops
+    for name, launch in SPEED_SWEEP.items():
+        assert launch.heads_per_program(128) == 64 and "wgmma" in ops[name], (name, ops)
+    assert ops["default"] == ["mma.sync"], ops  # 32 heads: M = 32, below wgmma's 64
+
+
+@pytest.mark.parametrize("launch", [MLALaunch(block_h=64, block_n=16), MLALaunch(block_n=64)],
+                         ids=["h64n16", "n64"])
+def test_launch_tiles_match_reference(launch, checks_device):
+    """Other head groups and key tiles (heads beyond 16 masked in a 64-head program; lengths
+    not a multiple of the tile) give the reference's output within the budget."""
+    lens = [40, 25]
+    batch, cache = _cache("model1", lens, 16, checks_device, seed=6)
+    q = _queries(2, 16, batch.layout.d_in, checks_device)
+    idx = _topk(batch, lens, 24, pad=3)
+    out, lse = sparse_mla_decode(q, cache, idx, layout="model1", block_size=16, launch=launch)
+    ref = mla_decode_ref(q, cache, idx, layout="model1", block_size=16)
+    within_budget(out, lse, ref, f"sparse, {launch}")
+
+
+@GPU
+@pytest.mark.parametrize("sweep", list(SPEED_SWEEP))
+@pytest.mark.parametrize("name", ["v32", "model1"])
+def test_speed_sweep_matches_reference_at_128_heads(name, sweep):
+    """The speed test's variants at its 128 heads, sparse and dense, against float64."""
+    lens = [300, 130]
+    batch, cache = _cache(name, lens, 64, default_device(), seed=7)
+    q = _queries(2, 128, batch.layout.d_in, cache.device)
+    idx = _topk(batch, lens, 128, pad=9)
+    launch = SPEED_SWEEP[sweep]
+    out, lse = sparse_mla_decode(q, cache, idx, layout=name, block_size=64, launch=launch)
+    within_budget(out, lse, mla_decode_ref(q, cache, idx, layout=name, block_size=64),
+                  f"{name} sparse {sweep}")
+    seq_lens = torch.tensor(lens, device=cache.device)
+    out, lse = dense_mla_decode(q, cache, batch.block_tables, seq_lens, layout=name,
+                                block_size=64, launch=launch)
+    ids = dense_indices(batch.block_tables, seq_lens, 64)
+    within_budget(out, lse, mla_decode_ref(q, cache, ids, layout=name, block_size=64),
+                  f"{name} dense {sweep}")
+
+
+def test_bad_launch_is_refused(checks_device):
+    batch, cache = _cache("v32", [8], 8, checks_device)
+    q = _queries(1, 16, 576, checks_device)
+    idx = _topk(batch, [8], 4)
+    with pytest.raises(TypeError, match="launch must be an MLALaunch, got dict"):
+        sparse_mla_decode(q, cache, idx, layout="v32", block_size=8, launch={"block_h": 64})
+    for kw, what in [({"block_h": 128}, "block_h"), ({"block_h": 0}, "block_h"),
+                     ({"block_n": 8}, "block_n"), ({"num_warps": 16}, "num_warps"),
+                     ({"block_n": 32.0}, "block_n"), ({"num_warps": True}, "num_warps")]:
+        with pytest.raises(ValueError, match=f"MLALaunch.{what} must be"):
+            MLALaunch(**kw)
+
+
 # ======================================================================================
 # GPU speed: FlashMLA's production sparse case, dense decode beside FlashInfer
 # ======================================================================================
@@ -274,6 +340,11 @@ def test_sparse_decode_speed(name, batch_size, kv_bench, kvperf):
     res = kv_bench(sparse_mla_decode, q, cache, idx, layout=name, block_size=64,
                    checked=False, flops=flops, bytes_moved=moved)
     _spot_check(*res.value, q, cache, idx, name, 64)
+    for label, launch in SPEED_SWEEP.items():  # the launch default's evidence, same run
+        swept = kv_bench(sparse_mla_decode, q, cache, idx, layout=name, block_size=64,
+                         checked=False, launch=launch, flops=flops, bytes_moved=moved,
+                         label=label)
+        _spot_check(*swept.value, q, cache, idx, name, 64)
     if res.tflops:
         kvperf.info("tflops", round(res.tflops, 1))
         kvperf.info("goal_tflops", 250)
