@@ -1,5 +1,6 @@
 """Where the kernels run: the CUDA GPU if there is one, else the CPU (Triton interpreter)."""
 
+import functools
 import os
 
 import torch
@@ -7,6 +8,20 @@ import torch
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (its properties, read once); 1 elsewhere
+    (the interpreter: a grid sized by SMs is then one program per multiple)."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sm_count(device.index if device.index is not None else
+                          torch.cuda.current_device())
 
 
 def interpreted() -> bool:

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from kvperf_kernels.cache.paged_kv import check_table_stats, table_stats
-from kvperf_kernels.device import interpreted
+from kvperf_kernels.device import interpreted, sm_count
 from kvperf_kernels.formats.checks import (
     check_device,
     check_flag,
@@ -472,11 +472,6 @@ def record_launches() -> Iterator[list[dict]]:
         yield record
     finally:
         _launch_records.remove(record)
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, kv_len: int, num_sms: int,
@@ -933,7 +928,7 @@ def paged_decode_attention(
     hp = _heads_per_program(group, num_kv_heads, head_dim, launch.max_tile_cols)
     default_block_n, default_warps, programs_per_sm = _launch_defaults(k_cache.dtype)
     if num_splits is None:
-        sms = _sm_count(device.index or 0) if device.type == "cuda" else 1
+        sms = sm_count(device)
         # The grid has Hkv / HP programs per sequence and split.
         num_splits = choose_num_splits(batch, num_kv_heads // hp, attended, sms,
                                        programs_per_sm=programs_per_sm)

@@ -34,7 +34,6 @@ items over the programs there).
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -53,7 +52,7 @@ from kvperf_kernels.attention.decode import (
     scale_args,
 )
 from kvperf_kernels.attention.offline_compile import compile_offline, in_child
-from kvperf_kernels.device import interpreted
+from kvperf_kernels.device import interpreted, sm_count
 from kvperf_kernels.formats.checks import (
     check_flag,
     check_int,
@@ -368,11 +367,6 @@ def _check_group_scales(k_cache, k_group_scale, v_group_scale, head_dim: int) ->
     return group
 
 
-@functools.cache
-def sm_count(device_index: int = 0) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _block_n(head_dim: int) -> int:
     if interpreted():
         return 64  # few tiles: the interpreter's cost is per tile
@@ -496,8 +490,7 @@ def persistent_decode_attention(
         raise ValueError(f"chunk_tokens {chunk_tokens} must be a multiple of the tile "
                          f"({block_n} tokens)")
     if num_programs is None:
-        num_programs = 4 if interpreted() or q.device.type != "cuda" else sm_count(
-            q.device.index or 0)
+        num_programs = 4 if interpreted() or q.device.type != "cuda" else sm_count(q.device)
     check_int(num_programs, "num_programs", 1)
     check_flag(checked, "checked")
     capacity = check_max_seq_len(max_seq_len, block_tables, page_size)

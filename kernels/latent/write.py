@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvperf_kernels.device import sm_count
 from kvperf_kernels.formats.checks import (
     QUANT_INPUT_DTYPES,
     check_device,
@@ -69,13 +70,13 @@ SCALE_KINDS = {"amax": 0, "pow2": 1, "ue8m0": 2}
 _NORM_D = tl.constexpr(D_NORM)  # globals a @triton.jit body reads must be constexpr
 _HALF = tl.constexpr(D_ROPE // 2)
 
-__all__ = ["WriteLaunch", "latent_write", "latent_write_ref", "quantize_latent_ref",
+__all__ = ["WRITE_SWEEP", "WriteLaunch", "latent_write", "latent_write_ref", "quantize_latent_ref",
            "cache_views"]
 
 
 @dataclass(frozen=True)
 class WriteLaunch:
-    """Launch parameters of the write kernel (one token per program).
+    """Launch parameters of the write kernel.
 
     num_warps: Triton's: 1, 2 or 4. A token's norm, amax and scale reductions cross the
         program's warps through shared memory (a barrier each) unless it is one warp, and
@@ -84,14 +85,31 @@ class WriteLaunch:
         vs 332.8 us), two 1.5-1.6x; test_write_speed times the others beside the default.
         8 warps is refused: it stored wrong RoPE bytes for the lab layout there (95 of
         49,536 bytes, Triton 3.6) and was 1.8x slower than four.
+    programs_per_sm: None launches one program per token: a token's dependent loads,
+        reductions and stores in sequence, at most 32 tokens (programs) in flight per SM;
+        so one warp's v32 128K-token write reached 0.43 of the copy peak. An int launches
+        that many programs per SM, each looping over tokens, so that the next token's loads
+        are issued while one computes (num_stages: Triton's loop pipelining depth; offline
+        for sm90 the loop's x loads become cp.async copies).
     """
 
     num_warps: int = 1
+    programs_per_sm: int | None = None
+    num_stages: int = 2
 
     def __post_init__(self):
         w = check_int(self.num_warps, "WriteLaunch.num_warps", 1)
         if w not in (1, 2, 4):
             raise ValueError(f"WriteLaunch.num_warps must be 1, 2 or 4, got {w!r}")
+        if self.programs_per_sm is not None:
+            check_int(self.programs_per_sm, "WriteLaunch.programs_per_sm", 1)
+        check_int(self.num_stages, "WriteLaunch.num_stages", 1)
+
+
+# the launches test_write_speed times beside the default (their bytes checked on the GPU)
+WRITE_SWEEP = {"warps2": WriteLaunch(num_warps=2), "warps4": WriteLaunch(num_warps=4),
+               "loop16": WriteLaunch(programs_per_sm=16),
+               "loop32s3": WriteLaunch(programs_per_sm=32, num_stages=3)}
 
 
 # --------------------------------------------------------------------------------------
@@ -187,17 +205,17 @@ def _store_bytes(ptr, value, mask, NBYTES: tl.constexpr):
 
 
 @triton.jit
-def _latent_write_kernel(
-    x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, cache_ptr, eps,
-    block_size, block_bytes,
+def _write_token(
+    t, x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, cache_ptr, eps,
+    block_size, block_bytes, n_tokens,
     D_NOPE: tl.constexpr, TILE: tl.constexpr, NT: tl.constexpr, NT_PAD: tl.constexpr,
     ROPE_IN: tl.constexpr, NORM_ROPE: tl.constexpr, ROPE_FP8: tl.constexpr,
     SCALE_KIND: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_ROW_OFF: tl.constexpr,
     ROPE_ROW_OFF: tl.constexpr, FOOTER_BYTES: tl.constexpr, HW_CAST: tl.constexpr,
 ):
-    """One token per program: norm, RoPE, quantise, write its row (and footer)."""
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
+    """Token t (int64; none at t >= n_tokens): norm, RoPE, quantise, write its row (and
+    footer)."""
+    slot = tl.load(slot_ptr + t, mask=t < n_tokens, other=-1).to(tl.int64)
     if slot >= 0:
         pos = tl.load(pos_ptr + t).to(tl.int64)
         row_x = x_ptr + t * x_stride
@@ -269,6 +287,34 @@ def _latent_write_kernel(
                      mask=tile < FOOTER_BYTES)
 
 
+@triton.jit
+def _latent_write_kernel(
+    x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, cache_ptr, eps,
+    block_size, block_bytes, n_tokens,
+    D_NOPE: tl.constexpr, TILE: tl.constexpr, NT: tl.constexpr, NT_PAD: tl.constexpr,
+    ROPE_IN: tl.constexpr, NORM_ROPE: tl.constexpr, ROPE_FP8: tl.constexpr,
+    SCALE_KIND: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_ROW_OFF: tl.constexpr,
+    ROPE_ROW_OFF: tl.constexpr, FOOTER_BYTES: tl.constexpr, HW_CAST: tl.constexpr,
+    TOKEN_LOOP: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """One token per program, or (TOKEN_LOOP) a grid-stride loop over the tokens whose
+    next token's loads the compiler may issue while this one computes (NUM_STAGES)."""
+    if TOKEN_LOOP:
+        pid = tl.program_id(0).to(tl.int64)
+        step = tl.num_programs(0)
+        # the same trip count in every program; a token past the end reads slot -1 (skip)
+        for i in tl.range(0, tl.cdiv(n_tokens, step), num_stages=NUM_STAGES):
+            _write_token(pid + i * step, x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr, cs_stride,
+                         slot_ptr, cache_ptr, eps, block_size, block_bytes, n_tokens, D_NOPE,
+                         TILE, NT, NT_PAD, ROPE_IN, NORM_ROPE, ROPE_FP8, SCALE_KIND,
+                         ROW_BYTES, SCALE_ROW_OFF, ROPE_ROW_OFF, FOOTER_BYTES, HW_CAST)
+    else:
+        _write_token(tl.program_id(0).to(tl.int64), x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr,
+                     cs_stride, slot_ptr, cache_ptr, eps, block_size, block_bytes, n_tokens,
+                     D_NOPE, TILE, NT, NT_PAD, ROPE_IN, NORM_ROPE, ROPE_FP8, SCALE_KIND,
+                     ROW_BYTES, SCALE_ROW_OFF, ROPE_ROW_OFF, FOOTER_BYTES, HW_CAST)
+
+
 # --------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------
@@ -331,14 +377,17 @@ def latent_write(x, kv_norm_weight, positions, cos_sin, slot_mapping, cache, *, 
         return cache
     nt = layout.d_nope // layout.tile if not layout.rope_fp8 else 1
     tile = layout.tile if not layout.rope_fp8 else triton.next_power_of_2(layout.d_nope)
-    _latent_write_kernel[(t,)](
+    programs = t if launch.programs_per_sm is None else min(
+        t, launch.programs_per_sm * sm_count(cache.device))
+    _latent_write_kernel[(programs,)](
         x, x.stride(0), kv_norm_weight, positions, cos_sin, cos_sin.stride(0), slot_mapping,
-        cache, eps_f32(eps), block_size, layout.block_bytes(block_size),
+        cache, eps_f32(eps), block_size, layout.block_bytes(block_size), t,
         D_NOPE=layout.d_nope, TILE=tile, NT=nt, NT_PAD=triton.next_power_of_2(nt),
         ROPE_IN=layout.rope_in, NORM_ROPE=layout.norm_rope, ROPE_FP8=layout.rope_fp8,
         SCALE_KIND=SCALE_KINDS[layout.scale_kind], ROW_BYTES=layout.row_bytes,
         SCALE_ROW_OFF=layout.scale_row_off, ROPE_ROW_OFF=layout.rope_row_off,
         FOOTER_BYTES=layout.footer_bytes, HW_CAST=use_hw_cast(cache.device, hw_cast),
+        TOKEN_LOOP=launch.programs_per_sm is not None, NUM_STAGES=launch.num_stages,
         num_warps=launch.num_warps, **IEEE_SUBNORMALS,
     )
     return cache

@@ -26,6 +26,7 @@ from kvperf_kernels.latent.norm_rope import (
 )
 from kvperf_kernels.latent.sparse_mla import sparse_mla_decode
 from kvperf_kernels.latent.write import (
+    WRITE_SWEEP,
     WriteLaunch,
     cache_views,
     latent_write,
@@ -134,21 +135,35 @@ def test_write_matches_reference(name, block_size, dtype, checks_device):
 
 
 @GPU
-@pytest.mark.parametrize("num_warps", [2, 4])
+@pytest.mark.parametrize("sweep", list(WRITE_SWEEP))
 @pytest.mark.parametrize("name", NAMES)
-def test_write_launches_store_the_same_bytes(name, num_warps):
+def test_write_launches_store_the_same_bytes(name, sweep):
     """Every WriteLaunch the speed test times writes the reference's bytes (the interpreter
-    ignores num_warps: a GPU check; the reductions' order is fixed-point, so no warp split
-    changes a bit)."""
-    batch = make_latent_batch(name, *RAGGED, 16, device=default_device(), seed=17,
-                              drop_every=4)
+    ignores num_warps and pipelining: a GPU check; the reductions' order is fixed-point, so
+    no warp split changes a bit). 700 tokens: each looping program writes several."""
+    batch = make_latent_batch(name, [0, 3, 9], [300, 1, 399], 16, device=default_device(),
+                              seed=17, drop_every=4)
     ours = batch.new_cache()
     ref = ours.clone()
     latent_write(batch.x, batch.weight, batch.positions, batch.cos_sin, batch.slots, ours,
-                 layout=name, block_size=16, launch=WriteLaunch(num_warps=num_warps))
+                 layout=name, block_size=16, launch=WRITE_SWEEP[sweep])
     latent_write_ref(batch.x, batch.weight, batch.positions, batch.cos_sin, batch.slots, ref,
                      layout=name, block_size=16)
-    same_bytes(ours, ref, f"{name} write, {num_warps} warps")
+    same_bytes(ours, ref, f"{name} write, {sweep}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_token_loop_matches_reference(name, checks_device):
+    """Programs that loop over tokens (programs_per_sm; one program per SM multiple, one
+    on the CPU) write the reference's bytes, skipped tokens (slot -1) included."""
+    batch = make_latent_batch(name, *RAGGED, 4, device=checks_device, seed=18, drop_every=3)
+    ours = batch.new_cache()
+    ref = ours.clone()
+    latent_write(batch.x, batch.weight, batch.positions, batch.cos_sin, batch.slots, ours,
+                 layout=name, block_size=4, launch=WriteLaunch(programs_per_sm=2))
+    latent_write_ref(batch.x, batch.weight, batch.positions, batch.cos_sin, batch.slots, ref,
+                     layout=name, block_size=4)
+    same_bytes(ours, ref, f"{name} write, token loop")
 
 
 def test_unwritten_slots_keep_their_bytes(checks_device):
@@ -378,6 +393,9 @@ def test_bad_input_is_refused(checks_device):
     for bad in (3, 0, 8, 2.0, True):
         with pytest.raises(ValueError, match="WriteLaunch.num_warps must be"):
             WriteLaunch(num_warps=bad)
+    for kw in ({"programs_per_sm": 0}, {"programs_per_sm": 1.5}, {"num_stages": 0}):
+        with pytest.raises(ValueError, match=f"WriteLaunch.{next(iter(kw))} must be"):
+            WriteLaunch(**kw)
     with pytest.raises(ValueError, match="slots: slots must be in"):
         latent_gather(cache, torch.tensor([capacity], device=checks_device), layout="v32",
                       block_size=4)
@@ -456,7 +474,6 @@ def test_hardware_and_integer_casts_agree(name):
 
 
 SPEED_TOKENS = [16384, 131072]
-SWEEP_WARPS = [w for w in (1, 2, 4) if w != WriteLaunch().num_warps]
 
 
 @GPU
@@ -480,11 +497,10 @@ def test_write_speed(name, tokens, kv_bench, kvperf):
     same_bytes(res.value, ref, "timed write")  # what was timed is still correct
     copy = kv_bench(torch.Tensor.copy_, torch.empty_like(batch.x), batch.x, label="copy_x",
                     bytes_moved=2 * batch.x.numel() * 2)
-    for warps in SWEEP_WARPS:  # the launch default's evidence, in the same run
+    for label, launch in WRITE_SWEEP.items():  # the launch default's evidence, same run
         kv_bench(latent_write, batch.x, batch.weight, batch.positions, batch.cos_sin,
                  batch.slots, batch.new_cache(), layout=name, block_size=64, checked=False,
-                 launch=WriteLaunch(num_warps=warps), bytes_moved=moved,
-                 label=f"warps{warps}")
+                 launch=launch, bytes_moved=moved, label=label)
     if res.frac_of_peak is not None:
         kvperf.info("frac_of_peak_copy_bw", round(res.frac_of_peak, 3))
         kvperf.info("issue_goal_frac_of_copy_bw", 0.8)
