@@ -70,8 +70,8 @@ SCALE_KINDS = {"amax": 0, "pow2": 1, "ue8m0": 2}
 _NORM_D = tl.constexpr(D_NORM)  # globals a @triton.jit body reads must be constexpr
 _HALF = tl.constexpr(D_ROPE // 2)
 
-__all__ = ["WRITE_SWEEP", "WriteLaunch", "latent_write", "latent_write_ref", "quantize_latent_ref",
-           "cache_views"]
+__all__ = ["WRITE_SWEEP", "WriteLaunch", "latent_write", "latent_write_ref",
+           "quantize_latent_ref", "cache_views"]
 
 
 @dataclass(frozen=True)
