@@ -34,7 +34,6 @@ items over the programs there).
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
