@@ -108,7 +108,7 @@ class KvBench:
 
         peak names the peak frac_of_peak is taken of (named_peaks.NAMES): device_copy for
         kernels (bytes read + written), h2d_pinned, h2d_pageable, d2h_pinned or
-        bidir_pinned for host transfers (bytes crossing the link).
+        bidir_pinned for host transfers, peer for GPU to GPU (bytes crossing the link).
 
         args_sets rotates among several argument tuples (instead of args) so that caches
         are not what is measured; label names the metrics when a test times several things.
@@ -136,8 +136,9 @@ class KvBench:
             self.recorder.timing_window(label, gpu_facts.window(before, reader.sample()))
         device_timed = timing.method != "host-clock"
         peaks = self.peaks_for() if device_timed else None
+        absent = None
         if self.named_peaks is not None:
-            bw_peak = self.named_peaks.gbps(peak, device_timed=device_timed)
+            bw_peak, absent = self.named_peaks.lookup(peak, device_timed=device_timed)
         else:
             bw_peak = peaks.copy_gbps if peaks is not None and peak == "device_copy" else None
         derived = derive(timing, bytes_moved=bytes_moved, flops=flops, tokens=tokens,
@@ -153,6 +154,8 @@ class KvBench:
             if bw_peak is not None:
                 self.recorder.info(f"{prefix}peak_gbps", round(bw_peak, 1))
                 self.recorder.link_peak(peak, bw_peak)
+            elif absent:  # e.g. peer on one GPU: no fraction, and why
+                self.recorder.info(f"{prefix}peak_absent", absent)
         self._add_to_pytest_benchmark(label, timing, derived)
         return result
 

@@ -121,6 +121,8 @@ def hardware_reason(name: str, args: tuple, profile: HardwareProfile) -> str | N
             raise ValueError(f"multi_gpu(n) takes one positive int, got {args!r}")
         if profile.gpu_count >= args[0]:
             return None
+        if not profile.has_gpu:  # the words of `gpu`'s reason, so the two merge into one
+            return f"needs {args[0]} CUDA GPUs; found {profile.describe()}"
         return f"needs {args[0]} CUDA GPUs; found {profile.gpu_count}: {profile.describe()}"
     marker = HARDWARE_MARKERS[name]
     if marker.present(profile):

@@ -96,8 +96,9 @@ class MetricRecorder:
         self.timing_windows[label] = window
 
     def link_peak(self, name: str, gbps: float) -> None:
-        """The named link peak (named_peaks.LINK_PEAKS) a kv_bench transfer was divided by;
-        the session lists those its tests used with its peaks (results JSON, machine_info)."""
+        """The named link peak (named_peaks LINK_PEAKS, PEER_PEAKS) a kv_bench transfer was
+        divided by; the session lists those its tests used with its peaks (results JSON,
+        machine_info)."""
         self.link_peaks[name] = float(gbps)
 
     def errors(self, out, ref, *, prefix: str = "", rtol: float = ERROR_RTOL) -> dict[str, float]:

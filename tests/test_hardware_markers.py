@@ -69,6 +69,14 @@ def test_multi_gpu_counts():
         decide([("multi_gpu", ("two",), {})], "h100")
 
 
+def test_multi_gpu_on_no_gpu_says_so_once_beside_gpu():
+    """`gpu` + `multi_gpu(2)` without a GPU: one reason, what was found said once."""
+    (reason,) = decide([("gpu", (), {}), ("multi_gpu", (2,), {})], "cpu")
+    assert reason.startswith("needs a CUDA GPU and 2 CUDA GPUs; found no CUDA GPU"), reason
+    (reason,) = decide([("gpu", (), {}), ("multi_gpu", (2,), {})], "h200")
+    assert reason.startswith("needs 2 CUDA GPUs; found 1: NVIDIA H200 (sm90)"), reason
+
+
 def test_injected_profile_never_runs_on_missing_hardware():
     real = detect()
     if real.has_gpu:

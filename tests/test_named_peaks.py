@@ -240,3 +240,124 @@ def test_gpu_session_peaks_carry_the_measured_link_peak(pytester):
     assert t["info"]["peak_gbps"] == round(links.gbps["h2d_pinned"], 1)
     machine = json.loads((pytester.path / "b.json").read_text())["machine_info"]["kvperf"]
     assert machine["peaks"] == doc["peaks"]
+
+
+# ------------------------------------------------------------------ GPU to GPU: `peer`
+
+PEER_TESTS = """
+def test_peer(kv_bench):
+    kv_bench(lambda: sum(range(2000)), bytes_moved=16000, peak="peer", max_time_s=0.02)
+"""
+
+
+def test_a_peer_transfer_is_divided_by_the_peer_peak(pytester, monkeypatch):
+    pytester.makeconftest("def pytest_kvperf_named_peaks(config):\n"
+                          "    return {'peer': 300.0, 'h2d_pinned': 50.0}\n")
+    pytester.makepyfile(PEER_TESTS)
+    _session(pytester, monkeypatch, "--kvperf-json=r.json").assert_outcomes(passed=1)
+    doc = json.loads((pytester.path / "r.json").read_text())
+    (t,) = doc["tests"].values()
+    m = {k: v["value"] for k, v in t["metrics"].items()}
+    assert m["frac_of_peak_bw"] == pytest.approx(m["gbps"] / 300.0)
+    assert m["frac_of_peak_bw"] != pytest.approx(m["gbps"] / 50.0)  # not another link's
+    assert t["info"]["peak"] == "peer" and t["info"]["peak_gbps"] == 300.0
+    assert "peak_absent" not in t["info"]
+    assert doc["peaks"] == {"link_gbps": {"peer": 300.0}}
+
+
+@pytest.mark.parametrize("conftest, why", [
+    ("def pytest_kvperf_named_peaks(config):\n    return {'h2d_pinned': 50.0}\n",
+     "peer is not among the recorded peaks (h2d_pinned)"),
+    ("", "timed by the host clock: a GPU's peak does not divide it"),
+], ids=["not-recorded", "host-clock"])
+def test_without_a_peer_peak_the_fraction_is_absent_with_its_reason(pytester, monkeypatch,
+                                                                    conftest, why):
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(PEER_TESTS)
+    _session(pytester, monkeypatch, "--kvperf-json=r.json").assert_outcomes(passed=1)
+    (t,) = json.loads((pytester.path / "r.json").read_text())["tests"].values()
+    assert "gbps" in t["metrics"] and "frac_of_peak_bw" not in t["metrics"]
+    assert t["info"]["peak_absent"] == why and "peak_gbps" not in t["info"]
+
+
+class _Cuda:
+    def __init__(self, count):
+        self.count = count
+
+    def is_available(self):
+        return self.count > 0
+
+    def device_count(self):
+        return self.count
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_peer_peak_needs_two_gpus(monkeypatch, count):
+    """One GPU (or an xdist worker's one visible GPU): not measurable, and said so; the
+    resolver gives the same reason to kv_bench for a device-timed transfer."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch, "cuda", _Cuda(count))
+    monkeypatch.setattr(NP, "measure_peer", lambda *a: pytest.fail("measured on one GPU"))
+    why = f"needs 2 CUDA GPUs (a GPU-to-GPU copy); found {count}"
+    assert NP.get_peer_peaks() == (None, why)
+
+    class Config:
+        class hook:
+            @staticmethod
+            def pytest_kvperf_named_peaks(config):
+                return None
+
+    resolver = NP.Resolver(Config, lambda: None)
+    assert resolver.lookup("peer", device_timed=True) == (None, why)
+    assert resolver.gbps("peer", device_timed=True) is None
+
+
+def peers_of(key, gbps=380.0):
+    return LinkPeaks(gbps={"peer": gbps}, machine=key, measured_at="2026-12-09T00:00:00+00:00",
+                     notes=("cuda:0 -> cuda:1", "peer access on"))
+
+
+def test_peer_peak_measured_once_per_gpu_pair_then_reused(tmp_path, monkeypatch):
+    """Cached per pair (UUIDs in the key) beside the host links, neither section lost when
+    the other is written; a new process reads it, refresh measures again."""
+    measured = []
+    pair = {"key": "NVIDIA H200 GPU-a -> NVIDIA H200 GPU-b @ host-a"}
+
+    def fake_measure(torch, key):
+        measured.append(key)
+        return peers_of(key, 380.0 + len(measured))
+
+    monkeypatch.setattr(NP, "_MEMO", {})
+    monkeypatch.setattr(NP, "_peer_devices", lambda: (object(), pair["key"]))
+    monkeypatch.setattr(NP, "measure_peer", fake_measure)
+    path = tmp_path / "host_links.json"
+    store(path, links_of("NVIDIA H200 @ host-a"))
+    first, why = NP.get_peer_peaks(cache_path=path)
+    assert why is None and first.gbps == {"peer": 381.0} and measured == [pair["key"]]
+    assert NP.get_peer_peaks(cache_path=path)[0] is first  # memo
+    monkeypatch.setattr(NP, "_MEMO", {})  # a new process reads the file
+    assert NP.get_peer_peaks(cache_path=path)[0] == first and len(measured) == 1
+    store(path, links_of("NVIDIA H200 @ host-b"))  # a host-link write keeps the pair
+    assert load_cached(path, pair["key"], section="peers") == first
+    assert load_cached(path, "NVIDIA H200 @ host-a") == links_of("NVIDIA H200 @ host-a")
+    assert NP.get_peer_peaks(cache_path=path, refresh=True)[0].gbps == {"peer": 382.0}
+    pair["key"] = "NVIDIA H200 GPU-c -> NVIDIA H200 GPU-d @ host-a"  # another pair
+    NP.get_peer_peaks(cache_path=path)
+    assert measured[-1] == pair["key"]
+    data = json.loads(path.read_text())
+    assert len(data["peers"]) == 2 and len(data["machines"]) == 2
+    # a pair's entry is no host-link entry and the other way round
+    assert load_cached(path, pair["key"]) is None
+    assert load_cached(path, "NVIDIA H200 @ host-a", section="peers") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.multi_gpu(2)
+def test_gpu_peer_peak_is_plausible(tmp_path, monkeypatch):
+    monkeypatch.setattr(NP, "_MEMO", {})
+    peers, why = NP.get_peer_peaks(cache_path=tmp_path / "l.json", refresh=True)
+    assert why is None, why
+    # PCIe Gen3 peer to peer (~10 GB/s) .. NVLink 5 (900 GB/s per direction)
+    assert 5.0 < peers.gbps["peer"] < 1000.0, peers
+    assert "cuda:0 -> cuda:1" in peers.notes and " -> " in peers.machine
+    assert load_cached(tmp_path / "l.json", peers.machine, section="peers") == peers
