@@ -22,7 +22,7 @@ from kvperf_kernels.attention.persistent_decode import (
 )
 from kvperf_kernels.cache.paged_kv import cdiv
 from kvperf_kernels.testing.compare import assert_matches_reference
-from kvperf_kernels.testing.decode_variants import LAB_BUG, VARIANTS, run_variant
+from kvperf_kernels.testing.decode_variants import LAB_BUG, SPEED_SWEEP, VARIANTS, run_variant
 
 LENS = [5, 130, 1, 70, 200, 33]  # ragged: 1..4 chunks of 64 tokens, one single-token sequence
 CHUNK = 64  # the interpreter's tile: several chunks per sequence, so the merge is exercised
@@ -53,6 +53,16 @@ def test_variant_matches_reference(variant, page_size, with_sinks, window, decod
     assert_matches_reference(out, ref, f"{variant} page {page_size}")
     kvperf.accuracy("max_abs_err", (out.double() - ref).abs().max().item(), better="lower",
                     rtol=1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("sweep", list(SPEED_SWEEP))
+def test_speed_sweep_matches_reference(sweep, decode_case):
+    """The launches the speed test times beside the default (more programs per SM)."""
+    case = decode_case(LENS, hq=8, hkv=2, head_dim=64, page_size=16, seed=5)
+    kv = case.pack()
+    out = SPEED_SWEEP[sweep](case.q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
+                             sinks=case.sinks)
+    assert_matches_reference(out, _reference(case, kv, sinks=case.sinks), sweep)
 
 
 @pytest.mark.parametrize("num_programs", [3, 64])
