@@ -237,6 +237,12 @@ class _ReportCollector:
         ci_report.add_suite_properties(self.config, ci_report.suite_properties(
             self.session, report.verdict_counts(self.session)))
 
+    @pytest.hookimpl(optionalhook=True)  # pytest-xdist's: a worker finished
+    def pytest_testnodedown(self, node, error):
+        rec = getattr(node, "workeroutput", {}).get(xdist_gpus.WORKER_OUTPUT)
+        if rec is not None:
+            self.session.workers[node.gateway.id] = rec
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_benchmark_update_machine_info(self, config, machine_info):
         machine_info["kvperf"] = {
@@ -258,7 +264,8 @@ def pytest_report_header(config):
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
-    if role.is_worker(config):
+    if role.is_worker(config):  # what this worker ran on, for the controller's record
+        config.workeroutput[xdist_gpus.WORKER_OUTPUT] = xdist_gpus.worker_gpu_record()
         return
     kv = _session(config)
     kv.classify()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .compare import MetricChange, change_line, format_change
+from .xdist_gpus import describe_workers
 
 STATUS_ORDER = (
     "invalid", "regressed", "failed", "error", "interrupted", "lost coverage", "unreliable",
@@ -68,6 +69,8 @@ def terminal_summary(tr, session) -> None:
     hw = session.real_hw
     tr.write_line(f"hardware: {hw.describe()}   baseline file: {session.baseline_file(hw.key)}")
     tr.write_line(f"verdicts: {verdict_counts(session)}")
+    if session.workers:
+        tr.write_line(f"xdist workers: {describe_workers(session.workers)}")
     verbose = tr.config.getoption("verbose") > 0
     compared = [r for r in session.results.values() if r.changes]
     if not verbose:  # an unchanged test is a count above; -v lists it too

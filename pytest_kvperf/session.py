@@ -114,6 +114,8 @@ class KvperfSession:
         # named link peaks the session's transfers were divided by, from the tests' reports
         # (so under xdist the controller has the workers' too)
         self.link_peaks: dict[str, float] = {}
+        # xdist worker id -> what it ran on (xdist_gpus.worker_gpu_record), controller only
+        self.workers: dict[str, dict] = {}
         self._facts_reader = None
         self._static_facts: dict | None = None
 
@@ -310,6 +312,7 @@ class KvperfSession:
             "gpu_facts": self.gpu_static_facts(),
             "summary": dict(sorted(counts.items())),
             "run": provenance.run_facts(self.config.rootpath),
+            "workers": dict(sorted(self.workers.items())) or None,
             "tests": {
                 r.nodeid: {
                     "outcome": r.outcome,
