@@ -351,8 +351,8 @@ def test_peer_peak_measured_once_per_gpu_pair_then_reused(tmp_path, monkeypatch)
     assert load_cached(path, "NVIDIA H200 @ host-a", section="peers") is None
 
 
-@pytest.mark.gpu
 @pytest.mark.multi_gpu(2)
+@pytest.mark.gpu
 def test_gpu_peer_peak_is_plausible(tmp_path, monkeypatch):
     monkeypatch.setattr(NP, "_MEMO", {})
     peers, why = NP.get_peer_peaks(cache_path=tmp_path / "l.json", refresh=True)

@@ -226,8 +226,8 @@ def _probe(pytester, monkeypatch, *args):
     return result, {p.stem: json.loads(p.read_text()) for p in probe_dir.glob("*.json")}
 
 
-@pytest.mark.gpu
 @pytest.mark.multi_gpu(2)
+@pytest.mark.gpu
 def test_workers_run_on_distinct_gpus(pytester, monkeypatch, kvperf):
     """pytest -n 2 on two real GPUs: from inside each worker, torch sees one GPU, and the
     two workers' GPUs are the machine's two different devices (UUIDs); the controller's
@@ -247,8 +247,8 @@ def test_workers_run_on_distinct_gpus(pytester, monkeypatch, kvperf):
         kvperf.info(f"{w}.cuda_visible_devices", seen[w]["visible"])
 
 
-@pytest.mark.gpu
 @pytest.mark.multi_gpu(2)
+@pytest.mark.gpu
 def test_more_workers_than_real_gpus(pytester, monkeypatch):
     """One worker more than the GPUs: refused (a usage error naming them); with
     --kvperf-share-gpus the workers share them round-robin and say so."""

@@ -148,7 +148,7 @@ def page_bytes(t: torch.Tensor) -> int:
 def words(t: torch.Tensor) -> torch.Tensor:
     """[pages, ...] contiguous -> [pages, w] of the widest integer type that divides a page
     (a view: the same bytes, moved by integer ops that never touch a NaN's payload)."""
-    flat = t.reshape(t.shape[0], -1).view(torch.uint8)
+    flat = t.reshape(t.shape[0], page_bytes(t) // t.element_size()).view(torch.uint8)
     for dt in _WORD_DTYPES:
         if flat.shape[1] % dt.itemsize == 0:
             try:

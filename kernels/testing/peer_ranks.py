@@ -204,6 +204,8 @@ def exchange_pages(rank: int, device, cases) -> list[dict]:
         except (ValueError, TypeError) as exc:
             res["error"] = f"{type(exc).__name__}: {exc}"
         out.append(res)
+    _sync(device)
+    dist.barrier()  # no rank leaves (destroying its group) while the other still receives
     return out
 
 
