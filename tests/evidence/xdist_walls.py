@@ -33,7 +33,7 @@ from pathlib import Path
 
 MIN_SPEEDUP = 1.8
 _WORKER_LINE = re.compile(r"^\[(gw\d+)\] \[\s*\d+%\] (?:PASSED|FAILED|SKIPPED|ERROR|XFAIL|"
-                          r"XPASS) (\S+)")
+                          r"XPASS) (\S.*?)\s*$")  # (a parameter id may hold spaces)
 _UPDATE_LINE = re.compile(r"^\s*(\S+\.json): (\d+ entries written|unchanged)")
 
 
@@ -61,7 +61,7 @@ class Run:
         """node id -> xdist worker, from pytest -v lines ('[gw1] [ 50%] PASSED ...')."""
         out = {}
         for line in self.log.splitlines():
-            m = _WORKER_LINE.match(line.strip())
+            m = _WORKER_LINE.match(line)
             if m:
                 out[m.group(2)] = m.group(1)
         return out
