@@ -85,9 +85,9 @@ class WriteLaunch:
         vs 332.8 us), two 1.5-1.6x; test_write_speed times the others beside the default.
         8 warps is refused: it stored wrong RoPE bytes for the lab layout there (95 of
         49,536 bytes, Triton 3.6) and was 1.8x slower than four.
-    programs_per_sm: None launches one program per token: a token's dependent loads,
-        reductions and stores in sequence, at most 32 tokens (programs) in flight per SM;
-        so one warp's v32 128K-token write reached 0.43 of the copy peak. An int launches
+    programs_per_sm: None launches one program per token, at most 32 tokens (programs) in
+        flight per SM; one warp's v32 128K-token write reached 0.43 of the copy peak while
+        its x row load waited for the slot (since then only the stores do). An int launches
         that many programs per SM, each looping over tokens, so that the next token's loads
         are issued while one computes (num_stages: Triton's loop pipelining depth; offline
         for sm90 the loop's x loads become cp.async copies).
@@ -206,65 +206,69 @@ def _store_bytes(ptr, value, mask, NBYTES: tl.constexpr):
 
 @triton.jit
 def _write_token(
-    t, x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, cache_ptr, eps,
-    block_size, block_bytes, n_tokens,
+    t, x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr, cs_stride, max_pos, slot_ptr, cache_ptr,
+    eps, block_size, block_bytes, n_tokens,
     D_NOPE: tl.constexpr, TILE: tl.constexpr, NT: tl.constexpr, NT_PAD: tl.constexpr,
     ROPE_IN: tl.constexpr, NORM_ROPE: tl.constexpr, ROPE_FP8: tl.constexpr,
     SCALE_KIND: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_ROW_OFF: tl.constexpr,
     ROPE_ROW_OFF: tl.constexpr, FOOTER_BYTES: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     """Token t (int64; none at t >= n_tokens): norm, RoPE, quantise, write its row (and
-    footer)."""
+    footer). Only the stores wait for the slot: the loads need t alone (a token past the
+    end reads the last one's rows and writes nothing), so the slot, position and x row are
+    fetched together and the cos/sin rows wait only for the position."""
     slot = tl.load(slot_ptr + t, mask=t < n_tokens, other=-1).to(tl.int64)
-    if slot >= 0:
-        pos = tl.load(pos_ptr + t).to(tl.int64)
-        row_x = x_ptr + t * x_stride
-        tile = tl.arange(0, NT_PAD)
-        d = tile[:, None] * TILE + tl.arange(0, TILE)[None, :]  # [NT_PAD, TILE] nope dims
-        nope = (d < D_NOPE) & (tile[:, None] < NT)
-        xn = tl.load(row_x + d, mask=nope, other=0.0).to(tl.float32)
-        i = tl.arange(0, _HALF)
-        xe = tl.load(row_x + ROPE_IN + 2 * i).to(tl.float32)
-        xo = tl.load(row_x + ROPE_IN + 2 * i + 1).to(tl.float32)
-        wn = tl.load(w_ptr + d, mask=nope, other=0.0).to(tl.float32)
-        if NORM_ROPE:
-            rstd = rstd_from_parts(xn, xe, xo, eps, _NORM_D)
-            ye = (xe * rstd) * tl.load(w_ptr + ROPE_IN + 2 * i).to(tl.float32)
-            yo = (xo * rstd) * tl.load(w_ptr + ROPE_IN + 2 * i + 1).to(tl.float32)
-        else:  # v32: k_pe after the 512 normalised dims, not normalised
-            rstd = rstd_from_parts(xn, tl.zeros_like(xe), tl.zeros_like(xo), eps, _NORM_D)
-            ye, yo = xe, xo
-        yn = (xn * rstd) * wn
-        cos = tl.load(cs_ptr + pos * cs_stride + i)
-        sin = tl.load(cs_ptr + pos * cs_stride + _HALF + i)
-        re, ro = rope_pairs(ye, yo, cos, sin)
+    src = tl.minimum(t, n_tokens - 1)
+    # clamped: a skipped token's position is never checked, and its rows are never used
+    pos = tl.minimum(tl.maximum(tl.load(pos_ptr + src).to(tl.int64), 0), max_pos - 1)
+    row_x = x_ptr + src * x_stride
+    tile = tl.arange(0, NT_PAD)
+    d = tile[:, None] * TILE + tl.arange(0, TILE)[None, :]  # [NT_PAD, TILE] nope dims
+    nope = (d < D_NOPE) & (tile[:, None] < NT)
+    xn = tl.load(row_x + d, mask=nope, other=0.0).to(tl.float32)
+    i = tl.arange(0, _HALF)
+    xe = tl.load(row_x + ROPE_IN + 2 * i).to(tl.float32)
+    xo = tl.load(row_x + ROPE_IN + 2 * i + 1).to(tl.float32)
+    wn = tl.load(w_ptr + d, mask=nope, other=0.0).to(tl.float32)
+    if NORM_ROPE:
+        rstd = rstd_from_parts(xn, xe, xo, eps, _NORM_D)
+        ye = (xe * rstd) * tl.load(w_ptr + ROPE_IN + 2 * i).to(tl.float32)
+        yo = (xo * rstd) * tl.load(w_ptr + ROPE_IN + 2 * i + 1).to(tl.float32)
+    else:  # v32: k_pe after the 512 normalised dims, not normalised
+        rstd = rstd_from_parts(xn, tl.zeros_like(xe), tl.zeros_like(xo), eps, _NORM_D)
+        ye, yo = xe, xo
+    yn = (xn * rstd) * wn
+    cos = tl.load(cs_ptr + pos * cs_stride + i)
+    sin = tl.load(cs_ptr + pos * cs_stride + _HALF + i)
+    re, ro = rope_pairs(ye, yo, cos, sin)
 
-        amax_bits = tl.max(yn.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)  # [NT_PAD]
-        if ROPE_FP8:  # lab: the RoPE'd dims share the one scale
-            rope_bits = tl.maximum(_abs_max_bits(re[None, :]), _abs_max_bits(ro[None, :]))
-            amax_bits = tl.maximum(amax_bits, rope_bits)
-        amax = amax_bits.to(tl.float32, bitcast=True)
-        s = tl.math.div_rn(amax, 448.0)
-        if SCALE_KIND == 0:
-            scale = tl.where(s == 0.0, 1.0, s)
-            q = saturate(div_rn_by_scale(yn, scale[:, None]), 448.0)
+    amax_bits = tl.max(yn.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)  # [NT_PAD]
+    if ROPE_FP8:  # lab: the RoPE'd dims share the one scale
+        rope_bits = tl.maximum(_abs_max_bits(re[None, :]), _abs_max_bits(ro[None, :]))
+        amax_bits = tl.maximum(amax_bits, rope_bits)
+    amax = amax_bits.to(tl.float32, bitcast=True)
+    s = tl.math.div_rn(amax, 448.0)
+    if SCALE_KIND == 0:
+        scale = tl.where(s == 0.0, 1.0, s)
+        q = saturate(div_rn_by_scale(yn, scale[:, None]), 448.0)
+        stored_bits = scale.to(tl.int32, bitcast=True)
+    else:
+        s = tl.where(s < 1e-4, 1e-4, s)  # NaN stays NaN
+        code = encode_e8m0(s)
+        scale = tl.where(code == 255, float("nan"),
+                         (code << 23).to(tl.float32, bitcast=True))
+        # 1 / scale exactly (2^-127 for code 254 is an fp32 subnormal)
+        recip = tl.where(code < 254, (254 - code) << 23, 0x00400000).to(tl.float32,
+                                                                      bitcast=True)
+        q = saturate(yn * recip[:, None], 448.0)
+        q = tl.where((code == 255)[:, None], float("nan"), q)
+        if SCALE_KIND == 1:
             stored_bits = scale.to(tl.int32, bitcast=True)
         else:
-            s = tl.where(s < 1e-4, 1e-4, s)  # NaN stays NaN
-            code = encode_e8m0(s)
-            scale = tl.where(code == 255, float("nan"),
-                             (code << 23).to(tl.float32, bitcast=True))
-            # 1 / scale exactly (2^-127 for code 254 is an fp32 subnormal)
-            recip = tl.where(code < 254, (254 - code) << 23, 0x00400000).to(tl.float32,
-                                                                          bitcast=True)
-            q = saturate(yn * recip[:, None], 448.0)
-            q = tl.where((code == 255)[:, None], float("nan"), q)
-            if SCALE_KIND == 1:
-                stored_bits = scale.to(tl.int32, bitcast=True)
-            else:
-                stored_bits = code
-        codes = encode_e4m3(q, HW_CAST)
+            stored_bits = code
+    codes = encode_e4m3(q, HW_CAST)
 
+    if slot >= 0:  # the stores alone wait for the slot
         blk = slot // block_size
         off = slot % block_size
         row = cache_ptr + blk * block_bytes + off * ROW_BYTES
@@ -289,7 +293,7 @@ def _write_token(
 
 @triton.jit
 def _latent_write_kernel(
-    x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr, cs_stride, slot_ptr, cache_ptr, eps,
+    x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr, cs_stride, max_pos, slot_ptr, cache_ptr, eps,
     block_size, block_bytes, n_tokens,
     D_NOPE: tl.constexpr, TILE: tl.constexpr, NT: tl.constexpr, NT_PAD: tl.constexpr,
     ROPE_IN: tl.constexpr, NORM_ROPE: tl.constexpr, ROPE_FP8: tl.constexpr,
@@ -305,13 +309,13 @@ def _latent_write_kernel(
         # the same trip count in every program; a token past the end reads slot -1 (skip)
         for i in tl.range(0, tl.cdiv(n_tokens, step), num_stages=NUM_STAGES):
             _write_token(pid + i * step, x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr, cs_stride,
-                         slot_ptr, cache_ptr, eps, block_size, block_bytes, n_tokens, D_NOPE,
-                         TILE, NT, NT_PAD, ROPE_IN, NORM_ROPE, ROPE_FP8, SCALE_KIND,
+                         max_pos, slot_ptr, cache_ptr, eps, block_size, block_bytes, n_tokens,
+                         D_NOPE, TILE, NT, NT_PAD, ROPE_IN, NORM_ROPE, ROPE_FP8, SCALE_KIND,
                          ROW_BYTES, SCALE_ROW_OFF, ROPE_ROW_OFF, FOOTER_BYTES, HW_CAST)
     else:
         _write_token(tl.program_id(0).to(tl.int64), x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr,
-                     cs_stride, slot_ptr, cache_ptr, eps, block_size, block_bytes, n_tokens,
-                     D_NOPE, TILE, NT, NT_PAD, ROPE_IN, NORM_ROPE, ROPE_FP8, SCALE_KIND,
+                     cs_stride, max_pos, slot_ptr, cache_ptr, eps, block_size, block_bytes,
+                     n_tokens, D_NOPE, TILE, NT, NT_PAD, ROPE_IN, NORM_ROPE, ROPE_FP8, SCALE_KIND,
                      ROW_BYTES, SCALE_ROW_OFF, ROPE_ROW_OFF, FOOTER_BYTES, HW_CAST)
 
 
@@ -380,8 +384,8 @@ def latent_write(x, kv_norm_weight, positions, cos_sin, slot_mapping, cache, *, 
     programs = t if launch.programs_per_sm is None else min(
         t, launch.programs_per_sm * sm_count(cache.device))
     _latent_write_kernel[(programs,)](
-        x, x.stride(0), kv_norm_weight, positions, cos_sin, cos_sin.stride(0), slot_mapping,
-        cache, eps_f32(eps), block_size, layout.block_bytes(block_size), t,
+        x, x.stride(0), kv_norm_weight, positions, cos_sin, cos_sin.stride(0), cos_sin.shape[0],
+        slot_mapping, cache, eps_f32(eps), block_size, layout.block_bytes(block_size), t,
         D_NOPE=layout.d_nope, TILE=tile, NT=nt, NT_PAD=triton.next_power_of_2(nt),
         ROPE_IN=layout.rope_in, NORM_ROPE=layout.norm_rope, ROPE_FP8=layout.rope_fp8,
         SCALE_KIND=SCALE_KINDS[layout.scale_kind], ROW_BYTES=layout.row_bytes,
