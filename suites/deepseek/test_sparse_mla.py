@@ -245,9 +245,11 @@ def test_speed_sweep_compiles_for_sm90(kvperf):
                     f"{sorted(backends)}")
     ops = sweep_instructions(90)
     assert set(ops) == {"default", *SPEED_SWEEP}, ops
-    for name, launch in SPEED_SWEEP.items():
-        assert launch.heads_per_program(128) == 64 and "wgmma" in ops[name], (name, ops)
-    assert ops["default"] == ["mma.sync"], ops  # 32 heads: M = 32, below wgmma's 64
+    for name, launch in {"default": MLALaunch(), **SPEED_SWEEP}.items():
+        # 32 heads: M = 32, below wgmma's 64
+        want = ["mma.sync"] if launch.heads_per_program(128) == 32 else ["wgmma"]
+        assert ops[name] == want, (name, ops)
+    assert MLALaunch().heads_per_program(128) == 64, "the default takes 64 of 128 heads"
 
 
 @pytest.mark.parametrize("launch", [MLALaunch(block_h=64, block_n=16), MLALaunch(block_n=64)],
