@@ -20,17 +20,19 @@ LAB_BUG = functools.partial(persistent_decode_attention, schedule="lab_bug")
 
 
 def persistent_per_sm(programs_per_sm: int):
-    """The persistent kernel with programs_per_sm resident programs per SM (its default is
-    one: the atomic counter hands out items to any number of programs)."""
+    """The persistent kernel with programs_per_sm programs per SM (its default is
+    PROGRAMS_PER_SM: the atomic counter hands out items to any number of programs)."""
     def run(q, *args, **kwargs):
         return persistent_decode_attention(q, *args, **kwargs,
                                            num_programs=programs_per_sm * sm_count(q.device))
     return run
 
 
-# launches the speed test times beside the default: on the H200 one program per SM moved
-# 0.2 of the copy peak on uniform batches where the batched kernel moved 0.7
-SPEED_SWEEP = {"persistent_x2": persistent_per_sm(2), "persistent_x4": persistent_per_sm(4)}
+# launches the speed test times beside the default's 4 per SM: on the H200 one program per
+# SM moved 0.2 of the copy peak on uniform batches where the batched kernel moved 0.7, four
+# 0.35-0.47
+SPEED_SWEEP = {"persistent_x1": persistent_per_sm(1), "persistent_x8": persistent_per_sm(8),
+               "persistent_x16": persistent_per_sm(16)}
 
 
 def run_variant(name: str, kv, q, **kwargs):
