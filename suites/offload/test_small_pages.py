@@ -14,7 +14,12 @@ staging; the version timed then ran ahead of its copies only by overwriting a st
 buffer its previous copy was still reading (fixed: page_copy.Staging). So the test records
 the host's gather rate and the staged copies alone beside the three paths, and calls a
 miss of the goal the known finding (xfail, with those numbers) only where they explain
-it: the gather and the kernel both below the goal. Any other miss fails.
+it: the gather (alone, or while the staged copies run: the host's memory serves both)
+and the kernel both below the goal. Any other miss fails.
+
+Second run (2026-12-03): batched 0.51, kernel 0.56, although the gather alone ran at 0.98
+and the copies alone at 0.96, each about the link's rate: the two in turn, not overlapped.
+So the test also times the gather while the copies run.
 
 Every path equals the torch reference bit for bit, pages not named stay as they were, and
 the check is shown to fail before the copy. Where the kernels run on a GPU the small
@@ -187,6 +192,27 @@ def host_gather_gbps(src, ids, staging: pc.Staging, rounds: int = 7) -> float:
     return n * pc.page_bytes(src) / statistics.median(times) / 1e9
 
 
+def host_gather_gbps_under_copy(src, ids, staging: pc.Staging, rounds: int = 7) -> tuple:
+    """(GB/s, overlapped): the host's gather rate as above, into a scratch pinned buffer
+    while the staged copies of the same bytes cross the link (queued beforehand, twice as
+    many as the gather rounds): what the batched path's pipeline gets from the host when
+    both share its memory. overlapped: the copies were still running when it ended."""
+    scratch = torch.empty(staging.host.shape, dtype=staging.host.dtype, pin_memory=True)
+    for _ in range(2 * rounds):
+        staged_copies(staging, ids.numel())
+    done = torch.cuda.Event()
+    done.record()
+    n, times = ids.numel(), []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _, a, b in staging.chunks(n):
+            torch.index_select(src, 0, ids[a:b], out=scratch[a:b])
+        times.append(time.perf_counter() - t0)
+    overlapped = not done.query()
+    torch.cuda.synchronize()
+    return n * pc.page_bytes(src) / statistics.median(times) / 1e9, overlapped
+
+
 def staged_copies(staging: pc.Staging, n: int) -> None:
     """copy_batched's copies alone (the pages already gathered): its ceiling on the link."""
     for _, a, b in staging.chunks(n):
@@ -220,17 +246,23 @@ def test_small_page_transfers(page_bytes, kv_bench, kvperf):
     kvperf.info("batched.host_threads", torch.get_num_threads())
     copies = kv_bench(staged_copies, staging, n, bytes_moved=n * page_bytes,
                       peak="h2d_pinned", label="batched_copies_only", max_time_s=0.5)
+    busy, overlapped = host_gather_gbps_under_copy(src, ids.long(), staging)
+    kvperf.info("batched.host_gather_gbps_under_copy", round(busy, 1))
+    kvperf.info("batched.host_gather_under_copy_overlapped", overlapped)
     size, goal = SMALL_PAGE_GOAL
     if page_bytes != size or frac["kernel"] is None:
         return
     peak = res["batched"].gbps / frac["batched"]
     best = max(frac["batched"], frac["kernel"])
+    # the host's pace for the pipeline: its gather while the copies run, where they did
+    feed = min(gather, busy) if overlapped else gather
     words = (f"32 KB pages: batched {frac['batched']:.2f}, kernel {frac['kernel']:.2f}, per "
              f"page {frac['per_page']:.2f} of the h2d_pinned peak (goal {goal}); the host "
              f"gathers the pages at {gather / peak:.2f} of it ({gather:.1f} GB/s, "
-             f"{torch.get_num_threads()} threads), the staged copies alone reach "
-             f"{copies.frac_of_peak:.2f}")
-    if best < goal and gather / peak < goal and frac["kernel"] < goal:
+             f"{torch.get_num_threads()} threads), at {busy / peak:.2f} while the staged "
+             f"copies run ({'overlapped' if overlapped else 'the copies ended first'}), "
+             f"the staged copies alone reach {copies.frac_of_peak:.2f}")
+    if best < goal and feed / peak < goal and frac["kernel"] < goal:
         pytest.xfail(f"known finding: {words}: the batched path is bound by the host's "
                      "gather, the kernel by its reads of pinned memory over the link")
     assert best >= goal, words
