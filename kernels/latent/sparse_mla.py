@@ -56,12 +56,15 @@ class MLALaunch:
         and spill 512 bytes, 64 use wgmma and spill 80). On the H200 (128 heads, top-2048,
         batch 64) 64-head programs ran 3.3x faster than 32-head ones (v32: 599.5 against
         1985.1 us, 122 against 37 TFLOP/s), 16-key tiles 1.5x slower than 32.
-    block_n: keys per tile (16, 32 or 64). num_warps: Triton's (4 or 8).
+    block_n: keys per tile (16, 32 or 64; None: 64 in 64-head programs, else 32). There
+        64 keys ran 1.2-1.4x faster than 32 (v32 batch 64: 497.6 against 602.3 us, 147
+        against 121 TFLOP/s; model1 117 against 82), 16 keys 1.5x slower.
+    num_warps: Triton's (4 or 8).
     test_sparse_decode_speed times the variants in SPEED_SWEEP beside the default.
     """
 
     block_h: int | None = None
-    block_n: int = 32
+    block_n: int | None = None
     num_warps: int = NUM_WARPS
 
     def __post_init__(self):
@@ -69,8 +72,10 @@ class MLALaunch:
                 not in (16, 32, 64):
             raise ValueError(f"MLALaunch.block_h must be 16, 32, 64 or None, got "
                              f"{self.block_h!r}")
-        if check_int(self.block_n, "MLALaunch.block_n", 1) not in (16, 32, 64):
-            raise ValueError(f"MLALaunch.block_n must be 16, 32 or 64, got {self.block_n!r}")
+        if self.block_n is not None and check_int(self.block_n, "MLALaunch.block_n", 1) \
+                not in (16, 32, 64):
+            raise ValueError(f"MLALaunch.block_n must be 16, 32, 64 or None, got "
+                             f"{self.block_n!r}")
         if check_int(self.num_warps, "MLALaunch.num_warps", 1) not in (4, 8):
             raise ValueError(f"MLALaunch.num_warps must be 4 or 8, got {self.num_warps!r}")
 
@@ -79,10 +84,14 @@ class MLALaunch:
             return self.block_h
         return 16 if heads <= 16 else 32 if heads <= 32 else 64
 
+    def keys_per_tile(self, heads: int) -> int:
+        if self.block_n is not None:
+            return self.block_n
+        return 64 if self.heads_per_program(heads) == 64 else 32
+
 
 # the variants the speed test times beside the default (their outputs checked too)
-SPEED_SWEEP = {"h32": MLALaunch(block_h=32), "h64n16": MLALaunch(block_h=64, block_n=16),
-               "h64n64": MLALaunch(block_h=64, block_n=64)}
+SPEED_SWEEP = {"h32": MLALaunch(block_h=32), "h64n32": MLALaunch(block_h=64, block_n=32)}
 
 
 def mla_decode_ref(q, cache, indices, *, layout, block_size: int, sm_scale=None):
@@ -245,7 +254,7 @@ def _launch(q, cache, layout, block_size, sm_scale, hw_cast, launch, *, indices=
         bt, bt.stride(0), lens, out, out.stride(0), out.stride(1), lse, sm_scale, block_size,
         layout.block_bytes(block_size), h, num_warps=launch.num_warps,
         **_constexprs(layout, dense, block_h, use_hw_cast(q.device, hw_cast), interpreted(),
-                      launch.block_n),
+                      launch.keys_per_tile(h)),
     )
     return out, lse
 
@@ -282,12 +291,12 @@ def cache_access_bytes(capability: int = 90) -> dict[str, list[int]]:
     launch at block size 16 or 64 declares them."""
     if interpreted():
         return in_child("kvperf_kernels.latent.sparse_mla", "cache_access_bytes", capability)
-    report = {}
+    report, default = {}, MLALaunch()
     for layout in LAYOUTS.values():
         for dense in (False, True):
             asm = compile_offline(_mla_decode_kernel, _OFFLINE_TYPES,
-                                  _constexprs(layout, dense, MLALaunch().heads_per_program(128),
-                                              True, False),
+                                  _constexprs(layout, dense, default.heads_per_program(128),
+                                              True, False, default.keys_per_tile(128)),
                                   capability=capability, num_warps=NUM_WARPS,
                                   aligned=("block_size", "block_bytes"))
             path = "dense" if dense else "sparse"
@@ -305,7 +314,7 @@ def sweep_instructions(capability: int = 90) -> dict[str, list[str]]:
     for name, launch in {"default": MLALaunch(), **SPEED_SWEEP}.items():
         ptx = compile_offline(_mla_decode_kernel, _OFFLINE_TYPES,
                               _constexprs(LAYOUTS["v32"], False, launch.heads_per_program(128),
-                                          True, False, launch.block_n),
+                                          True, False, launch.keys_per_tile(128)),
                               capability=capability, num_warps=launch.num_warps,
                               aligned=("block_size", "block_bytes"))["ptx"]
         report[name] = [op for op in ("wgmma", "mma.sync") if op in ptx]

@@ -249,7 +249,10 @@ def test_speed_sweep_compiles_for_sm90(kvperf):
         # 32 heads: M = 32, below wgmma's 64
         want = ["mma.sync"] if launch.heads_per_program(128) == 32 else ["wgmma"]
         assert ops[name] == want, (name, ops)
-    assert MLALaunch().heads_per_program(128) == 64, "the default takes 64 of 128 heads"
+    default = MLALaunch()
+    assert (default.heads_per_program(128), default.keys_per_tile(128)) == (64, 64), \
+        "the default takes 64 of 128 heads and 64 keys per tile"
+    assert (default.heads_per_program(16), default.keys_per_tile(16)) == (16, 32)
 
 
 @pytest.mark.parametrize("launch", [MLALaunch(block_h=64, block_n=16), MLALaunch(block_n=64)],
