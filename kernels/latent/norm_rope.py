@@ -8,7 +8,10 @@ RMSNorm, ``y = x * rstd * w`` with ``rstd = 1 / sqrt(mean(x^2) + eps)``:
     square, every square is scaled by ``2^(43 - e)`` (exact), truncated to an int64 and
     the int64s summed (exact, any order: 576 terms < 2^43 stay below 2^53). What the
     truncation drops is below 2^-43 of the largest square per term: the mean square is
-    correct to ~2^-33 relative, far below float32's rounding.
+    correct to ~2^-33 relative, far below float32's rounding. The kernel computes that
+    integer through float32 squares where they are exact (bf16 / fp16 inputs whose largest
+    |x| is in [2^-41, 2^63): a quarter fewer instructions per token, offline for sm90), and
+    through float64 ones otherwise.
   * ``mean + eps``, the square root and the reciprocal in float64 (each correctly
     rounded), rstd rounded once to float32; eps is taken as float32 (1e-6 ->
     9.99999997e-7), the value a kernel argument holds;
@@ -112,19 +115,60 @@ def _exponent_shift(m):
 
 
 @triton.jit
-def rstd_from_parts(a, b, c, eps, N: tl.constexpr):
-    """float32 rstd of the N values held in a, b, c (fp32, any shapes; masked lanes 0)."""
+def _fixed_point_f64(a, b, c):
+    """(sum, k, non-finite count) of the module's fixed-point sum of squares, in float64."""
     sa = a.to(tl.float64) * a.to(tl.float64)
     sb = b.to(tl.float64) * b.to(tl.float64)
     sc = c.to(tl.float64) * c.to(tl.float64)
     m = tl.maximum(tl.maximum(tl.max(sa), tl.max(sb)), tl.max(sc))
     k = _exponent_shift(m)
     total = _fixed_point_sum(sa, k) + _fixed_point_sum(sb, k) + _fixed_point_sum(sc, k)
-    inv_pow2k = ((1023 - k).to(tl.int64) << 52).to(tl.float64, bitcast=True)
-    ms = total.to(tl.float64) * inv_pow2k / N
     # x - x is NaN for NaN and +-Inf: any non-finite value poisons the token
     bad = tl.sum(((a - a) != 0).to(tl.int32)) + tl.sum(((b - b) != 0).to(tl.int32)) \
         + tl.sum(((c - c) != 0).to(tl.int32))
+    return total, k, bad
+
+
+@triton.jit
+def _fixed_point_f32(a, b, c, amax_bits):
+    """(sum, k) as _fixed_point_f64 computes them, in float32, for values with at most 12
+    significant bits (bf16, fp16) and 2^-41 <= max |x| < 2^63: each square is exact in
+    float32, and so is its scaling by 2^k, unless it falls below float32's normal range,
+    where it is below 2^-83 <= 2^-43 of the largest square and truncates to 0 either way."""
+    amax = amax_bits.to(tl.float32, bitcast=True)
+    m = amax * amax  # the largest square (a square of the largest |x|)
+    k = 169 - ((m.to(tl.int32, bitcast=True) >> 23) & 0xFF)  # 43 - frexp exponent
+    pow2k = ((k + 127) << 23).to(tl.float32, bitcast=True)  # k in [-84, 126]: normal
+    total = tl.sum((a * a * pow2k).to(tl.int64)) + tl.sum((b * b * pow2k).to(tl.int64)) \
+        + tl.sum((c * c * pow2k).to(tl.int64))
+    return total, k.to(tl.int64)
+
+
+@triton.jit
+def _abs_bits_max(v):
+    """max |v| over a whole tile as int32 bits (NaN and Inf above every finite value)."""
+    return tl.max(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+
+
+@triton.jit
+def rstd_from_parts(a, b, c, eps, N: tl.constexpr, NARROW: tl.constexpr):
+    """float32 rstd of the N values held in a, b, c (fp32, any shapes; masked lanes 0).
+    NARROW: the values came from bf16 / fp16 (so a token of finite values whose largest
+    |x| is in [2^-41, 2^63) takes the float32 sum of _fixed_point_f32, the same integer;
+    the others, and float32 inputs, the float64 one)."""
+    if NARROW:
+        amax_bits = tl.maximum(tl.maximum(_abs_bits_max(a), _abs_bits_max(b)),
+                               _abs_bits_max(c))
+        # 2^-41 and 2^63 as float32 bits (NaN and Inf bits lie above 2^63)
+        if (amax_bits >= 0x2B000000) & (amax_bits < 0x5F000000):
+            total, k = _fixed_point_f32(a, b, c, amax_bits)
+            bad = amax_bits * 0
+        else:
+            total, k, bad = _fixed_point_f64(a, b, c)
+    else:
+        total, k, bad = _fixed_point_f64(a, b, c)
+    inv_pow2k = ((1023 - k).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+    ms = total.to(tl.float64) * inv_pow2k / N
     # float64 division and square root are IEEE (correctly rounded) on NVIDIA GPUs and
     # numpy alike; sqrt_rn / div_rn are float32-only
     rstd = 1.0 / tl.sqrt(ms + eps)  # eps: a float32 argument, widened exactly

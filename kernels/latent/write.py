@@ -212,6 +212,7 @@ def _write_token(
     ROPE_IN: tl.constexpr, NORM_ROPE: tl.constexpr, ROPE_FP8: tl.constexpr,
     SCALE_KIND: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_ROW_OFF: tl.constexpr,
     ROPE_ROW_OFF: tl.constexpr, FOOTER_BYTES: tl.constexpr, HW_CAST: tl.constexpr,
+    NARROW_IN: tl.constexpr,
 ):
     """Token t (int64; none at t >= n_tokens): norm, RoPE, quantise, write its row (and
     footer). Only the stores wait for the slot: the loads need t alone (a token past the
@@ -231,11 +232,12 @@ def _write_token(
     xo = tl.load(row_x + ROPE_IN + 2 * i + 1).to(tl.float32)
     wn = tl.load(w_ptr + d, mask=nope, other=0.0).to(tl.float32)
     if NORM_ROPE:
-        rstd = rstd_from_parts(xn, xe, xo, eps, _NORM_D)
+        rstd = rstd_from_parts(xn, xe, xo, eps, _NORM_D, NARROW_IN)
         ye = (xe * rstd) * tl.load(w_ptr + ROPE_IN + 2 * i).to(tl.float32)
         yo = (xo * rstd) * tl.load(w_ptr + ROPE_IN + 2 * i + 1).to(tl.float32)
     else:  # v32: k_pe after the 512 normalised dims, not normalised
-        rstd = rstd_from_parts(xn, tl.zeros_like(xe), tl.zeros_like(xo), eps, _NORM_D)
+        rstd = rstd_from_parts(xn, tl.zeros_like(xe), tl.zeros_like(xo), eps, _NORM_D,
+                               NARROW_IN)
         ye, yo = xe, xo
     yn = (xn * rstd) * wn
     cos = tl.load(cs_ptr + pos * cs_stride + i)
@@ -299,7 +301,7 @@ def _latent_write_kernel(
     ROPE_IN: tl.constexpr, NORM_ROPE: tl.constexpr, ROPE_FP8: tl.constexpr,
     SCALE_KIND: tl.constexpr, ROW_BYTES: tl.constexpr, SCALE_ROW_OFF: tl.constexpr,
     ROPE_ROW_OFF: tl.constexpr, FOOTER_BYTES: tl.constexpr, HW_CAST: tl.constexpr,
-    TOKEN_LOOP: tl.constexpr, NUM_STAGES: tl.constexpr,
+    NARROW_IN: tl.constexpr, TOKEN_LOOP: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """One token per program, or (TOKEN_LOOP) a grid-stride loop over the tokens whose
     next token's loads the compiler may issue while this one computes (NUM_STAGES)."""
@@ -311,12 +313,13 @@ def _latent_write_kernel(
             _write_token(pid + i * step, x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr, cs_stride,
                          max_pos, slot_ptr, cache_ptr, eps, block_size, block_bytes, n_tokens,
                          D_NOPE, TILE, NT, NT_PAD, ROPE_IN, NORM_ROPE, ROPE_FP8, SCALE_KIND,
-                         ROW_BYTES, SCALE_ROW_OFF, ROPE_ROW_OFF, FOOTER_BYTES, HW_CAST)
+                         ROW_BYTES, SCALE_ROW_OFF, ROPE_ROW_OFF, FOOTER_BYTES, HW_CAST,
+                         NARROW_IN)
     else:
         _write_token(tl.program_id(0).to(tl.int64), x_ptr, x_stride, w_ptr, pos_ptr, cs_ptr,
                      cs_stride, max_pos, slot_ptr, cache_ptr, eps, block_size, block_bytes,
                      n_tokens, D_NOPE, TILE, NT, NT_PAD, ROPE_IN, NORM_ROPE, ROPE_FP8, SCALE_KIND,
-                     ROW_BYTES, SCALE_ROW_OFF, ROPE_ROW_OFF, FOOTER_BYTES, HW_CAST)
+                     ROW_BYTES, SCALE_ROW_OFF, ROPE_ROW_OFF, FOOTER_BYTES, HW_CAST, NARROW_IN)
 
 
 # --------------------------------------------------------------------------------------
@@ -391,6 +394,7 @@ def latent_write(x, kv_norm_weight, positions, cos_sin, slot_mapping, cache, *, 
         SCALE_KIND=SCALE_KINDS[layout.scale_kind], ROW_BYTES=layout.row_bytes,
         SCALE_ROW_OFF=layout.scale_row_off, ROPE_ROW_OFF=layout.rope_row_off,
         FOOTER_BYTES=layout.footer_bytes, HW_CAST=use_hw_cast(cache.device, hw_cast),
+        NARROW_IN=x.dtype != torch.float32,  # bf16 / fp16: squares exact in float32
         TOKEN_LOOP=launch.programs_per_sm is not None, NUM_STAGES=launch.num_stages,
         num_warps=launch.num_warps, **IEEE_SUBNORMALS,
     )

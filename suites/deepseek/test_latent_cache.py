@@ -36,7 +36,7 @@ from kvperf_kernels.latent.write import (
 from kvperf_kernels.quant.nvfp4 import dequantize_nvfp4, quantize_nvfp4, quantize_nvfp4_ref
 from kvperf_kernels.testing.compare import same_bytes
 from kvperf_kernels.testing.latent import POISON, make_latent_batch
-from kvperf_kernels.testing.params import BF16, FP32, dtype_id
+from kvperf_kernels.testing.params import BF16, FP16, FP32, dtype_id
 
 GPU = pytest.mark.gpu
 NAMES = list(LAYOUTS)
@@ -195,6 +195,40 @@ def test_rms_norm_reference_is_rms_norm():
                                rtol=2e-6, atol=1e-6)
     perm = torch.randperm(512, generator=torch.Generator().manual_seed(2))
     assert torch.equal(rms_norm_ref(x[:, perm], w[perm]), y[:, perm])
+
+
+# largest |x| of a token around the float32 sum's bounds (2^-41, 2^63) and beyond (bf16);
+# fp16's finite values all lie within them
+NORM_SCALES = {BF16: [-46, -42, -41, -40, 0, 60, 62, 63, 64, 100], FP16: [-14, -8, 0, 8, 15]}
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=dtype_id)
+def test_norm_paths_store_the_same_bytes(dtype, checks_device):
+    """A 16-bit token whose largest |x| lies in [2^-41, 2^63) is normalised through float32
+    squares, any other through float64 ones (rstd_from_parts); both are the reference's
+    one fixed-point integer, so every token below, each scaled by a power of two around
+    those bounds, one with a value 2^-30 of its largest beside it, stores the reference's
+    bytes."""
+    scales = NORM_SCALES[dtype]
+    batch = make_latent_batch("model1", [0], [len(scales)], 16, dtype=FP32,
+                              device=checks_device, seed=17)
+    big = batch.x.abs().amax(dim=-1, keepdim=True)
+    x = batch.x / big  # largest |x| 1 in every token
+    x[:, 7] = 2.0**-30 * torch.sign(x[:, 7])  # a small square, truncated by the sum or not
+    e = torch.tensor(scales, dtype=FP32, device=x.device)
+    batch.x = (x * torch.exp2(e)[:, None]).to(dtype)
+    ours, ref = _write_both(batch)
+    same_bytes(ours, ref, f"{dtype} tokens of largest |x| 2^{scales}")
+
+
+def test_float32_squares_are_wrong_beyond_the_bound():
+    """The negative control of the bound: at 2^64 a bf16 value's float32 square is Inf,
+    so the float32 sum would poison a finite token; at 2^62 it is exact."""
+    for e, finite in ((62, True), (64, False)):
+        x = torch.tensor([1.5 * 2.0**e], dtype=BF16).float()
+        assert bool(torch.isfinite(x * x)) is finite, e
+        if finite:
+            assert (x.double() ** 2).item() == (x * x).double().item()
 
 
 def test_rope_reference_is_a_rotation():
