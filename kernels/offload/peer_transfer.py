@@ -332,22 +332,33 @@ def _exchange_headers(mine: list[int], me: int, peer: int, sender: bool, device,
                          f"{_describe(expected, r_rank, 'expects')}")
 
 
+def _check_side(pages, index, peer: int, group, staging, *, sender: bool) -> None:
+    """One side's input contract (src / ids of send_pages, dst / slots of recv_pages), then
+    the header exchange, so that the two ranks agree before any page moves."""
+    p_name, i_name = ("src", "ids") if sender else ("dst", "slots")
+    me, backend = _group_facts(peer, group)
+    check_pages(pages, p_name)
+    _check_backend_device(backend, pages, p_name)
+    if staging is None:
+        on, why = torch.device("cpu"), "one message per page is issued from the host"
+    else:
+        on, why = pages.device, f"the {'gather' if sender else 'scatter'} runs there"
+    check_index(index, i_name, pages.shape[0], on, why)
+    if not sender:
+        check_unique_slots(index)
+    if staging is not None:
+        check_staging(staging, "staging", pages, index.numel())
+    _exchange_headers(_header(pages, index.numel(), staging is not None), me, peer, sender,
+                      pages.device, group)
+
+
 def send_pages(src, ids, peer: int, *, staging: torch.Tensor | None = None, group=None,
                checked: bool = True) -> None:
     """Send src[ids] to rank ``peer``: packed into ``staging`` (beside src, ids there) and
     sent as one message, or with ``staging=None`` one message per page (ids on the host).
     The peer calls recv_pages with as many slots."""
     if checked:
-        me, backend = _group_facts(peer, group)
-        check_pages(src, "src")
-        _check_backend_device(backend, src, "src")
-        on = src.device if staging is not None else torch.device("cpu")
-        check_index(ids, "ids", src.shape[0], on, "the gather runs there"
-                    if staging is not None else "one message per page is issued from the host")
-        if staging is not None:
-            check_staging(staging, "staging", src, ids.numel())
-        _exchange_headers(_header(src, ids.numel(), staging is not None), me, peer, True,
-                          src.device, group)
+        _check_side(src, ids, peer, group, staging, sender=True)
     n = ids.numel()
     if n == 0:
         return
@@ -368,17 +379,7 @@ def recv_pages(dst, slots, peer: int, *, staging: torch.Tensor | None = None, gr
     dst, slots there) and one scatter, or with ``staging=None`` straight into each slot
     (slots on the host). Returns dst."""
     if checked:
-        me, backend = _group_facts(peer, group)
-        check_pages(dst, "dst")
-        _check_backend_device(backend, dst, "dst")
-        on = dst.device if staging is not None else torch.device("cpu")
-        check_index(slots, "slots", dst.shape[0], on, "the scatter runs there"
-                    if staging is not None else "one message per page is issued from the host")
-        check_unique_slots(slots)
-        if staging is not None:
-            check_staging(staging, "staging", dst, slots.numel())
-        _exchange_headers(_header(dst, slots.numel(), staging is not None), me, peer, False,
-                          dst.device, group)
+        _check_side(dst, slots, peer, group, staging, sender=False)
     n = slots.numel()
     if n == 0:
         return dst
