@@ -57,8 +57,9 @@ class MLALaunch:
         batch 64) 64-head programs ran 3.3x faster than 32-head ones (v32: 599.5 against
         1985.1 us, 122 against 37 TFLOP/s), 16-key tiles 1.5x slower than 32.
     block_n: keys per tile (16, 32 or 64; None: 64 in 64-head programs, else 32). There
-        64 keys ran 1.2-1.4x faster than 32 (v32 batch 64: 497.6 against 602.3 us, 147
-        against 121 TFLOP/s; model1 117 against 82), 16 keys 1.5x slower.
+        64 keys ran 1.2-1.4x faster than 32 although they spill 232 bytes offline (v32
+        batch 64: 497.6 against 602.3 us, 147 against 121 TFLOP/s; model1 117 against 82),
+        16 keys 1.5x slower.
     num_warps: Triton's (4 or 8).
     test_sparse_decode_speed times the variants in SPEED_SWEEP beside the default.
     """
