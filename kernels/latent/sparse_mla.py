@@ -139,7 +139,7 @@ def _mla_decode_kernel(
     q_ptr, q_sr, q_sh, cache_ptr, idx_ptr, idx_stride, n_keys, bt_ptr, bt_stride, len_ptr,
     out_ptr, o_sr, o_sh, lse_ptr, sm_scale, block_size, block_bytes, H,
     D_FP8: tl.constexpr, PA: tl.constexpr, TILE: tl.constexpr, NT: tl.constexpr,
-    NT_PAD: tl.constexpr, HAS_R: tl.constexpr,
+    NT_PAD: tl.constexpr, HAS_R: tl.constexpr, ROPE_TILE: tl.constexpr,
     V_HAS_R: tl.constexpr, SCALE_KIND: tl.constexpr, ROW_BYTES: tl.constexpr,
     SCALE_ROW_OFF: tl.constexpr, ROPE_ROW_OFF: tl.constexpr, FOOTER_BYTES: tl.constexpr,
     DENSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HW_CAST: tl.constexpr,
@@ -149,7 +149,9 @@ def _mla_decode_kernel(
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = heads < H
     ca = tl.arange(0, PA)
-    am = ca < D_FP8
+    # ROPE_TILE (model1): the padded last tile of the codes holds the 64 RoPE dims, so
+    # keys and values are one [., 512] operand (no separate RoPE dots or accumulator)
+    am = ca < (D_FP8 + 64 if ROPE_TILE else D_FP8)
     cr = tl.arange(0, 64)
     q_row = q_ptr + r * q_sr + heads[:, None] * q_sh
     qa = tl.load(q_row + ca[None, :], mask=hm[:, None] & am[None, :], other=0.0)
@@ -196,6 +198,10 @@ def _mla_decode_kernel(
             scale = tl.where(e == 255, float("nan"), (e << 23).to(tl.float32, bitcast=True))
         a3 = cast_out(decode_e4m3(code, HW_CAST) * scale[:, :, None], tl.bfloat16, HW_CAST)
         a3 = tl.where(m3, a3, 0.0).to(tl.bfloat16)
+        if ROPE_TILE:  # [BLOCK_N, 64] RoPE values, broadcast into the last tile
+            rp = (row + ROPE_ROW_OFF).to(tl.pointer_type(tl.bfloat16))
+            rv = tl.load(rp[:, None] + cr[None, :], mask=valid[:, None], other=0.0)
+            a3 = tl.where(d3 < D_FP8, a3, rv[:, None, :])
         a = tl.reshape(a3, [BLOCK_N, PA])
         s = mma(qa, tl.trans(a), F32)
         if HAS_R:
@@ -263,9 +269,12 @@ def _launch(q, cache, layout, block_size, sm_scale, hw_cast, launch, *, indices=
 def _constexprs(layout, dense: bool, block_h: int, hw_cast: bool, f32: bool,
                 block_n: int = 32) -> dict:
     nt_pad = triton.next_power_of_2(layout.num_tiles)  # tiles x TILE = 512 in each layout
+    # the RoPE dims fill the codes' padding exactly (model1: 7 tiles of 64 + 64 bf16)
+    rope_tile = not layout.rope_fp8 and nt_pad * layout.tile - layout.d_fp8 == 64
     return dict(
         D_FP8=layout.d_fp8, PA=nt_pad * layout.tile, TILE=layout.tile, NT=layout.num_tiles,
-        NT_PAD=nt_pad, HAS_R=not layout.rope_fp8, V_HAS_R=layout.d_fp8 < D_V,
+        NT_PAD=nt_pad, HAS_R=not layout.rope_fp8 and not rope_tile, ROPE_TILE=rope_tile,
+        V_HAS_R=layout.d_fp8 < D_V and not rope_tile,
         SCALE_KIND=SCALE_KINDS[layout.scale_kind], ROW_BYTES=layout.row_bytes,
         SCALE_ROW_OFF=layout.scale_row_off, ROPE_ROW_OFF=layout.rope_row_off,
         FOOTER_BYTES=layout.footer_bytes, DENSE=dense, BLOCK_H=block_h, BLOCK_N=block_n,
