@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from kvperf_kernels.latent.layouts import D_NORM, D_ROPE
+from kvperf_kernels.quant.groups import amax_propagate_nan
 
 RMS_EPS = 1e-6
 FIXED_POINT_BITS = 43
@@ -145,9 +146,10 @@ def _fixed_point_f32(a, b, c, amax_bits):
 
 
 @triton.jit
-def _abs_bits_max(v):
-    """max |v| over a whole tile as int32 bits (NaN and Inf above every finite value)."""
-    return tl.max(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+def tile_amax_bits(v):
+    """max |v| over the whole tile as int32 bits (quant.groups' NaN-propagating amax: NaN
+    and Inf lie above every finite value)."""
+    return amax_propagate_nan(v, None).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -157,12 +159,11 @@ def rstd_from_parts(a, b, c, eps, N: tl.constexpr, NARROW: tl.constexpr):
     |x| is in [2^-41, 2^63) takes the float32 sum of _fixed_point_f32, the same integer;
     the others, and float32 inputs, the float64 one)."""
     if NARROW:
-        amax_bits = tl.maximum(tl.maximum(_abs_bits_max(a), _abs_bits_max(b)),
-                               _abs_bits_max(c))
+        top = tl.maximum(tl.maximum(tile_amax_bits(a), tile_amax_bits(b)), tile_amax_bits(c))
         # 2^-41 and 2^63 as float32 bits (NaN and Inf bits lie above 2^63)
-        if (amax_bits >= 0x2B000000) & (amax_bits < 0x5F000000):
-            total, k = _fixed_point_f32(a, b, c, amax_bits)
-            bad = amax_bits * 0
+        if (top >= 0x2B000000) & (top < 0x5F000000):
+            total, k = _fixed_point_f32(a, b, c, top)
+            bad = top * 0
         else:
             total, k, bad = _fixed_point_f64(a, b, c)
     else:

@@ -61,6 +61,7 @@ from kvperf_kernels.latent.norm_rope import (
     kv_norm_rope_ref,
     rope_pairs,
     rstd_from_parts,
+    tile_amax_bits,
 )
 from kvperf_kernels.quant.fp8 import div_rn_by_scale
 
@@ -192,12 +193,6 @@ def latent_write_ref(x, kv_norm_weight, positions, cos_sin, slot_mapping, cache,
 # --------------------------------------------------------------------------------------
 
 @triton.jit
-def _abs_max_bits(x):
-    """max |x| of a whole tile as int32 bits: NaN (above +Inf) wins, as in amax_propagate_nan."""
-    return tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0)
-
-
-@triton.jit
 def _store_bytes(ptr, value, mask, NBYTES: tl.constexpr):
     """Store the low NBYTES bytes of int32 ``value`` [N] little-endian at ptr [N] + 0..NBYTES-1."""
     j = tl.arange(0, NBYTES)[None, :]
@@ -247,7 +242,7 @@ def _write_token(
 
     amax_bits = tl.max(yn.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)  # [NT_PAD]
     if ROPE_FP8:  # lab: the RoPE'd dims share the one scale
-        rope_bits = tl.maximum(_abs_max_bits(re[None, :]), _abs_max_bits(ro[None, :]))
+        rope_bits = tl.maximum(tile_amax_bits(re), tile_amax_bits(ro))
         amax_bits = tl.maximum(amax_bits, rope_bits)
     amax = amax_bits.to(tl.float32, bitcast=True)
     s = tl.math.div_rn(amax, 448.0)

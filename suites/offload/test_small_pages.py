@@ -179,15 +179,17 @@ def test_the_kernel_scatters_to_pinned_host_memory(page_bytes, kv_bench):
     pc.check_pages_moved(src, ids, dst, slots, before)
 
 
-def host_gather_gbps(src, ids, staging: pc.Staging, rounds: int = 7) -> float:
-    """The host's rate (GB/s of pages) gathering the batch into the staging chunk by chunk,
-    as copy_batched does, with no copy in flight: the batched path cannot beat it."""
+def host_gather_gbps(src, ids, staging: pc.Staging, rounds: int = 7, out=None) -> float:
+    """The host's rate (GB/s of pages) gathering the batch into the staging (or ``out``,
+    shaped like it) chunk by chunk, as copy_batched does, with no copy in flight unless the
+    caller queued some: the batched path cannot beat it."""
+    out = staging.host if out is None else out
     n = ids.numel()
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _, a, b in staging.chunks(n):
-            torch.index_select(src, 0, ids[a:b], out=staging.host[a:b])
+            torch.index_select(src, 0, ids[a:b], out=out[a:b])
         times.append(time.perf_counter() - t0)
     return n * pc.page_bytes(src) / statistics.median(times) / 1e9
 
@@ -202,15 +204,10 @@ def host_gather_gbps_under_copy(src, ids, staging: pc.Staging, rounds: int = 7) 
         staged_copies(staging, ids.numel())
     done = torch.cuda.Event()
     done.record()
-    n, times = ids.numel(), []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _, a, b in staging.chunks(n):
-            torch.index_select(src, 0, ids[a:b], out=scratch[a:b])
-        times.append(time.perf_counter() - t0)
+    gbps = host_gather_gbps(src, ids, staging, rounds, out=scratch)
     overlapped = not done.query()
     torch.cuda.synchronize()
-    return n * pc.page_bytes(src) / statistics.median(times) / 1e9, overlapped
+    return gbps, overlapped
 
 
 def staged_copies(staging: pc.Staging, n: int) -> None:
