@@ -13,8 +13,11 @@ whole batch, whatever its size:
 - the chunk of item i is found without a host-built table: every program computes the
   prefix sum of chunks per sequence from ``seq_lens`` in registers once, then a sequence is
   a comparison and a sum (no device sync, CUDA-graph capturable);
-- K/V tiles are double-buffered in registers: tile t+1 (page id, K, V) is loaded before
-  tile t is computed, so its memory latency hides behind the math;
+- an item's K/V tiles load inside its token loop, which Triton's pipeliner turns into
+  cp.async prefetches ``num_stages`` deep (into shared memory), so the next tiles' latency
+  hides behind this one's math; the first version double-buffered them in registers by
+  hand, which kept the loop out of the pipeliner (offline for sm90: no cp.async, 162
+  registers at BF16, so 3 programs per SM fit; now 109, 4 fit);
 - each item writes an unnormalised partial (acc, running max, running sum) that a merge
   kernel combines by log-sum-exp per (sequence, query head), adding the sink there once.
 
@@ -188,73 +191,52 @@ def _persistent_decode_kernel(
         ks_base = ks_ptr + kvh * stride_ksh
         vs_base = vs_ptr + kvh * stride_vsh
 
-        # Double buffer: tile `start` is in (k_cur, v_cur) while tile start + BLOCK_N loads.
-        offs_n = lo + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
-        page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-        slot = offs_n % PAGE_SIZE
-        k_cur = _load_tile(k_base, page * stride_kp + slot * stride_ks, ks_base,
-                           page * stride_ksp + slot * stride_kss, n_mask, KV_FORMAT, HEAD_DIM,
-                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, False)
-        v_cur = _load_tile(v_base, page * stride_vp + slot * stride_vs, vs_base,
-                           page * stride_vsp + slot * stride_vss, n_mask, KV_FORMAT, HEAD_DIM,
-                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, V_OPAQUE)
-        ksc_cur = _token_scales(ks_base, page * stride_ksp + slot * stride_kss, n_mask,
-                                K_SCALE_MODE, BLOCK_N)
-        vsc_cur = _token_scales(vs_base, page * stride_vsp + slot * stride_vss, n_mask,
-                                V_SCALE_MODE, BLOCK_N)
         # per-token V: p * scale enters float16 relative to a running power of two
         # 2^(e_v - 127) (decode.py's), so acc is rescaled when a larger scale arrives
         e_v = tl.full([], 1, tl.int32)
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        # The tiles load inside the loop, so Triton's pipeliner prefetches the next ones
+        # (cp.async into shared memory, NUM_STAGES deep) while this one is computed.
         for start in range(lo, hi, BLOCK_N):
-            nxt = start + BLOCK_N + tl.arange(0, BLOCK_N)
-            nxt_mask = nxt < hi
-            page_n = tl.load(bt_row + nxt // PAGE_SIZE, mask=nxt_mask, other=0)
-            page_n = tl.minimum(tl.maximum(page_n, 0), num_pages - 1).to(tl.int64)
-            slot_n = nxt % PAGE_SIZE
-            k_nxt = _load_tile(k_base, page_n * stride_kp + slot_n * stride_ks, ks_base,
-                               page_n * stride_ksp + slot_n * stride_kss, nxt_mask, KV_FORMAT,
-                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, False)
-            v_nxt = _load_tile(v_base, page_n * stride_vp + slot_n * stride_vs, vs_base,
-                               page_n * stride_vsp + slot_n * stride_vss, nxt_mask, KV_FORMAT,
-                               HEAD_DIM, BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, V_OPAQUE)
-            ksc_nxt = _token_scales(ks_base, page_n * stride_ksp + slot_n * stride_kss,
-                                    nxt_mask, K_SCALE_MODE, BLOCK_N)
-            vsc_nxt = _token_scales(vs_base, page_n * stride_vsp + slot_n * stride_vss,
-                                    nxt_mask, V_SCALE_MODE, BLOCK_N)
-
-            cur_mask = (start + tl.arange(0, BLOCK_N)) < hi
-            s = tl.dot(q, tl.trans(k_cur.to(DOT)), input_precision=PRECISION) * row_mult[:, None]
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < hi
+            page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+            slot = offs_n % PAGE_SIZE
+            k = _load_tile(k_base, page * stride_kp + slot * stride_ks, ks_base,
+                           page * stride_ksp + slot * stride_kss, n_mask, KV_FORMAT, HEAD_DIM,
+                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, False)
+            s = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) * row_mult[:, None]
             if K_SCALE_MODE == 2:
-                s = s * ksc_cur[None, :]
-            s = tl.where(cur_mask[None, :], s, float("-inf"))
+                s = s * _token_scales(ks_base, page * stride_ksp + slot * stride_kss, n_mask,
+                                      K_SCALE_MODE, BLOCK_N)[None, :]
+            s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # every tile holds >= 1 token
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = _load_tile(v_base, page * stride_vp + slot * stride_vs, vs_base,
+                           page * stride_vsp + slot * stride_vss, n_mask, KV_FORMAT, HEAD_DIM,
+                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, V_OPAQUE)
             if V_SCALE_MODE == 2:
-                e_new = tl.minimum(tl.maximum(e_v, tl.max(vsc_cur).to(tl.int32, bitcast=True)
+                vsc = _token_scales(vs_base, page * stride_vsp + slot * stride_vss, n_mask,
+                                    V_SCALE_MODE, BLOCK_N)
+                e_new = tl.minimum(tl.maximum(e_v, tl.max(vsc).to(tl.int32, bitcast=True)
                                               >> 23), 253)
                 # acc * 2^(e_v - e_new), 0 when that underflows (acc was negligible then)
                 alpha = alpha * tl.where(e_v - e_new < -126, 0.0, pow2_from_biased_exponent(
                     tl.maximum(127 + e_v - e_new, 1)))
                 e_v = e_new
-                p = p * (vsc_cur * pow2_from_biased_exponent(254 - e_v))[None, :]
+                p = p * (vsc * pow2_from_biased_exponent(254 - e_v))[None, :]
             # p in the tile type, plus its 16-bit rounding residue (decode.py's precise_pv)
             p_hi = p.to(TILE)
-            v_t = v_cur.to(DOT)
+            v_t = v.to(DOT)
             acc = tl.dot(p_hi.to(DOT), v_t, acc * alpha[:, None], input_precision=PRECISION)
             if PRECISE_PV:
                 acc = tl.dot((p - p_hi.to(tl.float32)).to(TILE).to(DOT), v_t, acc)
             m_i = m_new
-            k_cur = k_nxt
-            v_cur = v_nxt
-            ksc_cur = ksc_nxt
-            vsc_cur = vsc_nxt
         if V_SCALE_MODE == 2:
             acc = acc * (out_mult * pow2_from_biased_exponent(e_v))
         else:
@@ -400,6 +382,7 @@ def persistent_decode_attention(
     v_scale=None,
     block_n: int | None = None,
     num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over a paged KV cache, persistent.
 
@@ -419,6 +402,8 @@ def persistent_decode_attention(
     block_n: tokens per tile (block-k; a power of two >= 16; default 64, 32 for D 128).
     num_programs: the grid (default: PROGRAMS_PER_SM x the SM count; 4 in the
         interpreter).
+    num_warps, num_stages: Triton's (num_stages: the depth of the tile prefetch; 1 loads
+        each tile when it is needed).
     chunk_tokens: tokens per work item (a multiple of the tile, 64 in the interpreter).
     max_seq_len: bound on the lengths, sizes the partial buffers (None: read from seq_lens,
         one sync, or the block table's capacity when ``checked=False``).
@@ -498,6 +483,8 @@ def persistent_decode_attention(
         num_programs = (4 if interpreted() or q.device.type != "cuda"
                         else PROGRAMS_PER_SM * sm_count(q.device))
     check_int(num_programs, "num_programs", 1)
+    check_int(num_warps, "num_warps", 1)
+    check_int(num_stages, "num_stages", 1)
     check_flag(checked, "checked")
     capacity = check_max_seq_len(max_seq_len, block_tables, page_size)
     out = checked_out(out, q)
@@ -559,6 +546,7 @@ def persistent_decode_attention(
         DOT=tl.float32 if interpreted() else tile,
         PRECISION="ieee" if kv_format == _FP32 else "tf32", K_SCALE_MODE=k_mode,
         V_SCALE_MODE=v_mode, NAN_PATCH=interpreted(), num_warps=num_warps,
+        num_stages=num_stages,
     )
     hb = max(2, triton.next_power_of_2(num_q_heads)) if interpreted() else 2
     _merge_chunks_kernel[(batch, triton.cdiv(num_q_heads, hb))](
@@ -584,10 +572,16 @@ def host_loop_decode(q, k_cache, v_cache, block_tables, seq_lens, **kwargs) -> t
     return out
 
 
+_ALIGNED_STRIDES = ("stride_qb", "stride_kp", "stride_ks", "stride_kh", "stride_vp",
+                    "stride_vs", "stride_vh")
+
+
 def sm_compile_report(capability: int = 90) -> dict[str, dict]:
     """Compile every KV format x schedule variant and the merge offline for cuda:``capability``
-    (``offline_compile``; under the interpreter in a child): per variant, its atomics in the
-    PTX. A kernel edit that no longer compiles for the GPU fails on the CPU."""
+    (``offline_compile``; under the interpreter in a child): per variant, its atomics, E4M3
+    converts and cp.async copies (the pipelined tile loads) in the PTX. A kernel edit that
+    no longer compiles for the GPU, or whose token loop leaves the pipeliner, fails on the
+    CPU."""
     if interpreted():
         return in_child("kvperf_kernels.attention.persistent_decode", "sm_compile_report",
                         capability)
@@ -613,11 +607,14 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
                      DOT=tile, PRECISION="ieee" if fmt == _FP32 else "tf32",
                      K_SCALE_MODE=mode, V_SCALE_MODE=mode, NAN_PATCH=False,
                      V_OPAQUE=fmt == _FP8)
-        ptx = compile_offline(_persistent_decode_kernel, types, const,
-                              capability=capability)["ptx"]
+        # the cache strides are multiples of 16 elements at these shapes, as a launch
+        # declares them (then tile rows vectorise and load through cp.async)
+        ptx = compile_offline(_persistent_decode_kernel, types, const, capability=capability,
+                              aligned=_ALIGNED_STRIDES)["ptx"]
         label = KV_FORMAT_NAMES[fmt] + {0: "", 1: "_per_tensor", 2: "_per_token"}[mode]
         report[f"{label}-{name}"] = {"atomics": ptx.count("atom."),
-                               "e4m3_converts": ptx.count("cvt.rn.f16x2.e4m3x2")}
+                                     "e4m3_converts": ptx.count("cvt.rn.f16x2.e4m3x2"),
+                                     "async_copies": ptx.count("cp.async.")}
     types = dict(seq_lens_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32",
                  part_l_ptr="*fp32", sinks_ptr="*fp32", out_ptr="*bf16")
     ptx = compile_offline(_merge_chunks_kernel, types,

@@ -1,6 +1,7 @@
 """Decode variant speed, gpt-oss shapes (Hq 64, Hkv 8, D 64, page 16, BF16 KV, sinks): the host
-loop, our batched split-KV kernel and the persistent kernel (4 programs per SM, its
-default, and 1 and 8 per SM, 128- and 1024-token chunks: SPEED_SWEEP) in the same run, on
+loop, our batched split-KV kernel and the persistent kernel (4 programs per SM, 256-token
+chunks and 3 pipeline stages, its default, and 8 per SM, 2 stages, 128- and 1024-token
+chunks: SPEED_SWEEP) in the same run, on
 a skewed batch (one 32K sequence among 63 of 512: the lab's load-balance case) and uniform
 ones.
 

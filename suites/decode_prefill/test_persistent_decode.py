@@ -1,7 +1,7 @@
 """Decode variants of the persistent-decode lab, all real paged GQA attention with softmax
 (sinks and window optional), each checked for every sequence against the float64 reference:
 a host loop (one launch per sequence), our batched split-KV kernel, and the persistent kernel
-(atomic work counter over (chunk, KV head) items, double-buffered tiles, a merge of chunks).
+(atomic work counter over (chunk, KV head) items, pipelined tile loads, a merge of chunks).
 
 The lab's own Triton variant computed only the first num_programs sequences; ``LAB_BUG`` is
 that defect, and the reference check must fail on it (negative control).
@@ -288,7 +288,8 @@ def test_persistent_kernels_compile_for_sm90(kvperf):
     """Every KV format x schedule of the persistent kernel (FP8 with per-token and per-tensor
     scales), and its merge, compiled offline for sm90 (no GPU): the atomic schedule's PTX has
     its atomics (one site per counter read), the others none; FP8 tiles are decoded by the
-    packed hardware convert (cvt.rn.f16x2.e4m3x2), which no other format has."""
+    packed hardware convert (cvt.rn.f16x2.e4m3x2), which no other format has; every
+    variant's tiles load through cp.async (Triton pipelined its token loop)."""
     try:
         report = sm_compile_report(90)
     except RuntimeError as exc:  # no NVIDIA backend / ptxas in this Triton
@@ -298,5 +299,6 @@ def test_persistent_kernels_compile_for_sm90(kvperf):
     for variant, facts in report.items():
         assert (facts["atomics"] > 0) == variant.endswith("-atomic"), (variant, facts)
         assert (facts["e4m3_converts"] > 0) == variant.startswith("fp8"), (variant, facts)
+        assert facts["async_copies"] > 0, (variant, facts)  # the token loop is pipelined
     assert len(report) == 7
     assert {"fp8_per_token-atomic", "fp8_per_tensor-atomic"} <= set(report)
