@@ -502,6 +502,9 @@ class DecodeLaunch:
     max_tile_cols: [tuning] columns of the program's KV tile: HP KV heads side by side,
         HP * D <= this (for D 64: two heads, 128 contiguous bytes per token in FP8, 256 in
         BF16; measured 15 % faster FP8 and 4 % faster BF16 on the H100 than one head).
+    maxnreg: [tuning] registers per thread ptxas may use (Triton's maxnreg; None: its
+        choice). On the H200 the FP8 default compiled to 189 and ran 8 warps per SM, a
+        limit set by registers (ncu: 2 warps per scheduler, 0.36 issued per cycle).
     """
 
     block_n: int | None = None
@@ -510,12 +513,13 @@ class DecodeLaunch:
     precise_pv: bool | None = None
     decode_asm: int = 2
     max_tile_cols: int = 128
+    maxnreg: int | None = None
 
     def __post_init__(self):
         bn = self.block_n
         if bn is not None and (_not_int(bn) or bn < 16 or bn & (bn - 1)):
             raise ValueError(f"DecodeLaunch.block_n must be a power of two >= 16, got {bn!r}")
-        for name in ("num_warps", "num_stages", "max_tile_cols"):
+        for name in ("num_warps", "num_stages", "max_tile_cols", "maxnreg"):
             v = getattr(self, name)
             if v is not None and (_not_int(v) or v < 1):
                 raise ValueError(f"DecodeLaunch.{name} must be an int >= 1, got {v!r}")
@@ -981,6 +985,7 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         num_q_heads,
         **constexprs, num_warps=num_warps, num_stages=launch.num_stages,
+        **({"maxnreg": launch.maxnreg} if launch.maxnreg and not interpreted() else {}),
     )
     if is_split:
         _merge_splits_kernel[(batch, num_q_heads)](

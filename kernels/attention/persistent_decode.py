@@ -64,13 +64,22 @@ from kvperf_kernels.formats.checks import (
 
 SCHEDULES = {"atomic": 0, "static": 1, "lab_bug": 2}
 MAX_BATCH = 4096  # the prefix sum lives in registers: [next_pow2(B)] int32 per program
-DEFAULT_CHUNK_TOKENS = 256
+# tokens per work item: on the H200 (gpt-oss heads, BF16) 1024 ran faster than 256 and 128 on
+# every speed workload, the skewed one included (one 32K among 63 x 512: 67.3 against 84.7
+# and 109.6 us; uniform 64 x 4K: 180.9 against 209.2 and 251.8): fewer partials to write and
+# merge, and 32 items still spread the long sequence
+DEFAULT_CHUNK_TOKENS = 1024
 # the default grid per SM: on the H200 (64/8 heads, d 64) 4 programs per SM ran 1.7-2.2x
 # faster than one (uniform 64 x 4K: 266.5 against 581.7 us; skewed: 102.8 against 178.8),
 # 2 between them: a program walks its items one after another, so one per SM left the SM
 # mostly waiting on its loads
 PROGRAMS_PER_SM = 4
 MERGE_BLOCK = 16  # chunks merged per step
+DEFAULT_STAGES = 3
+# Triton 3.6 on the H200: INT4 tiles through the pipelined token loop came out wrong (4081 of
+# 4096 outputs, block_n 16 over two tiles per item; fp8/16-bit right there), so INT4 loads
+# each tile where it is used unless num_stages is given
+INT4_STAGES = 1
 
 
 @triton.jit
@@ -382,7 +391,7 @@ def persistent_decode_attention(
     v_scale=None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over a paged KV cache, persistent.
 
@@ -403,7 +412,7 @@ def persistent_decode_attention(
     num_programs: the grid (default: PROGRAMS_PER_SM x the SM count; 4 in the
         interpreter).
     num_warps, num_stages: Triton's (num_stages: the depth of the tile prefetch; 1 loads
-        each tile when it is needed).
+        each tile when it is needed). None: 3, but 1 for INT4 (``INT4_STAGES``).
     chunk_tokens: tokens per work item (a multiple of the tile, 64 in the interpreter).
     max_seq_len: bound on the lengths, sizes the partial buffers (None: read from seq_lens,
         one sync, or the block table's capacity when ``checked=False``).
@@ -484,6 +493,8 @@ def persistent_decode_attention(
                         else PROGRAMS_PER_SM * sm_count(q.device))
     check_int(num_programs, "num_programs", 1)
     check_int(num_warps, "num_warps", 1)
+    if num_stages is None:
+        num_stages = INT4_STAGES if kv_format == _INT4 else DEFAULT_STAGES
     check_int(num_stages, "num_stages", 1)
     check_flag(checked, "checked")
     capacity = check_max_seq_len(max_seq_len, block_tables, page_size)

@@ -10,7 +10,8 @@ is set.
     python suites/sinks/tune_decode.py [--stages base,sweep,spec,long] [--deadline S]
 
 Stages: base = the launcher's defaults at batch 64 x kv 8192 (BF16, FP8 per-tensor, FP8
-per-token); sweep = FP8/BF16 launch variants there; spec = the GPU cases of
+per-token); sweep = FP8/BF16 launch variants there; occ = FP8 variants with more resident
+warps (register caps, smaller tiles, more splits); spec = the GPU cases of
 test_decode_kernel.py with precise_pv off; long = defaults (and the sweep's best) at
 kv 32768; longsweep (with long) = the FP8 sweep at kv 32768. ``--smoke`` runs tiny
 shapes on the CPU interpreter (checks the script only).
@@ -64,7 +65,7 @@ from kvperf_kernels.testing.inputs import make_decode_case  # noqa: E402
 from pytest_kvperf import get_peaks, measure  # noqa: E402
 
 LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "precise_pv", "decode_asm",
-               "max_tile_cols")
+               "max_tile_cols", "maxnreg")
 CFG_KEYS = ("num_splits", *LAUNCH_KEYS)
 T0 = time.time()
 OUT = os.environ.get("OUT")
@@ -156,6 +157,15 @@ SWEEP_FP8 = [
     (64, 1, 2, 4, 128), (64, 4, 3, 2, 128),
 ]
 SWEEP_BF16 = [(64, 4, 2, 1, 64), (64, 4, 2, 2, 128), (128, 8, 2, 1, 128), (32, 1, 2, 4, 128)]
+# stage occ: more resident warps than the FP8 default's 8 per SM (ncu on the H200: 189
+# registers, 2 warps per scheduler, 0.36 instructions issued per cycle, DRAM 64 %); a cap
+# on registers (maxnreg), smaller tiles, fewer stages (shared memory) and more splits;
+# (block_n, num_warps, num_stages, num_splits, maxnreg)
+SWEEP_OCC = [
+    (32, 1, 2, 8, 128), (32, 1, 1, 8, 128), (32, 1, 2, 8, 168), (16, 1, 2, 8, 128),
+    (16, 1, 3, 8, 128), (16, 1, 2, 16, None), (16, 1, 2, 8, None), (64, 4, 2, 4, None),
+    (64, 4, 3, 4, None), (32, 2, 2, 4, 128), (32, 1, 3, 8, 128),
+]
 
 
 def sweep(data, time_left) -> None:
@@ -170,6 +180,16 @@ def sweep(data, time_left) -> None:
     for bn, w, st, sp, cols in SWEEP_BF16:
         run_variant(data, "bf16", "sweep", block_n=bn, num_warps=w, num_stages=st,
                     num_splits=sp, max_tile_cols=cols)
+
+
+def occupancy_sweep(data, time_left) -> None:
+    for bn, w, st, sp, nreg in SWEEP_OCC:
+        if time_left() < 30:
+            break
+        run_variant(data, "fp8_tensor", "occ", block_n=bn, num_warps=w, num_stages=st,
+                    num_splits=sp, maxnreg=nreg, precise_pv=False)
+    for r in best("occ", "fp8_tensor", 2):
+        run_variant(data, "fp8_token", "occ", **cfg_of(r))
 
 
 def gpu_spec_accuracy(precise: bool) -> None:
@@ -218,6 +238,8 @@ def main():
             run_variant(data, v, "base")
     if "sweep" in stages:
         sweep(data, time_left)
+    if "occ" in stages:
+        occupancy_sweep(data, time_left)
     if "spec" in stages and not args.smoke:
         gpu_spec_accuracy(precise=False)
     del data
@@ -229,7 +251,7 @@ def main():
         for v in variants:
             run_variant(data, v, "long")
         for v in variants:
-            for r in best("sweep", v, 1):
+            for r in best("sweep", v, 1) + best("occ", v, 1):
                 run_variant(data, v, "long", **cfg_of(r))
         if "longsweep" in stages:  # the FP8 sweep again at the long context
             for bn, w, st, sp, cols in SWEEP_FP8 + [(32, 1, 2, 8, 128), (64, 2, 2, 8, 128)]:
