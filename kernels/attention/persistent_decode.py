@@ -76,10 +76,6 @@ DEFAULT_CHUNK_TOKENS = 1024
 PROGRAMS_PER_SM = 4
 MERGE_BLOCK = 16  # chunks merged per step
 DEFAULT_STAGES = 3
-# Triton 3.6 on the H200: INT4 tiles through the pipelined token loop came out wrong (4081 of
-# 4096 outputs, block_n 16 over two tiles per item; fp8/16-bit right there), so INT4 loads
-# each tile where it is used unless num_stages is given
-INT4_STAGES = 1
 
 
 @triton.jit
@@ -106,16 +102,17 @@ def _load_tile(base, rows, scale_base, scale_rows, mask, KV_FORMAT: tl.constexpr
         return load_kv_tile(base, rows[:, None] + offs_d[None, :], mask[:, None], 1, TILE,
                             OPAQUE, NAN_PATCH)
     elif KV_FORMAT == 2:  # INT4: nibble pairs (element 2k low) times the group's fp16 scale
-        offs_j = tl.arange(0, HEAD_DIM // 2)
-        raw = tl.load(base + rows[:, None] + offs_j[None, :], mask=mask[:, None],
+        # Each element reads its own byte and group scale (a byte serves two lanes, a scale
+        # its group: cached reloads), so the tile is [BLOCK_N, D] from the start. The first
+        # version joined the nibble halves and reshaped by group, which Triton 3.6 compiled
+        # wrongly for sm90 at block_n 16 (4081 of 4096 outputs off on the H200, any stages).
+        offs_d = tl.arange(0, HEAD_DIM)
+        raw = tl.load(base + rows[:, None] + (offs_d // 2)[None, :], mask=mask[:, None],
                       other=0).to(tl.int32)
-        lo = ((raw & 15) - 8).to(tl.float32)
-        hi = ((raw >> 4) - 8).to(tl.float32)
-        vals = tl.reshape(tl.join(lo, hi), [BLOCK_N, HEAD_DIM // INT4_GROUP, INT4_GROUP])
-        offs_g = tl.arange(0, HEAD_DIM // INT4_GROUP)
-        sc = tl.load(scale_base + scale_rows[:, None] + offs_g[None, :], mask=mask[:, None],
-                     other=0.0).to(tl.float32)
-        return tl.reshape(vals * sc[:, :, None], [BLOCK_N, HEAD_DIM]).to(TILE)
+        code = (raw >> ((offs_d % 2) * 4)[None, :]) & 15
+        sc = tl.load(scale_base + scale_rows[:, None] + (offs_d // INT4_GROUP)[None, :],
+                     mask=mask[:, None], other=0.0).to(tl.float32)
+        return ((code - 8).to(tl.float32) * sc).to(TILE)
     else:
         offs_d = tl.arange(0, HEAD_DIM)
         return tl.load(base + rows[:, None] + offs_d[None, :], mask=mask[:, None],
@@ -412,7 +409,7 @@ def persistent_decode_attention(
     num_programs: the grid (default: PROGRAMS_PER_SM x the SM count; 4 in the
         interpreter).
     num_warps, num_stages: Triton's (num_stages: the depth of the tile prefetch; 1 loads
-        each tile when it is needed). None: 3, but 1 for INT4 (``INT4_STAGES``).
+        each tile when it is needed). None: 3.
     chunk_tokens: tokens per work item (a multiple of the tile, 64 in the interpreter).
     max_seq_len: bound on the lengths, sizes the partial buffers (None: read from seq_lens,
         one sync, or the block table's capacity when ``checked=False``).
@@ -494,7 +491,7 @@ def persistent_decode_attention(
     check_int(num_programs, "num_programs", 1)
     check_int(num_warps, "num_warps", 1)
     if num_stages is None:
-        num_stages = INT4_STAGES if kv_format == _INT4 else DEFAULT_STAGES
+        num_stages = DEFAULT_STAGES
     check_int(num_stages, "num_stages", 1)
     check_flag(checked, "checked")
     capacity = check_max_seq_len(max_seq_len, block_tables, page_size)

@@ -28,8 +28,8 @@ def persistent_per_sm(programs_per_sm: int):
     return run
 
 
-# launches the speed test times beside the default (4 per SM, 1024-token chunks, 3 stages;
-# INT4 1): on the H200 one program per SM moved 0.2 of the copy peak on uniform batches where
+# launches the speed test times beside the default (4 per SM, 1024-token chunks, 3 stages):
+# on the H200 one program per SM moved 0.2 of the copy peak on uniform batches where
 # the batched kernel moved 0.7; 4, 8 and 16 per SM all moved 0.36-0.47 (a plateau) while the
 # token loop was double-buffered by hand, outside Triton's pipeliner; pipelined, 256-token
 # chunks gave 0.66-0.70x batched on uniform batches, 1024-token ones 0.75-0.81x

@@ -109,20 +109,11 @@ def test_block_k_and_num_programs(quant, block_n, num_programs):
     assert_matches_reference(out, ref, f"{quant} block_n {block_n} x{num_programs}")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("num_stages", [2, 3])
-def test_int4_pipelined_defect(num_stages, request):
-    """The reason INT4 runs unpipelined (persistent_decode.INT4_STAGES): on the H200 with
-    Triton 3.6, INT4 tiles through the pipelined token loop came out wrong. Expected to fail
-    there (strict: a Triton that gets it right fails this test, and the workaround can go);
-    anywhere else the pipelined INT4 must match the reference."""
-    import triton
-
-    if triton.__version__.startswith("3.6.") and torch.cuda.is_available() \
-            and torch.cuda.get_device_capability()[0] == 9:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=AssertionError,
-            reason="Triton 3.6 on sm90: pipelined INT4 tiles give wrong attention"))
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+def test_int4_any_stages(num_stages):
+    """INT4 at block_n 16 over two tiles per item, at every pipeline depth (Triton 3.6 once
+    compiled the joined-nibble decode wrongly here on the H200; the interpreter has no
+    stages, so on the CPU this is the reference check again)."""
     case = tier_case("medium", seed=9)
     args, ref_k, ref_v, kv = pack_tier(case, "int4")
     q = query_for(case, "int4")
