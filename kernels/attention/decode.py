@@ -176,7 +176,7 @@ def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, str
             ref_g = tl.where(g_head[None, :] == h, ref_h[:, None], ref_g)
             scale_h = tl.where(ref_h == 255, float("nan"),
                                pow2_from_biased_exponent(tl.minimum(ref_h, 254)))
-            if h == 0:  # padding rows take head 0's (as _token_scales_by_row)
+            if h == 0:  # padding rows take head 0's (as token_scales_by_row)
                 tok = tok + scale_h[None, :]
             else:
                 tok = tl.where(r_head[:, None] == h, scale_h[None, :], tok)
@@ -223,7 +223,7 @@ def pow2_from_biased_exponent(e):
 
 
 @triton.jit
-def _token_scales_by_row(base, stride_h, n_mask, r_head, HP: tl.constexpr):
+def token_scales_by_row(base, stride_h, n_mask, r_head, HP: tl.constexpr):
     """Per-token scales of the program's HP KV heads as [rows, BLOCK_N] ([1, BLOCK_N] when
     HP == 1): row r takes its head's (r // GROUP) scales; padding rows take head 0's."""
     x = tl.load(base, mask=n_mask, other=0.0)[None, :]
@@ -356,7 +356,7 @@ def _paged_decode_kernel(
         if K_FORMAT == 3:
             s = s * row_mult[:, None] * ks
         elif K_SCALE_MODE == 2:
-            ks = _token_scales_by_row(
+            ks = token_scales_by_row(
                 k_scale_ptr + page * stride_ksp + slot * stride_kss + kv_head0 * stride_ksh,
                 stride_ksh, n_mask, r_head, HP)
             s = s * row_mult[:, None] * ks
@@ -380,7 +380,7 @@ def _paged_decode_kernel(
                               V_FORMAT, TILE, (DECODE_ASM & 2) != 0, NAN_PATCH)
         if V_SCALE_MODE == 2 or V_FORMAT == 3:
             if V_FORMAT != 3:
-                vs = _token_scales_by_row(
+                vs = token_scales_by_row(
                     v_scale_ptr + page * stride_vsp + slot * stride_vss + kv_head0 * stride_vsh,
                     stride_vsh, n_mask, r_head, HP)
             e_tile = tl.max(vs).to(tl.int32, bitcast=True) >> 23
@@ -535,7 +535,7 @@ def _not_int(v) -> bool:
 DEFAULT_LAUNCH = DecodeLaunch()
 
 
-def _heads_per_program(group: int, num_kv_heads: int, head_dim: int, max_tile_cols: int) -> int:
+def heads_per_program(group: int, num_kv_heads: int, head_dim: int, max_tile_cols: int) -> int:
     """KV heads per program: the largest power of two that divides Hkv, keeps
     GROUP * HP <= 16 (the MMA's minimum rows, so the extra heads cost no MMA work) and
     HP * D within max_tile_cols."""
@@ -929,7 +929,7 @@ def paged_decode_attention(
     attended = max_seq_len if window_left < 0 else min(max_seq_len, window_left + 1)
 
     group = num_q_heads // num_kv_heads
-    hp = _heads_per_program(group, num_kv_heads, head_dim, launch.max_tile_cols)
+    hp = heads_per_program(group, num_kv_heads, head_dim, launch.max_tile_cols)
     default_block_n, default_warps, programs_per_sm = _launch_defaults(k_cache.dtype)
     if num_splits is None:
         sms = sm_count(device)

@@ -7,9 +7,11 @@ computed. Here the grid is a few programs per SM (or ``num_programs``) and the w
 whole batch, whatever its size:
 
 - each sequence's (windowed) range is cut into chunks of ``chunk_tokens`` (whole tiles), and
-  each (chunk, KV head) is one work item; a program takes the next item from a global
-  counter (``tl.atomic_add``) until none is left, so a 32K-token sequence among short ones
-  is spread over many programs instead of holding one (the lab's load-balance goal);
+  each (chunk, block of HP KV heads) is one work item (HP as decode.py's programs: two at
+  gpt-oss's D 64, so the tile's token rows are 256 contiguous bytes in BF16); a program
+  takes the next item from a global counter (``tl.atomic_add``) until none is left, so a
+  32K-token sequence among short ones is spread over many programs instead of holding one
+  (the lab's load-balance goal);
 - the chunk of item i is found without a host-built table: every program computes the
   prefix sum of chunks per sequence from ``seq_lens`` in registers once, then a sequence is
   a comparison and a sum (no device sync, CUDA-graph capturable);
@@ -48,10 +50,12 @@ from kvperf_kernels.attention.decode import (
     check_shared_args,
     check_table_values,
     checked_out,
+    heads_per_program,
     load_kv_tile,
     per_tensor_multipliers,
     pow2_from_biased_exponent,
     scale_args,
+    token_scales_by_row,
 )
 from kvperf_kernels.attention.offline_compile import compile_offline, in_child
 from kvperf_kernels.device import interpreted, sm_count
@@ -75,7 +79,14 @@ DEFAULT_CHUNK_TOKENS = 1024
 # mostly waiting on its loads
 PROGRAMS_PER_SM = 4
 MERGE_BLOCK = 16  # chunks merged per step
-DEFAULT_STAGES = 3
+# offline for sm90 (BF16, two heads, 64-token tiles, 4 warps): 2 stages 161 registers (3
+# programs per SM fit), 3 stages 197 (2 fit); the batched kernel runs 2 stages
+DEFAULT_STAGES = 2
+# An item's KV heads: as many as decode.py's programs take (heads_per_program: GROUP * HP <=
+# 16 MMA rows, HP * D <= this). Offline for sm90 (BF16, D 64) two heads cost 18.3 SASS
+# instructions per KB of K/V in the token loop against 23.4 for one; with one head the
+# pipelined kernel ran 0.76-0.81x the batched one (two heads) on uniform batches
+MAX_TILE_COLS = 128
 
 
 @triton.jit
@@ -92,40 +103,30 @@ def _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left, CHUNK: tl.conste
 
 
 @triton.jit
-def _load_tile(base, rows, scale_base, scale_rows, mask, KV_FORMAT: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, INT4_GROUP: tl.constexpr,
-               TILE: tl.constexpr, NAN_PATCH: tl.constexpr, OPAQUE: tl.constexpr):
-    """One [BLOCK_N, D] K or V tile as TILE. rows: each token's offset of its head's
-    vector (in elements of the cache: bytes for INT4 and FP8); masked tokens read as 0."""
+def _load_tile(base, rows, head_off, c_d, scale_base, scale_rows, scale_head_off, mask,
+               KV_FORMAT: tl.constexpr, INT4_GROUP: tl.constexpr, TILE: tl.constexpr,
+               NAN_PATCH: tl.constexpr, OPAQUE: tl.constexpr):
+    """One [BLOCK_N, HP * D] K or V tile (HP KV heads side by side) as TILE. rows: each
+    token's offset of its first head's vector (in elements of the cache: bytes for INT4 and
+    FP8); column j is head head_off[j] (its offset), dim c_d[j]; masked tokens read as 0."""
     if KV_FORMAT == 3:  # FP8 E4M3 bytes -> float16, exact: decode.py's tile decode
-        offs_d = tl.arange(0, HEAD_DIM)
-        return load_kv_tile(base, rows[:, None] + offs_d[None, :], mask[:, None], 1, TILE,
-                            OPAQUE, NAN_PATCH)
+        return load_kv_tile(base, rows[:, None] + (head_off + c_d)[None, :], mask[:, None], 1,
+                            TILE, OPAQUE, NAN_PATCH)
     elif KV_FORMAT == 2:  # INT4: nibble pairs (element 2k low) times the group's fp16 scale
         # Each element reads its own byte and group scale (a byte serves two lanes, a scale
-        # its group: cached reloads), so the tile is [BLOCK_N, D] from the start. The first
-        # version joined the nibble halves and reshaped by group, which Triton 3.6 compiled
-        # wrongly for sm90 at block_n 16 (4081 of 4096 outputs off on the H200, any stages).
-        offs_d = tl.arange(0, HEAD_DIM)
-        raw = tl.load(base + rows[:, None] + (offs_d // 2)[None, :], mask=mask[:, None],
+        # its group: cached reloads), so the tile is [BLOCK_N, HP * D] from the start. The
+        # first version joined the nibble halves and reshaped by group, which Triton 3.6
+        # compiled wrongly for sm90 at block_n 16 (4081 of 4096 outputs off on the H200).
+        raw = tl.load(base + rows[:, None] + (head_off + c_d // 2)[None, :], mask=mask[:, None],
                       other=0).to(tl.int32)
-        code = (raw >> ((offs_d % 2) * 4)[None, :]) & 15
-        sc = tl.load(scale_base + scale_rows[:, None] + (offs_d // INT4_GROUP)[None, :],
-                     mask=mask[:, None], other=0.0).to(tl.float32)
+        code = (raw >> ((c_d % 2) * 4)[None, :]) & 15
+        sc = tl.load(scale_base + scale_rows[:, None]
+                     + (scale_head_off + c_d // INT4_GROUP)[None, :], mask=mask[:, None],
+                     other=0.0).to(tl.float32)
         return ((code - 8).to(tl.float32) * sc).to(TILE)
     else:
-        offs_d = tl.arange(0, HEAD_DIM)
-        return tl.load(base + rows[:, None] + offs_d[None, :], mask=mask[:, None],
+        return tl.load(base + rows[:, None] + (head_off + c_d)[None, :], mask=mask[:, None],
                        other=0.0).to(TILE)
-
-
-@triton.jit
-def _token_scales(base, rows, mask, SCALE_MODE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A tile's per-token FP8 scales [BLOCK_N] (SCALE_MODE 2), else an unused placeholder."""
-    if SCALE_MODE == 2:
-        return tl.load(base + rows, mask=mask, other=0.0)
-    else:
-        return tl.zeros([BLOCK_N], tl.float32)
 
 
 @triton.jit(do_not_specialize=["window_left", "max_tokens", "num_pages", "batch", "max_items"])
@@ -136,8 +137,9 @@ def _persistent_decode_kernel(
     k_scale_value, v_scale_value,
     stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_ksp, stride_kss, stride_ksh, stride_vsp, stride_vss, stride_vsh,
-    stride_bt, num_q_heads, num_kv_heads,
-    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    stride_bt, num_q_heads, num_kv_blocks,
+    GROUP: tl.constexpr, HP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, B_PAD: tl.constexpr, SCHEDULE: tl.constexpr,
     RECORD_OWNER: tl.constexpr, KV_FORMAT: tl.constexpr, INT4_GROUP: tl.constexpr,
     Q_RESCALE: tl.constexpr, PRECISE_PV: tl.constexpr, TILE: tl.constexpr, DOT: tl.constexpr,
@@ -148,10 +150,23 @@ def _persistent_decode_kernel(
     programs = tl.num_programs(0)
     offs_b, firsts, lens, incl = _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left,
                                                CHUNK, B_PAD)
-    total = tl.minimum(tl.max(incl, axis=0) * num_kv_heads, max_items)
+    total = tl.minimum(tl.max(incl, axis=0) * num_kv_blocks, max_items)
+    # An item's HP consecutive KV heads and their HP * GROUP query heads (rows) as decode.py's
+    # program: KV tiles [BLOCK_N, HP * D] (256-byte token rows at BF16, D 64), q block-
+    # diagonal [ROWS, HP * D], so one dot scores every row against its own KV head; P.V's
+    # off-diagonal blocks are discarded at the store. With GROUP * HP <= 16 the extra heads
+    # fill MMA rows that were padding, and the softmax and per-tile work is shared.
     offs_r = tl.arange(0, ROWS)
-    offs_d = tl.arange(0, HEAD_DIM)
-    r_mask = offs_r < GROUP
+    offs_c = tl.arange(0, HP * HEAD_DIM)
+    r_head = offs_r // GROUP  # which of the HP KV heads (>= HP: padding row)
+    c_head = offs_c // HEAD_DIM
+    c_d = offs_c % HEAD_DIM
+    r_mask = offs_r < GROUP * HP
+    own = r_mask[:, None] & (r_head[:, None] == c_head[None, :])  # [ROWS, HP * D]
+    k_head_off = c_head * stride_kh
+    v_head_off = c_head * stride_vh
+    ks_head_off = c_head * stride_ksh  # INT4 group scales
+    vs_head_off = c_head * stride_vsh
     # FP8 per-tensor scales (decode.py's modes): K's folds into the score multiplier, V's
     # into the partial's acc; per-token ones scale score (K) / probability (V) columns.
     score_mult, out_mult = per_tensor_multipliers(
@@ -164,8 +179,8 @@ def _persistent_decode_kernel(
     else:
         item = pid * 0  # the lab's: every program walks every item, computes its own sequence
     while item < total:
-        kvh = item % num_kv_heads
-        c = item // num_kv_heads
+        kvh = (item % num_kv_blocks) * HP  # the item's first KV head
+        c = item // num_kv_blocks
         b = tl.sum((incl <= c).to(tl.int32), axis=0)  # the sequence whose chunks hold c
         own_b = offs_b == b
         chunk0 = tl.sum(tl.where(own_b, incl, 0), axis=0) - tl.cdiv(
@@ -181,7 +196,7 @@ def _persistent_decode_kernel(
 
         heads = kvh * GROUP + offs_r
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
-                    + offs_d[None, :], mask=r_mask[:, None], other=0.0).to(tl.float32)
+                    + c_d[None, :], mask=own, other=0.0).to(tl.float32)
         row_mult = tl.full([ROWS], 1.0, tl.float32) * score_mult
         if Q_RESCALE:
             # a bf16 query meets a float16 tile (INT4, FP8): each head's row scaled by a power of
@@ -202,7 +217,7 @@ def _persistent_decode_kernel(
         e_v = tl.full([], 1, tl.int32)
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
-        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        acc = tl.zeros([ROWS, HP * HEAD_DIM], tl.float32)
         # The tiles load inside the loop, so Triton's pipeliner prefetches the next ones
         # (cp.async into shared memory, NUM_STAGES deep) while this one is computed.
         for start in range(lo, hi, BLOCK_N):
@@ -211,31 +226,31 @@ def _persistent_decode_kernel(
             page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0)
             page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
             slot = offs_n % PAGE_SIZE
-            k = _load_tile(k_base, page * stride_kp + slot * stride_ks, ks_base,
-                           page * stride_ksp + slot * stride_kss, n_mask, KV_FORMAT, HEAD_DIM,
-                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, False)
+            k = _load_tile(k_base, page * stride_kp + slot * stride_ks, k_head_off, c_d,
+                           ks_base, page * stride_ksp + slot * stride_kss, ks_head_off, n_mask,
+                           KV_FORMAT, INT4_GROUP, TILE, NAN_PATCH, False)
             s = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) * row_mult[:, None]
-            if K_SCALE_MODE == 2:
-                s = s * _token_scales(ks_base, page * stride_ksp + slot * stride_kss, n_mask,
-                                      K_SCALE_MODE, BLOCK_N)[None, :]
+            if K_SCALE_MODE == 2:  # per-token scales by row: each row its head's
+                s = s * token_scales_by_row(ks_base + page * stride_ksp + slot * stride_kss,
+                                            stride_ksh, n_mask, r_head, HP)
             s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # every tile holds >= 1 token
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = _load_tile(v_base, page * stride_vp + slot * stride_vs, vs_base,
-                           page * stride_vsp + slot * stride_vss, n_mask, KV_FORMAT, HEAD_DIM,
-                           BLOCK_N, INT4_GROUP, TILE, NAN_PATCH, V_OPAQUE)
+            v = _load_tile(v_base, page * stride_vp + slot * stride_vs, v_head_off, c_d,
+                           vs_base, page * stride_vsp + slot * stride_vss, vs_head_off, n_mask,
+                           KV_FORMAT, INT4_GROUP, TILE, NAN_PATCH, V_OPAQUE)
             if V_SCALE_MODE == 2:
-                vsc = _token_scales(vs_base, page * stride_vsp + slot * stride_vss, n_mask,
-                                    V_SCALE_MODE, BLOCK_N)
+                vsc = token_scales_by_row(vs_base + page * stride_vsp + slot * stride_vss,
+                                          stride_vsh, n_mask, r_head, HP)
                 e_new = tl.minimum(tl.maximum(e_v, tl.max(vsc).to(tl.int32, bitcast=True)
                                               >> 23), 253)
                 # acc * 2^(e_v - e_new), 0 when that underflows (acc was negligible then)
                 alpha = alpha * tl.where(e_v - e_new < -126, 0.0, pow2_from_biased_exponent(
                     tl.maximum(127 + e_v - e_new, 1)))
                 e_v = e_new
-                p = p * (vsc * pow2_from_biased_exponent(254 - e_v))[None, :]
+                p = p * (vsc * pow2_from_biased_exponent(254 - e_v))
             # p in the tile type, plus its 16-bit rounding residue (decode.py's precise_pv)
             p_hi = p.to(TILE)
             v_t = v.to(DOT)
@@ -250,8 +265,7 @@ def _persistent_decode_kernel(
 
         if lo < hi:
             row = c.to(tl.int64) * num_q_heads + heads
-            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                     mask=r_mask[:, None])
+            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + c_d[None, :], acc, mask=own)
             tl.store(part_m_ptr + row, m_i, mask=r_mask)
             tl.store(part_l_ptr + row, l_i, mask=r_mask)
         if SCHEDULE == 0:
@@ -389,6 +403,7 @@ def persistent_decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    max_tile_cols: int = MAX_TILE_COLS,
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over a paged KV cache, persistent.
 
@@ -409,7 +424,9 @@ def persistent_decode_attention(
     num_programs: the grid (default: PROGRAMS_PER_SM x the SM count; 4 in the
         interpreter).
     num_warps, num_stages: Triton's (num_stages: the depth of the tile prefetch; 1 loads
-        each tile when it is needed). None: 3.
+        each tile when it is needed). None: DEFAULT_STAGES.
+    max_tile_cols: an item's KV heads side by side are at most this many columns
+        (decode.py's heads_per_program; 64 at D 64: one head per item).
     chunk_tokens: tokens per work item (a multiple of the tile, 64 in the interpreter).
     max_seq_len: bound on the lengths, sizes the partial buffers (None: read from seq_lens,
         one sync, or the block table's capacity when ``checked=False``).
@@ -507,7 +524,10 @@ def persistent_decode_attention(
         max_seq_len = capacity
     attended = max_seq_len if window_left < 0 else min(max_seq_len, window_left + 1)
     max_chunks = batch * triton.cdiv(attended, chunk_tokens)
-    max_items = max_chunks * num_kv_heads
+    group = num_q_heads // num_kv_heads
+    check_int(max_tile_cols, "max_tile_cols", 1)
+    hp = heads_per_program(group, num_kv_heads, head_dim, max_tile_cols)
+    max_items = max_chunks * (num_kv_heads // hp)
     if owner is not None:
         check_tensor(owner, "owner")
         if owner.dtype != torch.int32 or owner.numel() < max_items or owner.device != q.device:
@@ -519,7 +539,6 @@ def persistent_decode_attention(
                         dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     counter = torch.zeros(1, device=device, dtype=torch.int32)
-    group = num_q_heads // num_kv_heads
     q_type = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
     tile = {_SAME: q_type, _FP32: tl.float32, _INT4: tl.float16, _FP8: tl.float16}[kv_format]
     b_pad = max(2, triton.next_power_of_2(batch))
@@ -540,8 +559,9 @@ def persistent_decode_attention(
         k_scale_v, v_scale_v,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides,
-        block_tables.stride(0), num_q_heads, num_kv_heads,
-        GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        block_tables.stride(0), num_q_heads, num_kv_heads // hp,
+        GROUP=group, HP=hp, ROWS=max(16, triton.next_power_of_2(group * hp)),
+        HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=block_n, CHUNK=chunk_tokens, B_PAD=b_pad,
         SCHEDULE=SCHEDULES[schedule], RECORD_OWNER=owner is not None, KV_FORMAT=kv_format,
         INT4_GROUP=int4_group, Q_RESCALE=tile == tl.float16 and q_type == tl.bfloat16,
@@ -608,7 +628,7 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
                      owner_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32",
                      part_l_ptr="*fp32", sm_scale_log2="fp32", k_scale_value="fp32",
                      v_scale_value="fp32")
-        const = dict(GROUP=8, ROWS=16, HEAD_DIM=64, PAGE_SIZE=16, BLOCK_N=64,
+        const = dict(GROUP=8, HP=2, ROWS=16, HEAD_DIM=64, PAGE_SIZE=16, BLOCK_N=64,
                      CHUNK=DEFAULT_CHUNK_TOKENS, B_PAD=64, SCHEDULE=schedule,
                      RECORD_OWNER=True, KV_FORMAT=fmt, INT4_GROUP=32 if fmt == _INT4 else 1,
                      Q_RESCALE=fmt in (_INT4, _FP8), PRECISE_PV=fmt not in (_FP32, _FP8), TILE=tile,

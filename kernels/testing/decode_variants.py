@@ -8,7 +8,6 @@ import functools
 
 from kvperf_kernels.attention.decode import paged_decode_attention
 from kvperf_kernels.attention.persistent_decode import host_loop_decode, persistent_decode_attention
-from kvperf_kernels.device import sm_count
 
 VARIANTS = {
     "host_loop": host_loop_decode,
@@ -19,26 +18,16 @@ VARIANTS = {
 LAB_BUG = functools.partial(persistent_decode_attention, schedule="lab_bug")
 
 
-def persistent_per_sm(programs_per_sm: int):
-    """The persistent kernel with programs_per_sm programs per SM (its default is
-    PROGRAMS_PER_SM: the atomic counter hands out items to any number of programs)."""
-    def run(q, *args, **kwargs):
-        return persistent_decode_attention(q, *args, **kwargs,
-                                           num_programs=programs_per_sm * sm_count(q.device))
-    return run
-
-
-# launches the speed test times beside the default (4 per SM, 1024-token chunks, 3 stages):
-# on the H200 one program per SM moved 0.2 of the copy peak on uniform batches where
-# the batched kernel moved 0.7; 4, 8 and 16 per SM all moved 0.36-0.47 (a plateau) while the
-# token loop was double-buffered by hand, outside Triton's pipeliner; pipelined, 256-token
-# chunks gave 0.66-0.70x batched on uniform batches, 1024-token ones 0.75-0.81x
-SPEED_SWEEP = {"persistent_x8": persistent_per_sm(8),
-               "persistent_s2": functools.partial(persistent_decode_attention, num_stages=2),
-               "persistent_c256": functools.partial(persistent_decode_attention,
-                                                    chunk_tokens=256),
-               "persistent_c4096": functools.partial(persistent_decode_attention,
-                                                     chunk_tokens=4096)}
+# launches the speed test times beside the default (4 per SM, 1024-token chunks, two KV heads
+# per item at D 64, 64-token tiles, 2 stages): on the H200 one program per SM moved 0.2 of the
+# copy peak on uniform batches where the batched kernel moved 0.7; 4, 8 and 16 per SM all
+# moved 0.36-0.47 (a plateau) while the token loop was double-buffered by hand, outside
+# Triton's pipeliner; pipelined with one KV head per item, 256-token chunks gave 0.66-0.70x
+# batched on uniform batches, 1024-token ones 0.76-0.81x (4096: slower on skewed batches)
+SPEED_SWEEP = {"persistent_hp1": functools.partial(persistent_decode_attention, max_tile_cols=64),
+               "persistent_s3": functools.partial(persistent_decode_attention, num_stages=3),
+               "persistent_bn32": functools.partial(persistent_decode_attention, block_n=32),
+               "persistent_w8": functools.partial(persistent_decode_attention, num_warps=8)}
 
 
 def run_variant(name: str, kv, q, **kwargs):

@@ -15,9 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvperf_kernels.attention.decode import heads_per_program
 from kvperf_kernels.attention.decode_ref import dequantize_kv, paged_decode_attention_ref
 from kvperf_kernels.attention.persistent_decode import (
     DEFAULT_CHUNK_TOKENS,
+    MAX_TILE_COLS,
     persistent_decode_attention,
     sm_compile_report,
 )
@@ -269,8 +271,9 @@ def test_persistent_atomic_spreads_the_work(decode_case, kvperf):
     case = decode_case(LONG_LENS, hq=64, hkv=8, head_dim=64, page_size=16, seed=12)
     kv = case.pack()
     chunk = DEFAULT_CHUNK_TOKENS
-    items = sum(cdiv(n, chunk) for n in LONG_LENS) * 8
-    bound = len(LONG_LENS) * cdiv(max(LONG_LENS), chunk) * 8  # the launcher's item bound
+    kv_blocks = 8 // heads_per_program(8, 8, 64, MAX_TILE_COLS)  # an item: two KV heads
+    items = sum(cdiv(n, chunk) for n in LONG_LENS) * kv_blocks
+    bound = len(LONG_LENS) * cdiv(max(LONG_LENS), chunk) * kv_blocks  # the launcher's bound
     owner = torch.full((bound,), -1, dtype=torch.int32, device=case.q.device)
     out = persistent_decode_attention(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
                                       kv.seq_lens, sinks=case.sinks, owner=owner)
