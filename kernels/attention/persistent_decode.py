@@ -7,8 +7,8 @@ computed. Here the grid is a few programs per SM (or ``num_programs``) and the w
 whole batch, whatever its size:
 
 - each sequence's (windowed) range is cut into chunks of ``chunk_tokens`` (whole tiles), and
-  each (chunk, block of HP KV heads) is one work item (HP as decode.py's programs: two at
-  gpt-oss's D 64, so the tile's token rows are 256 contiguous bytes in BF16); a program
+  each (chunk, block of HP KV heads) is one work item (HP: ``max_tile_cols``, one head by
+  default, two at D 64 as decode.py's programs take them with 128); a program
   takes the next item from a global counter (``tl.atomic_add``) until none is left, so a
   32K-token sequence among short ones is spread over many programs instead of holding one
   (the lab's load-balance goal);
@@ -79,14 +79,14 @@ DEFAULT_CHUNK_TOKENS = 1024
 # mostly waiting on its loads
 PROGRAMS_PER_SM = 4
 MERGE_BLOCK = 16  # chunks merged per step
-# offline for sm90 (BF16, two heads, 64-token tiles, 4 warps): 2 stages 161 registers (3
-# programs per SM fit), 3 stages 197 (2 fit); the batched kernel runs 2 stages
-DEFAULT_STAGES = 2
-# An item's KV heads: as many as decode.py's programs take (heads_per_program: GROUP * HP <=
-# 16 MMA rows, HP * D <= this). Offline for sm90 (BF16, D 64) two heads cost 18.3 SASS
-# instructions per KB of K/V in the token loop against 23.4 for one; with one head the
-# pipelined kernel ran 0.76-0.81x the batched one (two heads) on uniform batches
-MAX_TILE_COLS = 128
+DEFAULT_STAGES = 3
+# An item's KV heads side by side, at most this many columns (decode.py's heads_per_program;
+# 64: one head per item at D 64 and 128). Two heads at D 64 (128) cost fewer instructions per
+# byte in the token loop (offline for sm90, BF16: 18.3 SASS per KB of K/V against 23.4) but
+# 161-197 registers against 109, so fewer programs fit per SM: on the H200 (gpt-oss heads,
+# uniform batches) one head ran 0.73-0.78x batched, two heads 0.63-0.78x (2 stages) and
+# 0.67-0.81x (3 stages); the sweep keeps timing two
+MAX_TILE_COLS = 64
 
 
 @triton.jit
@@ -426,7 +426,8 @@ def persistent_decode_attention(
     num_warps, num_stages: Triton's (num_stages: the depth of the tile prefetch; 1 loads
         each tile when it is needed). None: DEFAULT_STAGES.
     max_tile_cols: an item's KV heads side by side are at most this many columns
-        (decode.py's heads_per_program; 64 at D 64: one head per item).
+        (decode.py's heads_per_program; the default 64 is one head per item, 128 two at
+        D 64).
     chunk_tokens: tokens per work item (a multiple of the tile, 64 in the interpreter).
     max_seq_len: bound on the lengths, sizes the partial buffers (None: read from seq_lens,
         one sync, or the block table's capacity when ``checked=False``).

@@ -18,15 +18,17 @@ VARIANTS = {
 LAB_BUG = functools.partial(persistent_decode_attention, schedule="lab_bug")
 
 
-# launches the speed test times beside the default (4 per SM, 1024-token chunks, two KV heads
-# per item at D 64, 64-token tiles, 2 stages): on the H200 one program per SM moved 0.2 of the
-# copy peak on uniform batches where the batched kernel moved 0.7; 4, 8 and 16 per SM all
-# moved 0.36-0.47 (a plateau) while the token loop was double-buffered by hand, outside
-# Triton's pipeliner; pipelined with one KV head per item, 256-token chunks gave 0.66-0.70x
-# batched on uniform batches, 1024-token ones 0.76-0.81x (4096: slower on skewed batches)
-SPEED_SWEEP = {"persistent_hp1": functools.partial(persistent_decode_attention, max_tile_cols=64),
-               "persistent_s3": functools.partial(persistent_decode_attention, num_stages=3),
-               "persistent_bn32": functools.partial(persistent_decode_attention, block_n=32),
+# launches the speed test times beside the default (4 per SM, 1024-token chunks, one KV head
+# per item, 64-token tiles, 3 stages): on the H200 one program per SM moved 0.2 of the copy
+# peak on uniform batches where the batched kernel moved 0.7; 4, 8 and 16 per SM all moved
+# 0.36-0.47 (a plateau) while the token loop was double-buffered by hand, outside Triton's
+# pipeliner; pipelined, 256-token chunks gave 0.66-0.70x batched on uniform batches,
+# 1024-token ones 0.76-0.81x (4096: slower on skewed batches); two KV heads per item, 32-token
+# tiles and 8 warps were no faster
+SPEED_SWEEP = {"persistent_hp2": functools.partial(persistent_decode_attention, max_tile_cols=128),
+               "persistent_hp2_s2": functools.partial(persistent_decode_attention,
+                                                      max_tile_cols=128, num_stages=2),
+               "persistent_s2": functools.partial(persistent_decode_attention, num_stages=2),
                "persistent_w8": functools.partial(persistent_decode_attention, num_warps=8)}
 
 

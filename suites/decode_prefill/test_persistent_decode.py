@@ -173,6 +173,25 @@ def test_persistent_fp8_matches_reference(granularity, scale_form, page_size, wi
                     rtol=1.0, atol=1e-3)
 
 
+@pytest.mark.parametrize("kv", ["bf16", "fp8_per_token"])
+def test_persistent_two_heads_per_item(kv, decode_case):
+    """Items of two KV heads (max_tile_cols=128 at D 64: block-diagonal q, per-token scales by
+    row, partials stored per head) against the float64 reference, NaN-poisoned free slots."""
+    case = decode_case(LENS, hq=8, hkv=2, head_dim=64, page_size=16, seed=21)
+    opts = dict(sinks=case.sinks, chunk_tokens=CHUNK, max_tile_cols=128)
+    if kv == "bf16":
+        cache = case.pack()
+        out = persistent_decode_attention(case.q, cache.k_cache, cache.v_cache,
+                                          cache.block_tables, cache.seq_lens, **opts)
+        ref = _reference(case, cache, sinks=case.sinks)
+    else:
+        cache, scales = _fp8_inputs(case, "per_token")
+        out = persistent_decode_attention(case.q, cache.k_cache, cache.v_cache,
+                                          cache.block_tables, cache.seq_lens, **scales, **opts)
+        ref = _fp8_reference(case, cache, cache.k_scale, cache.v_scale, sinks=case.sinks)
+    assert_matches_reference(out, ref, f"persistent, two KV heads per item, {kv}")
+
+
 def test_persistent_fp8_controls(decode_case):
     """Negative controls with FP8 KV: the lab's schedule still leaves the sequences beyond
     the program count NaN (and computes the owned ones right); the kernel's output misses a
@@ -271,7 +290,7 @@ def test_persistent_atomic_spreads_the_work(decode_case, kvperf):
     case = decode_case(LONG_LENS, hq=64, hkv=8, head_dim=64, page_size=16, seed=12)
     kv = case.pack()
     chunk = DEFAULT_CHUNK_TOKENS
-    kv_blocks = 8 // heads_per_program(8, 8, 64, MAX_TILE_COLS)  # an item: two KV heads
+    kv_blocks = 8 // heads_per_program(8, 8, 64, MAX_TILE_COLS)  # KV-head blocks per chunk
     items = sum(cdiv(n, chunk) for n in LONG_LENS) * kv_blocks
     bound = len(LONG_LENS) * cdiv(max(LONG_LENS), chunk) * kv_blocks  # the launcher's bound
     owner = torch.full((bound,), -1, dtype=torch.int32, device=case.q.device)
