@@ -217,6 +217,23 @@ def per_tensor_multipliers(sm_scale_log2, k_scale_value, k_scale_ptr, K_SCALE_MO
 
 
 @triton.jit
+def head_block_layout(GROUP: tl.constexpr, HP: tl.constexpr, ROWS: tl.constexpr,
+                      HEAD_DIM: tl.constexpr):
+    """Rows and columns of a program that owns HP KV heads: rows [ROWS] are the HP * GROUP
+    query heads (r_head: which KV head, >= HP a padding row; r_mask: a real one), columns
+    [HP * D] the KV heads side by side (c_head, c_d); own [ROWS, HP * D]: a row's own head's
+    columns (q's block diagonal, the output's store mask)."""
+    offs_r = tl.arange(0, ROWS)
+    offs_c = tl.arange(0, HP * HEAD_DIM)
+    r_head = offs_r // GROUP
+    c_head = offs_c // HEAD_DIM
+    c_d = offs_c % HEAD_DIM
+    r_mask = offs_r < GROUP * HP
+    own = r_mask[:, None] & (r_head[:, None] == c_head[None, :])
+    return offs_r, r_head, r_mask, c_head, c_d, own
+
+
+@triton.jit
 def pow2_from_biased_exponent(e):
     """2^(e - 127) as float32 for an int32 biased exponent e in [1, 254] (exact)."""
     return (e << 23).to(tl.float32, bitcast=True)
@@ -287,13 +304,7 @@ def _paged_decode_kernel(
     # against its own KV head; P.V computes the off-diagonal blocks too (discarded at the
     # store). With GROUP * HP <= 16 this costs no MMA work: the rows were padding before.
     kv_head0 = head_block * HP
-    offs_r = tl.arange(0, ROWS)
-    offs_c = tl.arange(0, HP * HEAD_DIM)
-    r_head = offs_r // GROUP  # which of the HP KV heads (>= HP: padding row)
-    c_head = offs_c // HEAD_DIM
-    c_d = offs_c % HEAD_DIM
-    r_mask = offs_r < GROUP * HP
-    own = r_mask[:, None] & (r_head[:, None] == c_head[None, :])  # [ROWS, HP * D]
+    offs_r, r_head, r_mask, c_head, c_d, own = head_block_layout(GROUP, HP, ROWS, HEAD_DIM)
     heads = kv_head0 * GROUP + offs_r  # query heads
     q = tl.load(
         q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + c_d[None, :],

@@ -50,6 +50,7 @@ from kvperf_kernels.attention.decode import (
     check_shared_args,
     check_table_values,
     checked_out,
+    head_block_layout,
     heads_per_program,
     load_kv_tile,
     per_tensor_multipliers,
@@ -156,13 +157,7 @@ def _persistent_decode_kernel(
     # diagonal [ROWS, HP * D], so one dot scores every row against its own KV head; P.V's
     # off-diagonal blocks are discarded at the store. With GROUP * HP <= 16 the extra heads
     # fill MMA rows that were padding, and the softmax and per-tile work is shared.
-    offs_r = tl.arange(0, ROWS)
-    offs_c = tl.arange(0, HP * HEAD_DIM)
-    r_head = offs_r // GROUP  # which of the HP KV heads (>= HP: padding row)
-    c_head = offs_c // HEAD_DIM
-    c_d = offs_c % HEAD_DIM
-    r_mask = offs_r < GROUP * HP
-    own = r_mask[:, None] & (r_head[:, None] == c_head[None, :])  # [ROWS, HP * D]
+    offs_r, r_head, r_mask, c_head, c_d, own = head_block_layout(GROUP, HP, ROWS, HEAD_DIM)
     k_head_off = c_head * stride_kh
     v_head_off = c_head * stride_vh
     ks_head_off = c_head * stride_ksh  # INT4 group scales

@@ -168,26 +168,29 @@ SWEEP_OCC = [
 ]
 
 
-def sweep(data, time_left) -> None:
-    for bn, w, st, sp, cols in SWEEP_FP8:
-        if time_left() < 120:
+def run_configs(data, variant: str, stage: str, configs, last: str, time_left,
+                reserve_s: float, **fixed) -> None:
+    """One run_variant per (block_n, num_warps, num_stages, num_splits, <last>) config
+    while more than reserve_s seconds are left."""
+    for bn, w, st, sp, extra in configs:
+        if time_left() < reserve_s:
             break
-        run_variant(data, "fp8_tensor", "sweep", block_n=bn, num_warps=w, num_stages=st,
-                    num_splits=sp, max_tile_cols=cols, precise_pv=False)
+        run_variant(data, variant, stage, block_n=bn, num_warps=w, num_stages=st,
+                    num_splits=sp, **{last: extra}, **fixed)
+
+
+def sweep(data, time_left) -> None:
+    run_configs(data, "fp8_tensor", "sweep", SWEEP_FP8, "max_tile_cols", time_left, 120,
+                precise_pv=False)
     for r in best("sweep", "fp8_tensor", 2):
         run_variant(data, "fp8_tensor", "sweep", **{**cfg_of(r), "precise_pv": True})
         run_variant(data, "fp8_token", "sweep", **cfg_of(r))
-    for bn, w, st, sp, cols in SWEEP_BF16:
-        run_variant(data, "bf16", "sweep", block_n=bn, num_warps=w, num_stages=st,
-                    num_splits=sp, max_tile_cols=cols)
+    run_configs(data, "bf16", "sweep", SWEEP_BF16, "max_tile_cols", time_left, 0)
 
 
 def occupancy_sweep(data, time_left) -> None:
-    for bn, w, st, sp, nreg in SWEEP_OCC:
-        if time_left() < 30:
-            break
-        run_variant(data, "fp8_tensor", "occ", block_n=bn, num_warps=w, num_stages=st,
-                    num_splits=sp, maxnreg=nreg, precise_pv=False)
+    run_configs(data, "fp8_tensor", "occ", SWEEP_OCC, "maxnreg", time_left, 30,
+                precise_pv=False)
     for r in best("occ", "fp8_tensor", 2):
         run_variant(data, "fp8_token", "occ", **cfg_of(r))
 

@@ -58,12 +58,13 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("timing_gap: needs a CUDA GPU; torch sees none", file=sys.stderr)
         return 2
+    from timing_evidence import elems_for  # this script's folder: the sibling script
     from triton.testing import do_bench
 
     from pytest_kvperf import measure
     from pytest_kvperf.gpu_facts import open_reader, window
 
-    n = max(1024, int(TARGET_US * 1e-6 * args.bandwidth_gbps * 1e9 / 2 / 4) // 1024 * 1024)
+    n = elems_for(TARGET_US, args.bandwidth_gbps)  # the copy timing_evidence.py times
     src = torch.rand(n, device="cuda")
     dst = torch.empty_like(src)
 
