@@ -156,7 +156,8 @@ def _persistent_decode_kernel(
     # program: KV tiles [BLOCK_N, HP * D] (256-byte token rows at BF16, D 64), q block-
     # diagonal [ROWS, HP * D], so one dot scores every row against its own KV head; P.V's
     # off-diagonal blocks are discarded at the store. With GROUP * HP <= 16 the extra heads
-    # fill MMA rows that were padding, and the softmax and per-tile work is shared.
+    # fill MMA rows that were padding, and the softmax and per-tile work is shared (HP 1 by
+    # default: MAX_TILE_COLS).
     offs_r, r_head, r_mask, c_head, c_d, own = head_block_layout(GROUP, HP, ROWS, HEAD_DIM)
     k_head_off = c_head * stride_kh
     v_head_off = c_head * stride_vh
@@ -214,7 +215,7 @@ def _persistent_decode_kernel(
         l_i = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HP * HEAD_DIM], tl.float32)
         # The tiles load inside the loop, so Triton's pipeliner prefetches the next ones
-        # (cp.async into shared memory, NUM_STAGES deep) while this one is computed.
+        # (cp.async into shared memory, num_stages deep) while this one is computed.
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_mask = offs_n < hi
@@ -614,9 +615,12 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
              _INT4: ("*u8", "*fp16", tl.float16), _FP8: ("*u8", "*fp32", tl.float16)}
     # every schedule in 16-bit, every format with the atomic one, FP8 with per-token and
     # per-tensor (tensor) scales (compiles take ~1.5 s each); (format, schedule, scale mode)
-    variants = [(_SAME, name, 0) for name in SCHEDULES] + [
-        (_FP32, "atomic", 0), (_INT4, "atomic", 0), (_FP8, "atomic", 2), (_FP8, "atomic", 1)]
-    for fmt, name, mode in variants:
+    # (format, schedule, scale mode, KV heads per item): the default's one head, and two for
+    # 16-bit and FP8 per-token (max_tile_cols=128)
+    variants = [(_SAME, name, 0, 1) for name in SCHEDULES] + [
+        (_FP32, "atomic", 0, 1), (_INT4, "atomic", 0, 1), (_FP8, "atomic", 2, 1),
+        (_FP8, "atomic", 1, 1), (_SAME, "atomic", 0, 2), (_FP8, "atomic", 2, 2)]
+    for fmt, name, mode, hp in variants:
         cache, scale, tile = tiles[fmt]
         schedule = SCHEDULES[name]
         types = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, ks_ptr=scale, vs_ptr=scale,
@@ -624,7 +628,7 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
                      owner_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32",
                      part_l_ptr="*fp32", sm_scale_log2="fp32", k_scale_value="fp32",
                      v_scale_value="fp32")
-        const = dict(GROUP=8, HP=2, ROWS=16, HEAD_DIM=64, PAGE_SIZE=16, BLOCK_N=64,
+        const = dict(GROUP=8, HP=hp, ROWS=16, HEAD_DIM=64, PAGE_SIZE=16, BLOCK_N=64,
                      CHUNK=DEFAULT_CHUNK_TOKENS, B_PAD=64, SCHEDULE=schedule,
                      RECORD_OWNER=True, KV_FORMAT=fmt, INT4_GROUP=32 if fmt == _INT4 else 1,
                      Q_RESCALE=fmt in (_INT4, _FP8), PRECISE_PV=fmt not in (_FP32, _FP8), TILE=tile,
@@ -635,7 +639,8 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
         # declares them (then tile rows vectorise and load through cp.async)
         ptx = compile_offline(_persistent_decode_kernel, types, const, capability=capability,
                               aligned=_ALIGNED_STRIDES)["ptx"]
-        label = KV_FORMAT_NAMES[fmt] + {0: "", 1: "_per_tensor", 2: "_per_token"}[mode]
+        label = (KV_FORMAT_NAMES[fmt] + {0: "", 1: "_per_tensor", 2: "_per_token"}[mode]
+                 + ("_2heads" if hp == 2 else ""))
         report[f"{label}-{name}"] = {"atomics": ptx.count("atom."),
                                      "e4m3_converts": ptx.count("cvt.rn.f16x2.e4m3x2"),
                                      "async_copies": ptx.count("cp.async.")}
