@@ -42,9 +42,10 @@ declare -A SELECTIONS=(
   [fp8_quant]='suites/compression/test_fp8_quant.py -k "not speed"'
   [mx_nvfp4_quant]='suites/compression/test_mxfp8_quant.py suites/compression/test_nvfp4_quant.py -k "not speed"'
   [compressed]='suites/compression/test_compressed_attention.py -k "not speed"'
+  [persistent]='suites/decode_prefill/test_persistent_decode.py suites/decode_prefill/test_decode_tiers.py -k "not speed and not long and not spreads and not compile"'
 )
 ORDER=(decode_kernel error_contract paged_kv decode_properties paged_kv_properties
-       quant_properties fp8_quant mx_nvfp4_quant compressed)
+       quant_properties fp8_quant mx_nvfp4_quant compressed persistent)
 [ $# -gt 0 ] && ORDER=("$@")
 
 san=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
