@@ -116,8 +116,10 @@ def _load_tile(base, rows, head_off, c_d, scale_base, scale_rows, scale_head_off
     elif KV_FORMAT == 2:  # INT4: nibble pairs (element 2k low) times the group's fp16 scale
         # Each element reads its own byte and group scale (a byte serves two lanes, a scale
         # its group: cached reloads), so the tile is [BLOCK_N, HP * D] from the start. The
-        # first version joined the nibble halves and reshaped by group, which Triton 3.6
-        # compiled wrongly for sm90 at block_n 16 (4081 of 4096 outputs off on the H200).
+        # first version joined the nibble halves and reshaped by group: inside the pipelined
+        # loop it came out wrong on the H200 at block_n 16 (4081 of 4096 outputs, at 1-3
+        # stages) where the interpreter matched the reference: a Triton 3.6 codegen fault,
+        # inferred, not isolated.
         raw = tl.load(base + rows[:, None] + (head_off + c_d // 2)[None, :], mask=mask[:, None],
                       other=0).to(tl.int32)
         code = (raw >> ((c_d % 2) * 4)[None, :]) & 15

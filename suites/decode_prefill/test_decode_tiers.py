@@ -111,9 +111,9 @@ def test_block_k_and_num_programs(quant, block_n, num_programs):
 
 @pytest.mark.parametrize("num_stages", [1, 2, 3])
 def test_int4_any_stages(num_stages):
-    """INT4 at block_n 16 over two tiles per item, at every pipeline depth (Triton 3.6 once
-    compiled the joined-nibble decode wrongly here on the H200; the interpreter has no
-    stages, so on the CPU this is the reference check again)."""
+    """INT4 at block_n 16 over two tiles per item, at every pipeline depth (the joined-nibble
+    decode came out wrong here on the H200 with Triton 3.6; the interpreter has no stages,
+    so on the CPU this is the reference check again)."""
     case = tier_case("medium", seed=9)
     args, ref_k, ref_v, kv = pack_tier(case, "int4")
     q = query_for(case, "int4")
