@@ -25,6 +25,7 @@ from kvperf_kernels.attention.persistent_decode import (
 )
 from kvperf_kernels.cache.paged_kv import cdiv
 from kvperf_kernels.testing.compare import assert_matches_reference
+from kvperf_kernels.testing.decode_tiers import pack_tier, query_for
 from kvperf_kernels.testing.decode_variants import LAB_BUG, SPEED_SWEEP, VARIANTS, run_variant
 
 LENS = [5, 130, 1, 70, 200, 33]  # ragged: 1..4 chunks of 64 tokens, one single-token sequence
@@ -173,13 +174,19 @@ def test_persistent_fp8_matches_reference(granularity, scale_form, page_size, wi
                     rtol=1.0, atol=1e-3)
 
 
-@pytest.mark.parametrize("kv", ["bf16", "fp8_per_token"])
+@pytest.mark.parametrize("kv", ["bf16", "fp8_per_token", "int4", "fp32"])
 def test_persistent_two_heads_per_item(kv, decode_case):
     """Items of two KV heads (max_tile_cols=128 at D 64: block-diagonal q, per-token scales by
-    row, partials stored per head) against the float64 reference, NaN-poisoned free slots."""
+    row, INT4 group scales per head, partials stored per head) against the float64
+    reference; FP8 with NaN-poisoned free slots."""
     case = decode_case(LENS, hq=8, hkv=2, head_dim=64, page_size=16, seed=21)
     opts = dict(sinks=case.sinks, chunk_tokens=CHUNK, max_tile_cols=128)
-    if kv == "bf16":
+    if kv in ("int4", "fp32"):
+        args, ref_k, ref_v, cache = pack_tier(case, kv)
+        out = persistent_decode_attention(query_for(case, kv), **args, **opts)
+        ref = paged_decode_attention_ref(query_for(case, kv), ref_k, ref_v, cache.block_tables,
+                                         cache.seq_lens, sinks=case.sinks)
+    elif kv == "bf16":
         cache = case.pack()
         out = persistent_decode_attention(case.q, cache.k_cache, cache.v_cache,
                                           cache.block_tables, cache.seq_lens, **opts)
