@@ -267,7 +267,7 @@ def _launch(q, cache, layout, block_size, sm_scale, hw_cast, launch, *, indices=
 
 
 def _constexprs(layout, dense: bool, block_h: int, hw_cast: bool, f32: bool,
-                block_n: int = 32) -> dict:
+                block_n: int) -> dict:
     nt_pad = triton.next_power_of_2(layout.num_tiles)  # tiles x TILE = 512 in each layout
     # the RoPE dims fill the codes' padding exactly (model1: 7 tiles of 64 + 64 bf16)
     rope_tile = not layout.rope_fp8 and nt_pad * layout.tile - layout.d_fp8 == 64

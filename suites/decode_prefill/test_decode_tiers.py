@@ -95,18 +95,23 @@ def test_int4_kernel_fails_against_a_wrong_decode():
         assert_matches_reference(out, wrong, "int4 vs swapped decode")
 
 
+def _check_medium_tier(quant: str, what: str, **launch) -> None:
+    """The medium tier through the persistent kernel with launch options, against float64."""
+    case = tier_case("medium", seed=9)
+    args, ref_k, ref_v, kv = pack_tier(case, quant)
+    q = query_for(case, quant)
+    out = persistent_decode_attention(q, sinks=case.sinks, chunk_tokens=CHUNK, **launch, **args)
+    ref = paged_decode_attention_ref(q, ref_k, ref_v, kv.block_tables, kv.seq_lens,
+                                     sinks=case.sinks)
+    assert_matches_reference(out, ref, what)
+
+
 @pytest.mark.parametrize("num_programs", [1, 5])
 @pytest.mark.parametrize("block_n", [16, 64])
 @pytest.mark.parametrize("quant", ["int4", "fp8"])
 def test_block_k_and_num_programs(quant, block_n, num_programs):
-    case = tier_case("medium", seed=9)
-    args, ref_k, ref_v, kv = pack_tier(case, quant)
-    q = query_for(case, quant)
-    out = persistent_decode_attention(q, sinks=case.sinks, chunk_tokens=CHUNK, block_n=block_n,
-                                      num_programs=num_programs, **args)
-    ref = paged_decode_attention_ref(q, ref_k, ref_v, kv.block_tables, kv.seq_lens,
-                                     sinks=case.sinks)
-    assert_matches_reference(out, ref, f"{quant} block_n {block_n} x{num_programs}")
+    _check_medium_tier(quant, f"{quant} block_n {block_n} x{num_programs}", block_n=block_n,
+                       num_programs=num_programs)
 
 
 @pytest.mark.parametrize("num_stages", [1, 2, 3])
@@ -114,14 +119,8 @@ def test_int4_any_stages(num_stages):
     """INT4 at block_n 16 over two tiles per item, at every pipeline depth (the joined-nibble
     decode came out wrong here on the H200 with Triton 3.6; the interpreter has no stages,
     so on the CPU this is the reference check again)."""
-    case = tier_case("medium", seed=9)
-    args, ref_k, ref_v, kv = pack_tier(case, "int4")
-    q = query_for(case, "int4")
-    out = persistent_decode_attention(q, sinks=case.sinks, chunk_tokens=CHUNK, block_n=16,
-                                      num_stages=num_stages, **args)
-    ref = paged_decode_attention_ref(q, ref_k, ref_v, kv.block_tables, kv.seq_lens,
-                                     sinks=case.sinks)
-    assert_matches_reference(out, ref, f"int4 block_n 16, {num_stages} stages")
+    _check_medium_tier("int4", f"int4 block_n 16, {num_stages} stages", block_n=16,
+                       num_stages=num_stages)
 
 
 def test_tier_bad_input():
