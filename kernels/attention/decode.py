@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvperf_kernels.attention.offline_compile import compile_offline, in_child, prefetch_depth
 from kvperf_kernels.cache.paged_kv import check_table_stats, table_stats
 from kvperf_kernels.device import interpreted, sm_count
 from kvperf_kernels.formats.checks import (
@@ -347,11 +348,15 @@ def _paged_decode_kernel(
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     k_cols = c_head * stride_kh + c_d
     v_cols = c_head * stride_vh + c_d
+    offs_tile = tl.arange(0, BLOCK_N)
+    next_page = tl.load(bt_row + (lo + offs_tile) // PAGE_SIZE, mask=lo + offs_tile < hi,
+                        other=0)
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
+        offs_n = start + offs_tile
         n_mask = offs_n < hi
-        page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)  # see seq_len
+        page = tl.minimum(tl.maximum(next_page, 0), num_pages - 1).to(tl.int64)  # see seq_len
+        offs_next = offs_n + BLOCK_N
+        next_page = tl.load(bt_row + offs_next // PAGE_SIZE, mask=offs_next < hi, other=0)
         slot = offs_n % PAGE_SIZE
         k_rows = page * stride_kp + slot * stride_ks + kv_head0 * stride_kh
         if K_FORMAT >= 3:  # MXFP8, NVFP4
@@ -363,6 +368,16 @@ def _paged_decode_kernel(
         else:
             k = load_kv_tile(k_ptr, k_rows[:, None] + k_cols[None, :], n_mask[:, None],
                               K_FORMAT, TILE, (DECODE_ASM & 1) != 0, NAN_PATCH)
+        v_rows = page * stride_vp + slot * stride_vs + kv_head0 * stride_vh
+        if V_FORMAT >= 3:
+            v, vs = _load_block_tile(
+                v_ptr, v_rows, v_blk_ptr,
+                page * stride_vbp + slot * stride_vbs + kv_head0 * stride_vbh, n_mask, r_head,
+                stride_vh, stride_vbh, V_FORMAT, HP, HEAD_DIM, BLOCK_N, ROWS, TILE,
+                (DECODE_ASM & 2) != 0, NAN_PATCH)
+        else:
+            v = load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
+                              V_FORMAT, TILE, (DECODE_ASM & 2) != 0, NAN_PATCH)
         s = tl.dot(q, tl.trans(k.to(DOT)))  # [ROWS, BLOCK_N], fp32
         if K_FORMAT == 3:
             s = s * row_mult[:, None] * ks
@@ -379,16 +394,6 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_rows = page * stride_vp + slot * stride_vs + kv_head0 * stride_vh
-        if V_FORMAT >= 3:
-            v, vs = _load_block_tile(
-                v_ptr, v_rows, v_blk_ptr,
-                page * stride_vbp + slot * stride_vbs + kv_head0 * stride_vbh, n_mask, r_head,
-                stride_vh, stride_vbh, V_FORMAT, HP, HEAD_DIM, BLOCK_N, ROWS, TILE,
-                (DECODE_ASM & 2) != 0, NAN_PATCH)
-        else:
-            v = load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
-                              V_FORMAT, TILE, (DECODE_ASM & 2) != 0, NAN_PATCH)
         if V_SCALE_MODE == 2 or V_FORMAT == 3:
             if V_FORMAT != 3:
                 vs = token_scales_by_row(
@@ -1008,3 +1013,47 @@ def paged_decode_attention(
             HAS_SINKS=sinks is not None, num_warps=4,
         )
     return out
+
+
+# An offline compile at gpt-oss decode shapes (Hq 64, Hkv 8, D 64, page 16, sinks, split):
+# per KV format, (K_FORMAT = V_FORMAT, cache pointer type, block-scale pointer type).
+_OFFLINE_FORMATS = {"16bit": (_KV_16BIT, "*bf16", "*u8"), "fp8_e4m3fn": (_KV_E4M3FN, "*u8", "*u8"),
+                    "mxfp8": (_KV_MXFP8, "*u8", "*u8"), "nvfp4": (_KV_NVFP4, "*u8", "*u8")}
+_OFFLINE_ALIGNED = ("stride_qb", "stride_qh", "stride_kp", "stride_ks", "stride_kh",
+                    "stride_vp", "stride_vs", "stride_vh", "stride_ob", "stride_oh")
+
+
+def sm_compile_report(capability: int = 90, num_stages: int = 3) -> dict[str, dict]:
+    """The decode kernel compiled offline for cuda:``capability`` (``offline_compile``; under
+    the interpreter in a child) per KV format, at the tuned tiles and ``num_stages``: its
+    E4M3 converts and cp.async copies in the PTX, and the copy groups its token loop keeps in
+    flight while it waits (``prefetch_depth``; 0 would mean the loop waits for the copies it
+    has just issued, so stages beyond 2 prefetch nothing more)."""
+    if interpreted():
+        return in_child("kvperf_kernels.attention.decode", "sm_compile_report", capability,
+                        num_stages)
+    report = {}
+    for name, (fmt, cache, blk) in _OFFLINE_FORMATS.items():
+        kv_dtype = torch.bfloat16 if fmt == _KV_16BIT else torch.uint8
+        block_n, num_warps, _ = _launch_defaults(kv_dtype)
+        tile = tl.bfloat16 if fmt == _KV_16BIT else tl.float16
+        types = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, k_scale_ptr="*fp32",
+                     v_scale_ptr="*fp32", k_scale_value="fp32", v_scale_value="fp32",
+                     k_blk_ptr=blk, v_blk_ptr=blk, block_tables_ptr="*i32",
+                     seq_lens_ptr="*i32", sinks_ptr="*fp32", out_ptr="*bf16",
+                     part_acc_ptr="*fp32", part_m_ptr="*fp32", part_l_ptr="*fp32",
+                     sm_scale_log2="fp32")
+        scale_mode = _SCALE_SCALAR if fmt in (_KV_16BIT, _KV_NVFP4, _KV_MXFP8) else _SCALE_TENSOR1
+        const = dict(GROUP=8, HP=2, ROWS=16, HEAD_DIM=64, PAGE_SIZE=16, BLOCK_N=block_n,
+                     K_FORMAT=fmt, V_FORMAT=fmt, K_SCALE_MODE=scale_mode,
+                     V_SCALE_MODE=scale_mode, HAS_SINKS=True, IS_SPLIT=True, TILE=tile,
+                     DOT=tile, Q_RESCALE=fmt != _KV_16BIT,
+                     DECODE_ASM=0 if fmt == _KV_16BIT else DEFAULT_LAUNCH.decode_asm,
+                     NAN_PATCH=False, PRECISE_PV=fmt == _KV_16BIT)
+        asm = compile_offline(_paged_decode_kernel, types, const, capability=capability,
+                              num_warps=num_warps, num_stages=num_stages,
+                              aligned=_OFFLINE_ALIGNED)
+        report[name] = {"e4m3_converts": asm["ptx"].count("cvt.rn.f16x2.e4m3x2"),
+                        "async_copies": asm["ptx"].count("cp.async."),
+                        "prefetch_depth": prefetch_depth(asm["ttgir"])}
+    return report

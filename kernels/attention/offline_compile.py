@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,8 @@ from kvperf_kernels.device import interpreted
 
 
 def compile_offline(fn, types: dict[str, str], constexprs: dict, *, capability: int = 90,
-                    num_warps: int = 4, aligned: tuple[str, ...] = ()) -> dict:
+                    num_warps: int = 4, num_stages: int = 3,
+                    aligned: tuple[str, ...] = ()) -> dict:
     """Assembly ({'ptx': ..., 'ttgir': ..., 'cubin': ...}) of ``fn`` compiled for
     cuda:``capability``. types: Triton signature types of the runtime arguments ("*bf16",
     "i32", "fp32"; others "i32"); pointers are declared 16-byte aligned, as a launch with
@@ -42,8 +44,19 @@ def compile_offline(fn, types: dict[str, str], constexprs: dict, *, capability: 
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                            options={"num_warps": num_warps})
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     return dict(kernel.asm)
+
+
+_ASYNC_WAIT = re.compile(r"ttg\.async_wait\b[^{]*\{num = (\d+)")
+
+
+def prefetch_depth(ttgir: str) -> int:
+    """How many groups of async copies (cp.async) the kernel's deepest wait leaves in flight,
+    from its TTGIR; 0 when every wait drains them all, i.e. a pipelined loop that waits for
+    the copies it has just issued: with a tile's indices loaded in the tile's own address
+    chain, Triton's pipeliner spends a stage on the indices and does exactly that."""
+    return max((int(n) for n in _ASYNC_WAIT.findall(ttgir)), default=0)
 
 
 def in_child(module: str, function: str, *args, timeout: float = 300):

@@ -58,7 +58,7 @@ from kvperf_kernels.attention.decode import (
     scale_args,
     token_scales_by_row,
 )
-from kvperf_kernels.attention.offline_compile import compile_offline, in_child
+from kvperf_kernels.attention.offline_compile import compile_offline, in_child, prefetch_depth
 from kvperf_kernels.device import interpreted, sm_count
 from kvperf_kernels.formats.checks import (
     check_flag,
@@ -218,11 +218,15 @@ def _persistent_decode_kernel(
         acc = tl.zeros([ROWS, HP * HEAD_DIM], tl.float32)
         # The tiles load inside the loop, so Triton's pipeliner prefetches the next ones
         # (cp.async into shared memory, num_stages deep) while this one is computed.
+        offs_tile = tl.arange(0, BLOCK_N)
+        next_page = tl.load(bt_row + (lo + offs_tile) // PAGE_SIZE, mask=lo + offs_tile < hi,
+                            other=0)
         for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
+            offs_n = start + offs_tile
             n_mask = offs_n < hi
-            page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0)
-            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+            page = tl.minimum(tl.maximum(next_page, 0), num_pages - 1).to(tl.int64)
+            offs_next = offs_n + BLOCK_N
+            next_page = tl.load(bt_row + offs_next // PAGE_SIZE, mask=offs_next < hi, other=0)
             slot = offs_n % PAGE_SIZE
             k = _load_tile(k_base, page * stride_kp + slot * stride_ks, k_head_off, c_d,
                            ks_base, page * stride_ksp + slot * stride_kss, ks_head_off, n_mask,
@@ -606,9 +610,10 @@ _ALIGNED_STRIDES = ("stride_qb", "stride_kp", "stride_ks", "stride_kh", "stride_
 def sm_compile_report(capability: int = 90) -> dict[str, dict]:
     """Compile every KV format x schedule variant and the merge offline for cuda:``capability``
     (``offline_compile``; under the interpreter in a child): per variant, its atomics, E4M3
-    converts and cp.async copies (the pipelined tile loads) in the PTX. A kernel edit that
-    no longer compiles for the GPU, or whose token loop leaves the pipeliner, fails on the
-    CPU."""
+    converts and cp.async copies (the pipelined tile loads) in the PTX, and at the default
+    stages the copy groups its token loop keeps in flight while it waits (``prefetch_depth``).
+    A kernel edit that no longer compiles for the GPU, or whose token loop leaves the
+    pipeliner or waits for the copies it has just issued, fails on the CPU."""
     if interpreted():
         return in_child("kvperf_kernels.attention.persistent_decode", "sm_compile_report",
                         capability)
@@ -639,13 +644,15 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
                      V_OPAQUE=fmt == _FP8)
         # the cache strides are multiples of 16 elements at these shapes, as a launch
         # declares them (then tile rows vectorise and load through cp.async)
-        ptx = compile_offline(_persistent_decode_kernel, types, const, capability=capability,
-                              aligned=_ALIGNED_STRIDES)["ptx"]
+        asm = compile_offline(_persistent_decode_kernel, types, const, capability=capability,
+                              num_stages=DEFAULT_STAGES, aligned=_ALIGNED_STRIDES)
+        ptx = asm["ptx"]
         label = (KV_FORMAT_NAMES[fmt] + {0: "", 1: "_per_tensor", 2: "_per_token"}[mode]
                  + ("_2heads" if hp == 2 else ""))
         report[f"{label}-{name}"] = {"atomics": ptx.count("atom."),
                                      "e4m3_converts": ptx.count("cvt.rn.f16x2.e4m3x2"),
-                                     "async_copies": ptx.count("cp.async.")}
+                                     "async_copies": ptx.count("cp.async."),
+                                     "prefetch_depth": prefetch_depth(asm["ttgir"])}
     types = dict(seq_lens_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32",
                  part_l_ptr="*fp32", sinks_ptr="*fp32", out_ptr="*bf16")
     ptx = compile_offline(_merge_chunks_kernel, types,

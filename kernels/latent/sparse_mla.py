@@ -135,6 +135,16 @@ def mma(a, b, F32: tl.constexpr):
 
 
 @triton.jit
+def _tile_ids(idx_ptr, bt_ptr, r, idx_stride, bt_stride, n, total, block_size,
+              DENSE: tl.constexpr):
+    """Keys n's page ids from the block table (dense; 0 past the length) or their slots from
+    the index list (sparse; -1 past the list, as its own padding)."""
+    if DENSE:
+        return tl.load(bt_ptr + r * bt_stride + n // block_size, mask=n < total, other=0)
+    return tl.load(idx_ptr + r * idx_stride + n, mask=n < total, other=-1)
+
+
+@triton.jit
 def _mla_decode_kernel(
     q_ptr, q_sr, q_sh, cache_ptr, idx_ptr, idx_stride, n_keys, bt_ptr, bt_stride, len_ptr,
     out_ptr, o_sr, o_sh, lse_ptr, sm_scale, block_size, block_bytes, H,
@@ -165,19 +175,27 @@ def _mla_decode_kernel(
         total = tl.load(len_ptr + r)
     else:
         total = n_keys
+    # The tile's page ids (dense) or slots (sparse) load one tile ahead: loaded in the tile
+    # that uses them, they sit in the chain of the rows' addresses, and Triton's pipeliner
+    # spends a stage on them (the loop then waits for every copy in flight).
+    offs_n = tl.arange(0, BLOCK_N)
+    next_ids = _tile_ids(idx_ptr, bt_ptr, r, idx_stride, bt_stride, offs_n, total, block_size,
+                         DENSE)
     for start in range(0, total, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
+        n = start + offs_n
+        ids = next_ids
+        next_ids = _tile_ids(idx_ptr, bt_ptr, r, idx_stride, bt_stride, n + BLOCK_N, total,
+                             block_size, DENSE)
         if DENSE:
             # the page and its offset straight from n: Triton 3.6 takes the offset of a
             # rebuilt slot, (page * block_size + n % block_size) % block_size, to be a
             # multiple of 16 in every lane (triton-lang/triton#11544) and reads the lab's
             # 516-byte rows (4-byte aligned) in 16-byte copies: misaligned on the GPU
             valid = n < total
-            blk = tl.load(bt_ptr + r * bt_stride + n // block_size, mask=valid,
-                          other=0).to(tl.int64)
+            blk = ids.to(tl.int64)
             off = n % block_size
         else:
-            slot = tl.load(idx_ptr + r * idx_stride + n, mask=n < total, other=-1).to(tl.int64)
+            slot = ids.to(tl.int64)
             valid = slot >= 0
             slot = tl.where(valid, slot, 0)
             blk = slot // block_size

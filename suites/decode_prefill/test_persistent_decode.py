@@ -321,7 +321,9 @@ def test_persistent_kernels_compile_for_sm90(kvperf):
     offline for sm90 (no GPU): the atomic schedule's PTX has
     its atomics (one site per counter read), the others none; FP8 tiles are decoded by the
     packed hardware convert (cvt.rn.f16x2.e4m3x2), which no other format has; every
-    variant's tiles but INT4's load through cp.async (Triton pipelined its token loop)."""
+    variant's tiles but INT4's load through cp.async (Triton pipelined its token loop), and
+    its loop's wait leaves copies in flight (before the page ids loaded a tile ahead, every
+    wait drained them: 3 stages prefetched one tile, as 2 do)."""
     try:
         report = sm_compile_report(90)
     except RuntimeError as exc:  # no NVIDIA backend / ptxas in this Triton
@@ -333,6 +335,8 @@ def test_persistent_kernels_compile_for_sm90(kvperf):
         assert (facts["e4m3_converts"] > 0) == variant.startswith("fp8"), (variant, facts)
         # the token loop is pipelined; INT4 gathers a byte per element (no cp.async)
         assert (facts["async_copies"] > 0) == (not variant.startswith("int4")), (variant, facts)
+        # ... and keeps the next tiles' copies in flight while it waits for this one's
+        assert (facts["prefetch_depth"] > 0) == (not variant.startswith("int4")), (variant, facts)
     assert len(report) == 9
     assert {"fp8_per_token-atomic", "fp8_per_tensor-atomic", "16bit_2heads-atomic",
             "fp8_per_token_2heads-atomic"} <= set(report)

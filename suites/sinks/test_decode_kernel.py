@@ -16,6 +16,7 @@ from kvperf_kernels.attention.decode import (
     DecodeLaunch,
     choose_num_splits,
     paged_decode_attention,
+    sm_compile_report,
 )
 from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
 from kvperf_kernels.device import interpreted
@@ -172,3 +173,22 @@ def test_split_heuristic(batch, hkv, kv_len):
     assert splits == 1 or kv_len // splits >= 256
     assert batch * hkv * splits >= 2 * sms or splits == min(MAX_SPLITS, max(1, kv_len // 256))
 
+
+
+def test_token_loop_prefetches_for_sm90(kvperf):
+    """Every KV format's decode kernel compiled offline for sm90 (no GPU) at 3 stages loads
+    its tiles through cp.async and waits with the next tiles' copies still in flight; at 2
+    stages the wait drains them (one tile ahead, the control: the depth can read 0). With
+    the page ids loaded in the tile's own address chain, Triton's pipeliner spent a stage on
+    them and 3 stages drained too, as 2 do."""
+    try:
+        deep, shallow = sm_compile_report(90, num_stages=3), sm_compile_report(90, num_stages=2)
+    except RuntimeError as exc:  # no NVIDIA backend / ptxas in this Triton
+        kvperf.skip(f"needs Triton's NVIDIA backend to compile for sm90 offline; found {exc}"
+                    [:300])
+    assert set(deep) == {"16bit", "fp8_e4m3fn", "mxfp8", "nvfp4"}
+    for fmt, facts in deep.items():
+        assert facts["async_copies"] > 0, (fmt, facts)
+        assert facts["prefetch_depth"] >= 1, (fmt, facts)
+        assert (facts["e4m3_converts"] > 0) == (fmt != "16bit"), (fmt, facts)
+        assert shallow[fmt]["prefetch_depth"] == 0, (fmt, shallow[fmt])

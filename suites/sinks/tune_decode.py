@@ -11,7 +11,8 @@ is set.
 
 Stages: base = the launcher's defaults at batch 64 x kv 8192 (BF16, FP8 per-tensor, FP8
 per-token); sweep = FP8/BF16 launch variants there; occ = FP8 variants with more resident
-warps (register caps, smaller tiles, more splits); spec = the GPU cases of
+warps (register caps, smaller tiles, more splits); pipe = prefetch depth (stages) with
+tiles and splits; spec = the GPU cases of
 test_decode_kernel.py with precise_pv off; long = defaults (and the sweep's best) at
 kv 32768; longsweep (with long) = the FP8 sweep at kv 32768. ``--smoke`` runs tiny
 shapes on the CPU interpreter (checks the script only).
@@ -168,6 +169,19 @@ SWEEP_OCC = [
 ]
 
 
+# stage pipe: deeper prefetch now that the page ids load a tile ahead (with the page-id load
+# in the K/V address chain, Triton's pipeliner spent a stage on it: the loop waited for every
+# copy in flight, so 3 stages prefetched no deeper than 2); (block_n, num_warps, num_stages,
+# num_splits, precise_pv). Shared memory: 3 stages of 32-token FP8 tiles take 28 KB a program.
+SWEEP_PIPE = [
+    (32, 1, 2, 4, False), (32, 1, 3, 4, False), (32, 1, 3, 3, False), (32, 1, 4, 4, False),
+    (16, 1, 3, 8, False), (16, 1, 4, 8, False), (64, 1, 3, 2, False), (32, 2, 3, 4, False),
+    (64, 4, 3, 2, False),
+]
+SWEEP_PIPE_BF16 = [(64, 4, 2, None, None), (64, 4, 3, None, None), (32, 4, 3, None, None),
+                   (32, 2, 3, None, None)]
+
+
 def run_configs(data, variant: str, stage: str, configs, last: str, time_left,
                 reserve_s: float, **fixed) -> None:
     """One run_variant per (block_n, num_warps, num_stages, num_splits, <last>) config
@@ -193,6 +207,13 @@ def occupancy_sweep(data, time_left) -> None:
                 precise_pv=False)
     for r in best("occ", "fp8_tensor", 2):
         run_variant(data, "fp8_token", "occ", **cfg_of(r))
+
+
+def pipeline_sweep(data, time_left) -> None:
+    run_configs(data, "fp8_tensor", "pipe", SWEEP_PIPE, "precise_pv", time_left, 30)
+    for r in best("pipe", "fp8_tensor", 2):
+        run_variant(data, "fp8_token", "pipe", **cfg_of(r))
+    run_configs(data, "bf16", "pipe", SWEEP_PIPE_BF16, "precise_pv", time_left, 20)
 
 
 def gpu_spec_accuracy(precise: bool) -> None:
@@ -243,6 +264,8 @@ def main():
         sweep(data, time_left)
     if "occ" in stages:
         occupancy_sweep(data, time_left)
+    if "pipe" in stages:
+        pipeline_sweep(data, time_left)
     if "spec" in stages and not args.smoke:
         gpu_spec_accuracy(precise=False)
     del data
@@ -254,7 +277,7 @@ def main():
         for v in variants:
             run_variant(data, v, "long")
         for v in variants:
-            for r in best("sweep", v, 1) + best("occ", v, 1):
+            for r in best("sweep", v, 1) + best("occ", v, 1) + best("pipe", v, 2):
                 run_variant(data, v, "long", **cfg_of(r))
         if "longsweep" in stages:  # the FP8 sweep again at the long context
             for bn, w, st, sp, cols in SWEEP_FP8 + [(32, 1, 2, 8, 128), (64, 2, 2, 8, 128)]:
