@@ -47,6 +47,7 @@ import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -251,6 +252,15 @@ def token_scales_by_row(base, stride_h, n_mask, r_head, HP: tl.constexpr):
     return x
 
 
+@triton.jit
+def _page_ids(bt_row, start, offs_tile, hi, PAGE_SIZE: tl.constexpr, LOAD: tl.constexpr):
+    """Page ids of the tile from token ``start`` (0 past ``hi``); zeros unless LOAD."""
+    offs = start + offs_tile
+    if LOAD:
+        return tl.load(bt_row + offs // PAGE_SIZE, mask=offs < hi, other=0)
+    return tl.zeros_like(offs)
+
+
 # window_left is -1 or a length, max_tokens and num_pages are sizes: keep Triton from turning
 # the value 1 into a constant (or compiling a variant per divisibility by 16).
 @triton.jit(do_not_specialize=["window_left", "max_tokens", "num_pages"])
@@ -276,7 +286,7 @@ def _paged_decode_kernel(
     K_SCALE_MODE: tl.constexpr, V_SCALE_MODE: tl.constexpr,
     HAS_SINKS: tl.constexpr, IS_SPLIT: tl.constexpr,
     TILE: tl.constexpr, DOT: tl.constexpr, Q_RESCALE: tl.constexpr, PRECISE_PV: tl.constexpr,
-    DECODE_ASM: tl.constexpr, NAN_PATCH: tl.constexpr,
+    DECODE_ASM: tl.constexpr, NAN_PATCH: tl.constexpr, IDS_AHEAD: tl.constexpr,
 ):
     # Heads vary fastest in the grid: the programs that read the KV heads of one token (one
     # contiguous row of the cache) run side by side, so DRAM pages are opened once for all.
@@ -348,15 +358,26 @@ def _paged_decode_kernel(
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     k_cols = c_head * stride_kh + c_d
     v_cols = c_head * stride_vh + c_d
+    # IDS_AHEAD: the tile's page ids load that many tiles ahead (0: in the tile). In the
+    # tile, they sit in the chain of its K/V addresses and Triton's pipeliner spends a stage
+    # on them: 3 stages then copy K/V one tile ahead, as 2 do (the loop waits for every copy
+    # in flight). Ahead, K/V copy num_stages - 1 tiles ahead; what pays is per KV dtype.
     offs_tile = tl.arange(0, BLOCK_N)
-    next_page = tl.load(bt_row + (lo + offs_tile) // PAGE_SIZE, mask=lo + offs_tile < hi,
-                        other=0)
+    ids_1 = _page_ids(bt_row, lo, offs_tile, hi, PAGE_SIZE, IDS_AHEAD >= 1)
+    ids_2 = _page_ids(bt_row, lo + BLOCK_N, offs_tile, hi, PAGE_SIZE, IDS_AHEAD >= 2)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + offs_tile
         n_mask = offs_n < hi
-        page = tl.minimum(tl.maximum(next_page, 0), num_pages - 1).to(tl.int64)  # see seq_len
-        offs_next = offs_n + BLOCK_N
-        next_page = tl.load(bt_row + offs_next // PAGE_SIZE, mask=offs_next < hi, other=0)
+        if IDS_AHEAD == 0:
+            ids = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+        elif IDS_AHEAD == 1:
+            ids = ids_1
+            ids_1 = _page_ids(bt_row, start + BLOCK_N, offs_tile, hi, PAGE_SIZE, True)
+        else:
+            ids = ids_1
+            ids_1 = ids_2
+            ids_2 = _page_ids(bt_row, start + 2 * BLOCK_N, offs_tile, hi, PAGE_SIZE, True)
+        page = tl.minimum(tl.maximum(ids, 0), num_pages - 1).to(tl.int64)  # see seq_len
         slot = offs_n % PAGE_SIZE
         k_rows = page * stride_kp + slot * stride_ks + kv_head0 * stride_kh
         if K_FORMAT >= 3:  # MXFP8, NVFP4
@@ -368,16 +389,6 @@ def _paged_decode_kernel(
         else:
             k = load_kv_tile(k_ptr, k_rows[:, None] + k_cols[None, :], n_mask[:, None],
                               K_FORMAT, TILE, (DECODE_ASM & 1) != 0, NAN_PATCH)
-        v_rows = page * stride_vp + slot * stride_vs + kv_head0 * stride_vh
-        if V_FORMAT >= 3:
-            v, vs = _load_block_tile(
-                v_ptr, v_rows, v_blk_ptr,
-                page * stride_vbp + slot * stride_vbs + kv_head0 * stride_vbh, n_mask, r_head,
-                stride_vh, stride_vbh, V_FORMAT, HP, HEAD_DIM, BLOCK_N, ROWS, TILE,
-                (DECODE_ASM & 2) != 0, NAN_PATCH)
-        else:
-            v = load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
-                              V_FORMAT, TILE, (DECODE_ASM & 2) != 0, NAN_PATCH)
         s = tl.dot(q, tl.trans(k.to(DOT)))  # [ROWS, BLOCK_N], fp32
         if K_FORMAT == 3:
             s = s * row_mult[:, None] * ks
@@ -394,6 +405,16 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_rows = page * stride_vp + slot * stride_vs + kv_head0 * stride_vh
+        if V_FORMAT >= 3:
+            v, vs = _load_block_tile(
+                v_ptr, v_rows, v_blk_ptr,
+                page * stride_vbp + slot * stride_vbs + kv_head0 * stride_vbh, n_mask, r_head,
+                stride_vh, stride_vbh, V_FORMAT, HP, HEAD_DIM, BLOCK_N, ROWS, TILE,
+                (DECODE_ASM & 2) != 0, NAN_PATCH)
+        else:
+            v = load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
+                              V_FORMAT, TILE, (DECODE_ASM & 2) != 0, NAN_PATCH)
         if V_SCALE_MODE == 2 or V_FORMAT == 3:
             if V_FORMAT != 3:
                 vs = token_scales_by_row(
@@ -507,6 +528,11 @@ class DecodeLaunch:
     """Launch parameters of the decode kernel; None picks the tuned default for the KV dtype.
 
     block_n: tokens per KV tile (a power of two >= 16); num_warps, num_stages: Triton's.
+    ids_ahead: [tuning] tiles ahead that a tile's page ids load (0, 1, 2; 0: in the tile, where
+        they sit in its K/V address chain and Triton's pipeliner spends a stage on them, so 3
+        stages copy K/V no further ahead than 2). H200, batch 64, kv 8K, FP8: 177-186 us in
+        the tile at 2 stages, 187.7 at best a tile ahead (16-token tiles, 4 stages; the
+        deeper copies take shared memory from resident programs). See tune_decode's pipe.
     precise_pv: multiply V by p's 16-bit rounding residue too (p effectively ~16 bits
         instead of 8 for BF16); False is FlashAttention's single rounding. None: on where
         one rounding of p costs more than a fraction of the output's ulp, i.e. off only for
@@ -527,7 +553,8 @@ class DecodeLaunch:
 
     block_n: int | None = None
     num_warps: int | None = None
-    num_stages: int = 2
+    num_stages: int | None = None
+    ids_ahead: int | None = None
     precise_pv: bool | None = None
     decode_asm: int = 2
     max_tile_cols: int = 128
@@ -541,6 +568,9 @@ class DecodeLaunch:
             v = getattr(self, name)
             if v is not None and (_not_int(v) or v < 1):
                 raise ValueError(f"DecodeLaunch.{name} must be an int >= 1, got {v!r}")
+        if self.ids_ahead not in (None, 0, 1, 2) or isinstance(self.ids_ahead, bool):
+            raise ValueError(f"DecodeLaunch.ids_ahead must be 0, 1, 2 or None, got "
+                             f"{self.ids_ahead!r}")
         if self.decode_asm not in (0, 1, 2, 3):
             raise ValueError(f"DecodeLaunch.decode_asm must be 0..3 (bit 0 K, bit 1 V), "
                              f"got {self.decode_asm!r}")
@@ -564,19 +594,27 @@ def heads_per_program(group: int, num_kv_heads: int, head_dim: int, max_tile_col
     return hp
 
 
-def _launch_defaults(kv_dtype: torch.dtype) -> tuple[int, int, int]:
-    """(block_n, num_warps, resident programs per SM) for the split heuristic.
+class LaunchDefaults(NamedTuple):
+    block_n: int
+    num_warps: int
+    num_stages: int
+    ids_ahead: int
+    programs_per_sm: int  # resident programs per SM, for the split heuristic
+
+
+def _launch_defaults(kv_dtype: torch.dtype) -> LaunchDefaults:
+    """The tuned launch per KV dtype (tiles are [block_n, HP * D], HP * D <= 128).
 
     [tuning] H100, gpt-oss decode (64 sequences x 8K/32K tokens): FP8 runs best as many
     one-warp programs with small tiles (no cross-warp softmax reductions or barriers; the
     kernel is latency bound at these sizes), ~8 resident per SM (~255 registers each);
-    16-bit KV as four-warp programs of 64 tokens, ~4 per SM. Tiles are [block_n, HP * D]
-    with HP * D <= 128 for every head_dim."""
-    if interpreted():
-        return 256, 4, 8  # the interpreter: fewest tiles without numpy temporaries growing
+    16-bit KV as four-warp programs of 64 tokens, ~4 per SM. Both with the page ids in the
+    tile at 2 stages, still the best measured on the H200 (see DecodeLaunch.ids_ahead)."""
+    if interpreted():  # the interpreter: fewest tiles without numpy temporaries growing
+        return LaunchDefaults(256, 4, 1, 1, 8)
     if kv_dtype.itemsize == 1:
-        return 32, 1, 8
-    return 64, 4, 4
+        return LaunchDefaults(32, 1, 2, 0, 8)
+    return LaunchDefaults(64, 4, 2, 0, 4)
 
 
 def _kv_format(name: str, cache: torch.Tensor, block_scale, q_dtype: torch.dtype) -> int:
@@ -948,14 +986,16 @@ def paged_decode_attention(
 
     group = num_q_heads // num_kv_heads
     hp = heads_per_program(group, num_kv_heads, head_dim, launch.max_tile_cols)
-    default_block_n, default_warps, programs_per_sm = _launch_defaults(k_cache.dtype)
+    defaults = _launch_defaults(k_cache.dtype)
     if num_splits is None:
         sms = sm_count(device)
         # The grid has Hkv / HP programs per sequence and split.
         num_splits = choose_num_splits(batch, num_kv_heads // hp, attended, sms,
-                                       programs_per_sm=programs_per_sm)
-    block_n = launch.block_n or default_block_n
-    num_warps = launch.num_warps or default_warps
+                                       programs_per_sm=defaults.programs_per_sm)
+    block_n = launch.block_n or defaults.block_n
+    num_warps = launch.num_warps or defaults.num_warps
+    num_stages = launch.num_stages or defaults.num_stages
+    ids_ahead = defaults.ids_ahead if launch.ids_ahead is None else launch.ids_ahead
 
     is_split = num_splits > 1
     if is_split:
@@ -983,7 +1023,7 @@ def paged_decode_attention(
         K_FORMAT=k_format, V_FORMAT=v_format, K_SCALE_MODE=k_mode, V_SCALE_MODE=v_mode,
         HAS_SINKS=sinks is not None, IS_SPLIT=is_split, TILE=tile, DOT=dot,
         Q_RESCALE=q_type != tile, DECODE_ASM=decode_asm, NAN_PATCH=interpreted(),
-        PRECISE_PV=bool(launch.precise_pv if launch.precise_pv is not None
+        IDS_AHEAD=ids_ahead, PRECISE_PV=bool(launch.precise_pv if launch.precise_pv is not None
                         else not (tile == tl.float16 and q.dtype == torch.bfloat16)),
     )
     for record in _launch_records:  # record_launches(): the variant that is launched now
@@ -1002,7 +1042,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         num_q_heads,
-        **constexprs, num_warps=num_warps, num_stages=launch.num_stages,
+        **constexprs, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg and not interpreted() else {}),
     )
     if is_split:
@@ -1023,19 +1063,20 @@ _OFFLINE_ALIGNED = ("stride_qb", "stride_qh", "stride_kp", "stride_ks", "stride_
                     "stride_vp", "stride_vs", "stride_vh", "stride_ob", "stride_oh")
 
 
-def sm_compile_report(capability: int = 90, num_stages: int = 3) -> dict[str, dict]:
+def sm_compile_report(capability: int = 90, num_stages: int = 3,
+                      ids_ahead: int = 1) -> dict[str, dict]:
     """The decode kernel compiled offline for cuda:``capability`` (``offline_compile``; under
-    the interpreter in a child) per KV format, at the tuned tiles and ``num_stages``: its
-    E4M3 converts and cp.async copies in the PTX, and the copy groups its token loop keeps in
-    flight while it waits (``prefetch_depth``; 0 would mean the loop waits for the copies it
-    has just issued, so stages beyond 2 prefetch nothing more)."""
+    the interpreter in a child) per KV format, at the tuned tiles, ``num_stages`` and
+    ``ids_ahead`` (DecodeLaunch's): its E4M3 converts and cp.async copies in the PTX, and the
+    copy groups its token loop keeps in flight while it waits (``prefetch_depth``; 0: the
+    loop waits for the copies it has just issued, so stages beyond 2 prefetch no deeper)."""
     if interpreted():
         return in_child("kvperf_kernels.attention.decode", "sm_compile_report", capability,
-                        num_stages)
+                        num_stages, ids_ahead)
     report = {}
     for name, (fmt, cache, blk) in _OFFLINE_FORMATS.items():
         kv_dtype = torch.bfloat16 if fmt == _KV_16BIT else torch.uint8
-        block_n, num_warps, _ = _launch_defaults(kv_dtype)
+        defaults = _launch_defaults(kv_dtype)
         tile = tl.bfloat16 if fmt == _KV_16BIT else tl.float16
         types = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, k_scale_ptr="*fp32",
                      v_scale_ptr="*fp32", k_scale_value="fp32", v_scale_value="fp32",
@@ -1044,14 +1085,14 @@ def sm_compile_report(capability: int = 90, num_stages: int = 3) -> dict[str, di
                      part_acc_ptr="*fp32", part_m_ptr="*fp32", part_l_ptr="*fp32",
                      sm_scale_log2="fp32")
         scale_mode = _SCALE_SCALAR if fmt in (_KV_16BIT, _KV_NVFP4, _KV_MXFP8) else _SCALE_TENSOR1
-        const = dict(GROUP=8, HP=2, ROWS=16, HEAD_DIM=64, PAGE_SIZE=16, BLOCK_N=block_n,
+        const = dict(GROUP=8, HP=2, ROWS=16, HEAD_DIM=64, PAGE_SIZE=16, BLOCK_N=defaults.block_n,
                      K_FORMAT=fmt, V_FORMAT=fmt, K_SCALE_MODE=scale_mode,
                      V_SCALE_MODE=scale_mode, HAS_SINKS=True, IS_SPLIT=True, TILE=tile,
                      DOT=tile, Q_RESCALE=fmt != _KV_16BIT,
                      DECODE_ASM=0 if fmt == _KV_16BIT else DEFAULT_LAUNCH.decode_asm,
-                     NAN_PATCH=False, PRECISE_PV=fmt == _KV_16BIT)
+                     NAN_PATCH=False, PRECISE_PV=fmt == _KV_16BIT, IDS_AHEAD=ids_ahead)
         asm = compile_offline(_paged_decode_kernel, types, const, capability=capability,
-                              num_warps=num_warps, num_stages=num_stages,
+                              num_warps=defaults.num_warps, num_stages=num_stages,
                               aligned=_OFFLINE_ALIGNED)
         report[name] = {"e4m3_converts": asm["ptx"].count("cvt.rn.f16x2.e4m3x2"),
                         "async_copies": asm["ptx"].count("cp.async."),

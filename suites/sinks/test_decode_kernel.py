@@ -96,6 +96,24 @@ def test_sink_limits(kv_dtype, granularity, num_splits, decode_case, matches_ref
                                    msg=lambda m, v=value: f"sink {v}: {m}")
 
 
+@pytest.mark.parametrize("ids_ahead", [0, 1, 2])
+@pytest.mark.parametrize("kv_dtype", [BF16, E4M3], ids=["bf16", "e4m3"])
+def test_page_ids_ahead_match_reference(ids_ahead, kv_dtype, decode_case, matches_reference):
+    """Page ids loaded in the tile, or one or two tiles ahead (DecodeLaunch.ids_ahead): the
+    same attention, on lengths that end inside, at and just past a tile (the ids a tile ahead
+    past a split's end are masked, never read) and a window that starts mid-page."""
+    case = decode_case((1, 16, 17, 50, 64), hq=8, hkv=2, head_dim=64, page_size=16)
+    kv = case.pack(kv_dtype, "per_token" if kv_dtype is E4M3 else None)
+    launch = DecodeLaunch(block_n=16, ids_ahead=ids_ahead)
+    for window, splits in ((-1, 1), (-1, 2), (23, 2)):
+        out = _launch(case, kv, sinks=case.sinks, num_splits=splits, window_left=window,
+                      launch=launch)
+        ref = paged_decode_attention_ref(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
+                                         kv.seq_lens, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                                         sinks=case.sinks, window_left=window)
+        matches_reference(out, ref, f"ids_ahead {ids_ahead}, window {window}, {splits} splits")
+
+
 def test_split_merge_matches_single_pass(decode_case, matches_reference, kvperf):
     """Split-KV with the sink merged once equals the single-pass result, including splits
     that are empty for short sequences (1 and 17 tokens over 5 splits)."""
@@ -176,19 +194,20 @@ def test_split_heuristic(batch, hkv, kv_len):
 
 
 def test_token_loop_prefetches_for_sm90(kvperf):
-    """Every KV format's decode kernel compiled offline for sm90 (no GPU) at 3 stages loads
-    its tiles through cp.async and waits with the next tiles' copies still in flight; at 2
-    stages the wait drains them (one tile ahead, the control: the depth can read 0). With
-    the page ids loaded in the tile's own address chain, Triton's pipeliner spent a stage on
-    them and 3 stages drained too, as 2 do."""
+    """Every KV format's decode kernel compiled offline for sm90 (no GPU) at 3 stages with the
+    page ids a tile ahead loads its tiles through cp.async and waits with the next tiles'
+    copies still in flight. The control: with the page ids loaded in the tile (in its K/V
+    address chain) Triton's pipeliner spends a stage on them and the wait drains every copy,
+    so the depth reads 0 (3 stages then prefetch no deeper than 2)."""
     try:
-        deep, shallow = sm_compile_report(90, num_stages=3), sm_compile_report(90, num_stages=2)
+        ahead = sm_compile_report(90, num_stages=3, ids_ahead=1)
+        in_tile = sm_compile_report(90, num_stages=3, ids_ahead=0)
     except RuntimeError as exc:  # no NVIDIA backend / ptxas in this Triton
         kvperf.skip(f"needs Triton's NVIDIA backend to compile for sm90 offline; found {exc}"
                     [:300])
-    assert set(deep) == {"16bit", "fp8_e4m3fn", "mxfp8", "nvfp4"}
-    for fmt, facts in deep.items():
+    assert set(ahead) == {"16bit", "fp8_e4m3fn", "mxfp8", "nvfp4"}
+    for fmt, facts in ahead.items():
         assert facts["async_copies"] > 0, (fmt, facts)
         assert facts["prefetch_depth"] >= 1, (fmt, facts)
         assert (facts["e4m3_converts"] > 0) == (fmt != "16bit"), (fmt, facts)
-        assert shallow[fmt]["prefetch_depth"] == 0, (fmt, shallow[fmt])
+        assert in_tile[fmt]["prefetch_depth"] == 0, (fmt, in_tile[fmt])

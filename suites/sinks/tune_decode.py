@@ -11,8 +11,8 @@ is set.
 
 Stages: base = the launcher's defaults at batch 64 x kv 8192 (BF16, FP8 per-tensor, FP8
 per-token); sweep = FP8/BF16 launch variants there; occ = FP8 variants with more resident
-warps (register caps, smaller tiles, more splits); pipe = prefetch depth (stages) with
-tiles and splits; spec = the GPU cases of
+warps (register caps, smaller tiles, more splits); pipe = prefetch depth (stages, page ids
+ahead) with tiles and splits; spec = the GPU cases of
 test_decode_kernel.py with precise_pv off; long = defaults (and the sweep's best) at
 kv 32768; longsweep (with long) = the FP8 sweep at kv 32768. ``--smoke`` runs tiny
 shapes on the CPU interpreter (checks the script only).
@@ -65,7 +65,7 @@ from kvperf_kernels.testing.decode_workloads import (  # noqa: E402
 from kvperf_kernels.testing.inputs import make_decode_case  # noqa: E402
 from pytest_kvperf import get_peaks, measure  # noqa: E402
 
-LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "precise_pv", "decode_asm",
+LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "ids_ahead", "precise_pv", "decode_asm",
                "max_tile_cols", "maxnreg")
 CFG_KEYS = ("num_splits", *LAUNCH_KEYS)
 T0 = time.time()
@@ -169,17 +169,16 @@ SWEEP_OCC = [
 ]
 
 
-# stage pipe: deeper prefetch now that the page ids load a tile ahead (with the page-id load
-# in the K/V address chain, Triton's pipeliner spent a stage on it: the loop waited for every
-# copy in flight, so 3 stages prefetched no deeper than 2); (block_n, num_warps, num_stages,
-# num_splits, precise_pv). Shared memory: 3 stages of 32-token FP8 tiles take 28 KB a program.
+# stage pipe: prefetch depth. With the page ids in a tile's own K/V address chain (ids_ahead
+# 0) Triton's pipeliner spends a stage on them: 3 stages copy K/V one tile ahead, as 2 do.
+# (block_n, num_warps, num_stages, num_splits, ids_ahead). Shared memory: 3 stages of
+# 32-token FP8 tiles take 28 KB a program (7, not 8, resident per SM).
 SWEEP_PIPE = [
-    (32, 1, 2, 4, False), (32, 1, 3, 4, False), (32, 1, 3, 3, False), (32, 1, 4, 4, False),
-    (16, 1, 3, 8, False), (16, 1, 4, 8, False), (64, 1, 3, 2, False), (32, 2, 3, 4, False),
-    (64, 4, 3, 2, False),
+    (32, 1, 2, 4, 0), (32, 1, 3, 4, 0), (32, 1, 2, 4, 2), (32, 1, 3, 4, 2), (32, 1, 2, 4, 1),
+    (16, 1, 4, 8, 1), (16, 1, 3, 8, 0), (32, 1, 3, 3, 0), (64, 4, 3, 2, 0),
 ]
-SWEEP_PIPE_BF16 = [(64, 4, 2, None, None), (64, 4, 3, None, None), (32, 4, 3, None, None),
-                   (32, 2, 3, None, None)]
+SWEEP_PIPE_BF16 = [(64, 4, 2, None, 0), (32, 4, 3, None, 1), (32, 2, 3, None, 1),
+                   (32, 4, 4, None, 1), (32, 4, 3, None, 2), (32, 4, 2, None, 2)]
 
 
 def run_configs(data, variant: str, stage: str, configs, last: str, time_left,
@@ -210,10 +209,11 @@ def occupancy_sweep(data, time_left) -> None:
 
 
 def pipeline_sweep(data, time_left) -> None:
-    run_configs(data, "fp8_tensor", "pipe", SWEEP_PIPE, "precise_pv", time_left, 30)
+    run_configs(data, "fp8_tensor", "pipe", SWEEP_PIPE, "ids_ahead", time_left, 30,
+                precise_pv=False)
     for r in best("pipe", "fp8_tensor", 2):
         run_variant(data, "fp8_token", "pipe", **cfg_of(r))
-    run_configs(data, "bf16", "pipe", SWEEP_PIPE_BF16, "precise_pv", time_left, 20)
+    run_configs(data, "bf16", "pipe", SWEEP_PIPE_BF16, "ids_ahead", time_left, 20)
 
 
 def gpu_spec_accuracy(precise: bool) -> None:
