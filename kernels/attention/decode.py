@@ -530,9 +530,8 @@ class DecodeLaunch:
     block_n: tokens per KV tile (a power of two >= 16); num_warps, num_stages: Triton's.
     ids_ahead: [tuning] tiles ahead that a tile's page ids load (0, 1, 2; 0: in the tile, where
         they sit in its K/V address chain and Triton's pipeliner spends a stage on them, so 3
-        stages copy K/V no further ahead than 2). H200, batch 64, kv 8K, FP8: 177-186 us in
-        the tile at 2 stages, 187.7 at best a tile ahead (16-token tiles, 4 stages; the
-        deeper copies take shared memory from resident programs). See tune_decode's pipe.
+        stages copy K/V no further ahead than 2). None: 1 for FP8 with per-tensor scales
+        (H200: 6 % faster at kv 8K, 4.5 % at 32K), else 0 (see _launch_defaults).
     precise_pv: multiply V by p's 16-bit rounding residue too (p effectively ~16 bits
         instead of 8 for BF16); False is FlashAttention's single rounding. None: on where
         one rounding of p costs more than a fraction of the output's ulp, i.e. off only for
@@ -602,18 +601,22 @@ class LaunchDefaults(NamedTuple):
     programs_per_sm: int  # resident programs per SM, for the split heuristic
 
 
-def _launch_defaults(kv_dtype: torch.dtype) -> LaunchDefaults:
+def _launch_defaults(kv_dtype: torch.dtype, fp8_per_tensor: bool = False) -> LaunchDefaults:
     """The tuned launch per KV dtype (tiles are [block_n, HP * D], HP * D <= 128).
 
     [tuning] H100, gpt-oss decode (64 sequences x 8K/32K tokens): FP8 runs best as many
     one-warp programs with small tiles (no cross-warp softmax reductions or barriers; the
     kernel is latency bound at these sizes), ~8 resident per SM (~255 registers each);
-    16-bit KV as four-warp programs of 64 tokens, ~4 per SM. Both with the page ids in the
-    tile at 2 stages, still the best measured on the H200 (see DecodeLaunch.ids_ahead)."""
+    16-bit KV as four-warp programs of 64 tokens, ~4 per SM; page ids in the tile, 2
+    stages. H200 (tune_decode's pipe stage, 2026-12-03): FP8 with per-tensor scales runs
+    faster with the page ids a tile ahead (168.8 against 179.8 us at kv 8K, 633.7 against
+    663.7 at 32K); per-token scales do not (201.8 / 796.9 against 202.5 / 763.5), nor does
+    BF16 at 64-token tiles (at 32-token tiles, 3 stages: 253.2 against 261.2 at 8K but
+    1019.2 against 1006.8 at 32K). See DecodeLaunch.ids_ahead."""
     if interpreted():  # the interpreter: fewest tiles without numpy temporaries growing
         return LaunchDefaults(256, 4, 1, 1, 8)
     if kv_dtype.itemsize == 1:
-        return LaunchDefaults(32, 1, 2, 0, 8)
+        return LaunchDefaults(32, 1, 2, 1 if fp8_per_tensor else 0, 8)
     return LaunchDefaults(64, 4, 2, 0, 4)
 
 
@@ -986,7 +989,9 @@ def paged_decode_attention(
 
     group = num_q_heads // num_kv_heads
     hp = heads_per_program(group, num_kv_heads, head_dim, launch.max_tile_cols)
-    defaults = _launch_defaults(k_cache.dtype)
+    fp8 = (_KV_E4M3FN, _KV_E4M3FNUZ)
+    defaults = _launch_defaults(k_cache.dtype, fp8_per_tensor=k_format in fp8 and v_format in fp8
+                                and _SCALE_PER_TOKEN not in (k_mode, v_mode))
     if num_splits is None:
         sms = sm_count(device)
         # The grid has Hkv / HP programs per sequence and split.

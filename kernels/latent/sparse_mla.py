@@ -177,7 +177,9 @@ def _mla_decode_kernel(
         total = n_keys
     # The tile's page ids (dense) or slots (sparse) load one tile ahead: loaded in the tile
     # that uses them, they sit in the chain of the rows' addresses, and Triton's pipeliner
-    # spends a stage on them (the loop then waits for every copy in flight).
+    # spends a stage on them (the loop then waits for every copy in flight). H200, 128
+    # heads, top-2048, batch 64: model1 448.9 against 547.3 us, v32 502.9 against 498.0;
+    # sparse at 128K 204.6 against 244.9.
     offs_n = tl.arange(0, BLOCK_N)
     next_ids = _tile_ids(idx_ptr, bt_ptr, r, idx_stride, bt_stride, offs_n, total, block_size,
                          DENSE)
