@@ -33,6 +33,15 @@ slower than the defaults (685 us). BF16 scales with the 1.4x bandwidth; FP8 does
 FP8 is not HBM-bound there. Inferred (no counters read): with the H100's SMs and clocks the
 per-byte work (E4M3 decode, softmax over 8 query heads per KV byte) is the limit, so 0.85
 on the H200 needs fewer instructions per byte rather than other launch parameters.
+
+H200, 2026-12-03 (pipe stage): the page ids had sat in each tile's K/V address chain, where
+Triton's pipeliner spent a stage on them, so every loop wait drained the copies in flight
+(offline sm90: DEPBAR.LE 0 at 3 stages). With ids_ahead, at kv 8192 / 32768, us: FP8
+per-tensor in the tile 179.8 / 663.7, a tile ahead at 2 stages 168.8 / 633.7 (0.758 /
+0.807; the new default), in the tile at 3 stages 168.3 / 640.7, two ahead 201.0; 16-token
+tiles a tile ahead at 4 stages 178.4. FP8 per-token: 202.5 / 763.5 in the tile, 201.8 /
+796.9 a tile ahead. BF16: 261.2 / 1006.8 in the tile (64-token tiles), 253.2 / 1019.2 a tile
+ahead with 32-token tiles at 3 stages, two ahead 376.6. Still short of 0.85 for FP8.
 """
 
 from __future__ import annotations
