@@ -29,6 +29,10 @@ Design:
   scale folds into the score / output multiplier);
 - P enters the P.V product as a 16-bit value, plus its 16-bit rounding residue where one
   rounding would show in the output (``precise_pv``: bf16 P, or a float16 output);
+- a tile's page ids load in the tile or a tile ahead (``DecodeLaunch.ids_ahead``): in the
+  tile they sit in its K/V address chain, where Triton's pipeliner spends a stage on them
+  (every wait then drains the copies in flight); a tile ahead, the K/V copies run
+  num_stages - 1 tiles ahead (``sm_compile_report`` reads the depth offline);
 - split-KV: a sequence's (windowed) range is cut into ``num_splits`` chunks; each writes
   an unnormalised partial (acc, running max, running sum) and a merge kernel combines
   them by log-sum-exp, adding the sink there, once. With one split the decode kernel
