@@ -8,6 +8,8 @@ The CPU interpreter runs the small cases; the long, lab-sized ones need the GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -112,6 +114,37 @@ def test_page_ids_ahead_match_reference(ids_ahead, kv_dtype, decode_case, matche
                                          kv.seq_lens, k_scale=kv.k_scale, v_scale=kv.v_scale,
                                          sinks=case.sinks, window_left=window)
         matches_reference(out, ref, f"ids_ahead {ids_ahead}, window {window}, {splits} splits")
+
+
+@pytest.mark.parametrize("growth", ["flat", "gentle", "jumps"])
+@pytest.mark.parametrize("kv_dtype, granularity", [(BF16, None), (E4M3, "per_tensor"),
+                                                   (E4M3, "per_token")],
+                         ids=["bf16", "e4m3-per_tensor", "e4m3-per_token"])
+def test_lazy_rescale_matches_reference(kv_dtype, granularity, growth, decode_case,
+                                        matches_reference):
+    """DecodeLaunch(lazy_rescale=True) keeps a stale running max while no row's grows by more
+    than 8 (log2): keys that grow along the sequence gently (every tile's max a little
+    higher: the stale max stays, p grows up to 2^8) or in jumps (later tiles' scores far
+    above: the accumulator is rescaled mid-sequence) give the reference's attention, with
+    splits, sinks and a window (the merge and the sink take the partial's stale max)."""
+    case = decode_case((70, 33, 16), hq=8, hkv=2, head_dim=64, page_size=16)
+    scale = {"flat": lambda t: 1.0, "gentle": lambda t: 1.0 + 0.02 * t,
+             "jumps": lambda t: 6.0 if t % 40 > 30 else 1.0}[growth]
+    offsets = [sum(case.lens[:i]) for i in range(len(case.lens))]
+    factors = torch.ones(case.k_tokens.shape[0], 1, 1, device=case.k_tokens.device)
+    for start, n in zip(offsets, case.lens):
+        for t in range(n):
+            factors[start + t] = scale(t)
+    case = dataclasses.replace(case, k_tokens=case.k_tokens * factors)
+    kv = case.pack(kv_dtype, granularity)
+    launch = DecodeLaunch(block_n=16, lazy_rescale=True)
+    for window, splits in ((-1, 1), (-1, 2), (40, 2)):
+        out = _launch(case, kv, sinks=case.sinks, num_splits=splits, window_left=window,
+                      launch=launch)
+        ref = paged_decode_attention_ref(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
+                                         kv.seq_lens, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                                         sinks=case.sinks, window_left=window)
+        matches_reference(out, ref, f"lazy rescale, {growth}, window {window}, {splits} splits")
 
 
 def test_split_merge_matches_single_pass(decode_case, matches_reference, kvperf):

@@ -7,12 +7,12 @@ on a few sequences with the suite's tolerance (ratio = max err / bound; <= 1 pas
 Prints one line per variant and a summary; writes JSON lines to $OUT/tune.jsonl when OUT
 is set.
 
-    python suites/sinks/tune_decode.py [--stages base,sweep,spec,long] [--deadline S]
+    python suites/sinks/tune_decode.py [--stages base,sweep,pipe,lazy,spec,long] [--deadline S]
 
 Stages: base = the launcher's defaults at batch 64 x kv 8192 (BF16, FP8 per-tensor, FP8
 per-token); sweep = FP8/BF16 launch variants there; occ = FP8 variants with more resident
 warps (register caps, smaller tiles, more splits); pipe = prefetch depth (stages, page ids
-ahead) with tiles and splits; spec = the GPU cases of
+ahead) with tiles and splits; lazy = the lazy accumulator rescale; spec = the GPU cases of
 test_decode_kernel.py with precise_pv off; long = defaults (and the sweep's best) at
 kv 32768; longsweep (with long) = the FP8 sweep at kv 32768. ``--smoke`` runs tiny
 shapes on the CPU interpreter (checks the script only).
@@ -79,8 +79,8 @@ from kvperf_kernels.testing.decode_workloads import (  # noqa: E402
 from kvperf_kernels.testing.inputs import make_decode_case  # noqa: E402
 from pytest_kvperf import get_peaks, measure  # noqa: E402
 
-LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "ids_ahead", "precise_pv", "decode_asm",
-               "max_tile_cols", "maxnreg")
+LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "ids_ahead", "lazy_rescale", "precise_pv",
+               "decode_asm", "max_tile_cols", "maxnreg")
 CFG_KEYS = ("num_splits", *LAUNCH_KEYS)
 T0 = time.time()
 OUT = os.environ.get("OUT")
@@ -195,6 +195,14 @@ SWEEP_PIPE_BF16 = [(64, 4, 2, None, 0), (32, 4, 3, None, 1), (32, 2, 3, None, 1)
                    (32, 4, 4, None, 1), (32, 4, 3, None, 2), (32, 4, 2, None, 2)]
 
 
+# stage lazy: FlashAttention-4's lazy rescale (DecodeLaunch.lazy_rescale; offline for sm90 the
+# FP8 loop's path without the rescale is ~646 instructions against 737, 228 registers against
+# 255); (block_n, num_warps, num_stages, num_splits, lazy_rescale)
+SWEEP_LAZY = [(32, 1, 2, 4, False), (32, 1, 2, 4, True), (32, 1, 3, 4, True),
+              (16, 1, 3, 8, True), (64, 1, 2, 2, True)]
+SWEEP_LAZY_BF16 = [(64, 4, 2, None, False), (64, 4, 2, None, True), (32, 4, 3, None, True)]
+
+
 def run_configs(data, variant: str, stage: str, configs, last: str, time_left,
                 reserve_s: float, **fixed) -> None:
     """One run_variant per (block_n, num_warps, num_stages, num_splits, <last>) config
@@ -228,6 +236,14 @@ def pipeline_sweep(data, time_left) -> None:
     for r in best("pipe", "fp8_tensor", 2):
         run_variant(data, "fp8_token", "pipe", **cfg_of(r))
     run_configs(data, "bf16", "pipe", SWEEP_PIPE_BF16, "ids_ahead", time_left, 20)
+
+
+def lazy_sweep(data, time_left) -> None:
+    run_configs(data, "fp8_tensor", "lazy", SWEEP_LAZY, "lazy_rescale", time_left, 30,
+                precise_pv=False)
+    for r in best("lazy", "fp8_tensor", 2):
+        run_variant(data, "fp8_token", "lazy", **cfg_of(r))
+    run_configs(data, "bf16", "lazy", SWEEP_LAZY_BF16, "lazy_rescale", time_left, 20)
 
 
 def gpu_spec_accuracy(precise: bool) -> None:
@@ -280,6 +296,8 @@ def main():
         occupancy_sweep(data, time_left)
     if "pipe" in stages:
         pipeline_sweep(data, time_left)
+    if "lazy" in stages:
+        lazy_sweep(data, time_left)
     if "spec" in stages and not args.smoke:
         gpu_spec_accuracy(precise=False)
     del data
@@ -291,7 +309,8 @@ def main():
         for v in variants:
             run_variant(data, v, "long")
         for v in variants:
-            for r in best("sweep", v, 1) + best("occ", v, 1) + best("pipe", v, 2):
+            for r in (best("sweep", v, 1) + best("occ", v, 1) + best("pipe", v, 2)
+                      + best("lazy", v, 1)):
                 run_variant(data, v, "long", **cfg_of(r))
         if "longsweep" in stages:  # the FP8 sweep again at the long context
             for bn, w, st, sp, cols in SWEEP_FP8 + [(32, 1, 2, 8, 128), (64, 2, 2, 8, 128)]:
