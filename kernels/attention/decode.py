@@ -257,6 +257,30 @@ def token_scales_by_row(base, stride_h, n_mask, r_head, HP: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_tile(s, m_i, l_i, acc, LAZY: tl.constexpr):
+    """One tile's online softmax (scores s [rows, tokens] in log2 units, every row with a
+    finite score): (p, m_i, l_i, acc, alpha). Eager: the running max m_i moves to the
+    tile's, and the caller scales acc by alpha in its P.V (acc * alpha + p v). LAZY
+    (FlashAttention-4's): m_i, the partial's reference as the merge and the sink take it,
+    stays unless some row's max grows past it by more than 8, so p <= 2^8 (as exact in 16
+    bits as any p), and acc comes back rescaled only on those tiles (alpha is not used)."""
+    m_tile = tl.max(s, axis=1)
+    if LAZY:
+        if tl.max(m_tile - m_i, axis=0) > 8.0:
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(s - m_i[:, None])
+        return p, m_i, l_i + tl.sum(p, axis=1), acc, tl.full(m_i.shape, 1.0, tl.float32)
+    m_new = tl.maximum(m_i, m_tile)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, m_new, l_i * alpha + tl.sum(p, axis=1), acc, alpha
+
+
+@triton.jit
 def _page_ids(bt_row, start, offs_tile, hi, PAGE_SIZE: tl.constexpr, LOAD: tl.constexpr):
     """Page ids of the tile from token ``start`` (0 past ``hi``); zeros unless LOAD."""
     offs = start + offs_tile
@@ -406,26 +430,7 @@ def _paged_decode_kernel(
             s = s * row_mult[:, None]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # Every tile holds >= 1 valid token, so m_new is finite and alpha/p are well defined.
-        m_tile = tl.max(s, axis=1)
-        if LAZY_RESCALE:
-            # FlashAttention-4's lazy rescale: the running max (the partial's reference, as
-            # the merge and the sink take it) stays unless some row's grows past it by more
-            # than 8 (log2 units), so p <= 2^8 (as exact in 16 bits as any p) and acc is
-            # rescaled only on those tiles, not on every one.
-            if tl.max(m_tile - m_i, axis=0) > 8.0:
-                m_new = tl.maximum(m_i, m_tile)
-                alpha = tl.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = tl.exp2(s - m_i[:, None])
-            l_i = l_i + tl.sum(p, axis=1)
-            alpha = tl.full([ROWS], 1.0, tl.float32)
-        else:
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, m_i, l_i, acc, alpha = online_softmax_tile(s, m_i, l_i, acc, LAZY_RESCALE)
         v_rows = page * stride_vp + slot * stride_vs + kv_head0 * stride_vh
         if V_FORMAT >= 3:
             v, vs = _load_block_tile(
@@ -465,8 +470,6 @@ def _paged_decode_kernel(
         if PRECISE_PV:
             p_lo = (pv - p_hi.to(tl.float32)).to(TILE)
             acc = tl.dot(p_lo.to(DOT), v, acc)
-        if not LAZY_RESCALE:
-            m_i = m_new
     if V_SCALE_MODE == 2 or V_FORMAT == 3:
         out_mult = out_mult * pow2_from_biased_exponent(e_v)
     acc = acc * out_mult

@@ -57,6 +57,7 @@ from kvperf_kernels.attention.decode import (
     head_block_layout,
     heads_per_program,
     load_kv_tile,
+    online_softmax_tile,
     per_tensor_multipliers,
     pow2_from_biased_exponent,
     scale_args,
@@ -151,7 +152,7 @@ def _persistent_decode_kernel(
     RECORD_OWNER: tl.constexpr, KV_FORMAT: tl.constexpr, INT4_GROUP: tl.constexpr,
     Q_RESCALE: tl.constexpr, PRECISE_PV: tl.constexpr, TILE: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, K_SCALE_MODE: tl.constexpr, V_SCALE_MODE: tl.constexpr,
-    NAN_PATCH: tl.constexpr, V_OPAQUE: tl.constexpr,
+    NAN_PATCH: tl.constexpr, V_OPAQUE: tl.constexpr, LAZY_RESCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -240,10 +241,8 @@ def _persistent_decode_kernel(
                 s = s * token_scales_by_row(ks_base + page * stride_ksp + slot * stride_kss,
                                             stride_ksh, n_mask, r_head, HP)
             s = tl.where(n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # every tile holds >= 1 token
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            # every tile holds >= 1 token (decode.py's online softmax, eager or lazy)
+            p, m_i, l_i, acc, alpha = online_softmax_tile(s, m_i, l_i, acc, LAZY_RESCALE)
             v = _load_tile(v_base, page * stride_vp + slot * stride_vs, v_head_off, c_d,
                            vs_base, page * stride_vsp + slot * stride_vss, vs_head_off, n_mask,
                            KV_FORMAT, INT4_GROUP, TILE, NAN_PATCH, V_OPAQUE)
@@ -253,17 +252,22 @@ def _persistent_decode_kernel(
                 e_new = tl.minimum(tl.maximum(e_v, tl.max(vsc).to(tl.int32, bitcast=True)
                                               >> 23), 253)
                 # acc * 2^(e_v - e_new), 0 when that underflows (acc was negligible then)
-                alpha = alpha * tl.where(e_v - e_new < -126, 0.0, pow2_from_biased_exponent(
+                shrink = tl.where(e_v - e_new < -126, 0.0, pow2_from_biased_exponent(
                     tl.maximum(127 + e_v - e_new, 1)))
+                if LAZY_RESCALE:
+                    if e_new != e_v:
+                        acc = acc * shrink
+                else:
+                    alpha = alpha * shrink
                 e_v = e_new
                 p = p * (vsc * pow2_from_biased_exponent(254 - e_v))
             # p in the tile type, plus its 16-bit rounding residue (decode.py's precise_pv)
             p_hi = p.to(TILE)
             v_t = v.to(DOT)
-            acc = tl.dot(p_hi.to(DOT), v_t, acc * alpha[:, None], input_precision=PRECISION)
+            acc = tl.dot(p_hi.to(DOT), v_t, acc if LAZY_RESCALE else acc * alpha[:, None],
+                         input_precision=PRECISION)
             if PRECISE_PV:
                 acc = tl.dot((p - p_hi.to(tl.float32)).to(TILE).to(DOT), v_t, acc)
-            m_i = m_new
         if V_SCALE_MODE == 2:
             acc = acc * (out_mult * pow2_from_biased_exponent(e_v))
         else:
@@ -410,6 +414,7 @@ def persistent_decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
     max_tile_cols: int = MAX_TILE_COLS,
+    lazy_rescale: bool = False,
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over a paged KV cache, persistent.
 
@@ -434,6 +439,8 @@ def persistent_decode_attention(
     max_tile_cols: an item's KV heads side by side are at most this many columns
         (decode.py's heads_per_program; the default 64 is one head per item, 128 two at
         D 64).
+    lazy_rescale: [tuning] decode.py's ``DecodeLaunch.lazy_rescale`` (the accumulator
+        rescaled only where a row's running max grows by more than 8); not yet timed.
     chunk_tokens: tokens per work item (a multiple of the tile, 64 in the interpreter).
     max_seq_len: bound on the lengths, sizes the partial buffers (None: read from seq_lens,
         one sync, or the block table's capacity when ``checked=False``).
@@ -518,6 +525,8 @@ def persistent_decode_attention(
         num_stages = DEFAULT_STAGES
     check_int(num_stages, "num_stages", 1)
     check_flag(checked, "checked")
+    if not isinstance(lazy_rescale, bool):
+        raise TypeError(f"lazy_rescale must be True or False, got {lazy_rescale!r}")
     capacity = check_max_seq_len(max_seq_len, block_tables, page_size)
     out = checked_out(out, q)
     if batch == 0:
@@ -576,7 +585,7 @@ def persistent_decode_attention(
         # under bf16's ulp); FP8 V decoded in inline PTX on a GPU (decode_asm=2: not hoisted
         # into the dot operand, where V would be gathered byte by byte)
         PRECISE_PV=kv_format != _FP32 and not (kv_format == _FP8 and q_type == tl.bfloat16),
-        V_OPAQUE=kv_format == _FP8 and not interpreted(), TILE=tile,
+        V_OPAQUE=kv_format == _FP8 and not interpreted(), LAZY_RESCALE=lazy_rescale, TILE=tile,
         # the interpreter computes 16-bit tl.dot wrongly (Triton 3.9): fp32 operands there
         DOT=tl.float32 if interpreted() else tile,
         PRECISION="ieee" if kv_format == _FP32 else "tf32", K_SCALE_MODE=k_mode,
@@ -645,7 +654,7 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
                      Q_RESCALE=fmt in (_INT4, _FP8), PRECISE_PV=fmt not in (_FP32, _FP8), TILE=tile,
                      DOT=tile, PRECISION="ieee" if fmt == _FP32 else "tf32",
                      K_SCALE_MODE=mode, V_SCALE_MODE=mode, NAN_PATCH=False,
-                     V_OPAQUE=fmt == _FP8)
+                     V_OPAQUE=fmt == _FP8, LAZY_RESCALE=False)
         # the cache strides are multiples of 16 elements at these shapes, as a launch
         # declares them (then tile rows vectorise and load through cp.async)
         asm = compile_offline(_persistent_decode_kernel, types, const, capability=capability,

@@ -7,6 +7,7 @@ FP8 per-tensor or FP8 per-token KV over the same (seeded, shuffled) page table.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -66,3 +67,19 @@ def make_decode_case(lens, *, hq: int, hkv: int, head_dim: int, page_size: int,
         q=q.to(device=device, dtype=q_dtype), k_tokens=k.to(device), v_tokens=v.to(device),
         sinks=sinks.to(device), lens=list(lens), page_size=page_size, seed=seed,
     )
+
+
+# Key growth along each sequence, for the lazy accumulator rescale (keep a stale running max
+# until some row's grows by more than 8 log2): "gentle" raises every tile's max a little
+# (the stale max stays, p grows to ~2^6 at 16-token tiles), "jumps" makes later tiles' scores
+# far larger (a rescale mid-sequence), "flat" changes nothing.
+KEY_GROWTH = {"flat": lambda t: 1.0, "gentle": lambda t: 1.0 + 0.02 * t,
+              "jumps": lambda t: 6.0 if t % 40 > 30 else 1.0}
+
+
+def with_growing_keys(case: DecodeCase, growth: str) -> DecodeCase:
+    """The case with token t of every sequence's key scaled by KEY_GROWTH[growth](t)."""
+    scale = KEY_GROWTH[growth]
+    factors = torch.tensor([scale(t) for n in case.lens for t in range(n)],
+                           dtype=case.k_tokens.dtype, device=case.k_tokens.device)
+    return dataclasses.replace(case, k_tokens=case.k_tokens * factors[:, None, None])

@@ -1,7 +1,7 @@
 """Decode variant speed, gpt-oss shapes (Hq 64, Hkv 8, D 64, page 16, BF16 KV, sinks): the host
 loop, our batched split-KV kernel and the persistent kernel (its default: 4 programs per SM,
 1024-token chunks, one KV head per item, 3 pipeline stages; and two heads per item at 3 and
-2 stages, 2 stages, 8 warps: SPEED_SWEEP) in the same run, on
+2 stages, 2 stages, 8 warps, the lazy rescale: SPEED_SWEEP) in the same run, on
 a skewed batch (one 32K sequence among 63 of 512: the lab's load-balance case) and uniform
 ones.
 

@@ -27,6 +27,7 @@ from kvperf_kernels.cache.paged_kv import cdiv
 from kvperf_kernels.testing.compare import assert_matches_reference
 from kvperf_kernels.testing.decode_tiers import pack_tier, query_for
 from kvperf_kernels.testing.decode_variants import LAB_BUG, SPEED_SWEEP, VARIANTS, run_variant
+from kvperf_kernels.testing.inputs import with_growing_keys
 
 LENS = [5, 130, 1, 70, 200, 33]  # ragged: 1..4 chunks of 64 tokens, one single-token sequence
 CHUNK = 64  # the interpreter's tile: several chunks per sequence, so the merge is exercised
@@ -172,6 +173,32 @@ def test_persistent_fp8_matches_reference(granularity, scale_form, page_size, wi
     assert_matches_reference(out, ref, f"persistent fp8 {granularity} {scale_form}")
     kvperf.accuracy("max_abs_err", (out.double() - ref).abs().max().item(), better="lower",
                     rtol=1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("growth", ["gentle", "jumps"])
+@pytest.mark.parametrize("kv", ["bf16", "fp8_per_token"])
+def test_persistent_lazy_rescale(kv, growth, decode_case):
+    """lazy_rescale=True (a stale running max until some row's grows by more than 8) on keys
+    that grow gently or in jumps along each sequence, several chunks per sequence (the
+    merge takes each chunk's stale max) and a window, against the float64 reference; FP8
+    per-token V also rescales acc where its running power of two grows."""
+    case = with_growing_keys(decode_case(LENS, hq=8, hkv=2, head_dim=64, page_size=16,
+                                         seed=23), growth)
+    # 16-token tiles: four per 64-token chunk, so a chunk keeps a stale max across tiles
+    opts = dict(sinks=case.sinks, chunk_tokens=CHUNK, window_left=100, lazy_rescale=True,
+                block_n=16)
+    if kv == "bf16":
+        cache = case.pack()
+        out = persistent_decode_attention(case.q, cache.k_cache, cache.v_cache,
+                                          cache.block_tables, cache.seq_lens, **opts)
+        ref = _reference(case, cache, sinks=case.sinks, window_left=100)
+    else:
+        cache, scales = _fp8_inputs(case, "per_token")
+        out = persistent_decode_attention(case.q, cache.k_cache, cache.v_cache,
+                                          cache.block_tables, cache.seq_lens, **scales, **opts)
+        ref = _fp8_reference(case, cache, cache.k_scale, cache.v_scale, sinks=case.sinks,
+                             window_left=100)
+    assert_matches_reference(out, ref, f"persistent lazy rescale, {kv}, {growth}")
 
 
 @pytest.mark.parametrize("kv", ["bf16", "fp8_per_token", "int4", "fp32"])

@@ -8,8 +8,6 @@ The CPU interpreter runs the small cases; the long, lab-sized ones need the GPU.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -23,6 +21,7 @@ from kvperf_kernels.attention.decode import (
 from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
 from kvperf_kernels.device import interpreted
 from kvperf_kernels.testing.decode_specs import BF16, CPU_SPECS, E4M3, GPU_SPECS, RAGGED, Spec
+from kvperf_kernels.testing.inputs import KEY_GROWTH, with_growing_keys
 
 # Small tiles in the interpreter so that short sequences still span several tiles;
 # on the GPU the launcher's own choice is what we test.
@@ -98,6 +97,18 @@ def test_sink_limits(kv_dtype, granularity, num_splits, decode_case, matches_ref
                                    msg=lambda m, v=value: f"sink {v}: {m}")
 
 
+def _check_windows_and_splits(case, kv, launch, window, matches_reference, what):
+    """``launch`` with sinks, in one split, in two, and in two with ``window``, against the
+    float64 reference."""
+    for window_left, splits in ((-1, 1), (-1, 2), (window, 2)):
+        out = _launch(case, kv, sinks=case.sinks, num_splits=splits, window_left=window_left,
+                      launch=launch)
+        ref = paged_decode_attention_ref(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
+                                         kv.seq_lens, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                                         sinks=case.sinks, window_left=window_left)
+        matches_reference(out, ref, f"{what}, window {window_left}, {splits} splits")
+
+
 @pytest.mark.parametrize("ids_ahead", [0, 1, 2])
 @pytest.mark.parametrize("kv_dtype", [BF16, E4M3], ids=["bf16", "e4m3"])
 def test_page_ids_ahead_match_reference(ids_ahead, kv_dtype, decode_case, matches_reference):
@@ -106,17 +117,11 @@ def test_page_ids_ahead_match_reference(ids_ahead, kv_dtype, decode_case, matche
     past a split's end are masked, never read) and a window that starts mid-page."""
     case = decode_case((1, 16, 17, 50, 64), hq=8, hkv=2, head_dim=64, page_size=16)
     kv = case.pack(kv_dtype, "per_token" if kv_dtype is E4M3 else None)
-    launch = DecodeLaunch(block_n=16, ids_ahead=ids_ahead)
-    for window, splits in ((-1, 1), (-1, 2), (23, 2)):
-        out = _launch(case, kv, sinks=case.sinks, num_splits=splits, window_left=window,
-                      launch=launch)
-        ref = paged_decode_attention_ref(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
-                                         kv.seq_lens, k_scale=kv.k_scale, v_scale=kv.v_scale,
-                                         sinks=case.sinks, window_left=window)
-        matches_reference(out, ref, f"ids_ahead {ids_ahead}, window {window}, {splits} splits")
+    _check_windows_and_splits(case, kv, DecodeLaunch(block_n=16, ids_ahead=ids_ahead), 23,
+                              matches_reference, f"ids_ahead {ids_ahead}")
 
 
-@pytest.mark.parametrize("growth", ["flat", "gentle", "jumps"])
+@pytest.mark.parametrize("growth", list(KEY_GROWTH))
 @pytest.mark.parametrize("kv_dtype, granularity", [(BF16, None), (E4M3, "per_tensor"),
                                                    (E4M3, "per_token")],
                          ids=["bf16", "e4m3-per_tensor", "e4m3-per_token"])
@@ -127,24 +132,11 @@ def test_lazy_rescale_matches_reference(kv_dtype, granularity, growth, decode_ca
     higher: the stale max stays, p grows up to 2^8) or in jumps (later tiles' scores far
     above: the accumulator is rescaled mid-sequence) give the reference's attention, with
     splits, sinks and a window (the merge and the sink take the partial's stale max)."""
-    case = decode_case((70, 33, 16), hq=8, hkv=2, head_dim=64, page_size=16)
-    scale = {"flat": lambda t: 1.0, "gentle": lambda t: 1.0 + 0.02 * t,
-             "jumps": lambda t: 6.0 if t % 40 > 30 else 1.0}[growth]
-    offsets = [sum(case.lens[:i]) for i in range(len(case.lens))]
-    factors = torch.ones(case.k_tokens.shape[0], 1, 1, device=case.k_tokens.device)
-    for start, n in zip(offsets, case.lens):
-        for t in range(n):
-            factors[start + t] = scale(t)
-    case = dataclasses.replace(case, k_tokens=case.k_tokens * factors)
+    case = with_growing_keys(decode_case((70, 33, 16), hq=8, hkv=2, head_dim=64, page_size=16),
+                             growth)
     kv = case.pack(kv_dtype, granularity)
-    launch = DecodeLaunch(block_n=16, lazy_rescale=True)
-    for window, splits in ((-1, 1), (-1, 2), (40, 2)):
-        out = _launch(case, kv, sinks=case.sinks, num_splits=splits, window_left=window,
-                      launch=launch)
-        ref = paged_decode_attention_ref(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
-                                         kv.seq_lens, k_scale=kv.k_scale, v_scale=kv.v_scale,
-                                         sinks=case.sinks, window_left=window)
-        matches_reference(out, ref, f"lazy rescale, {growth}, window {window}, {splits} splits")
+    _check_windows_and_splits(case, kv, DecodeLaunch(block_n=16, lazy_rescale=True), 40,
+                              matches_reference, f"lazy rescale, {growth}")
 
 
 def test_split_merge_matches_single_pass(decode_case, matches_reference, kvperf):

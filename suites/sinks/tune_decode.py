@@ -223,27 +223,13 @@ def sweep(data, time_left) -> None:
     run_configs(data, "bf16", "sweep", SWEEP_BF16, "max_tile_cols", time_left, 0)
 
 
-def occupancy_sweep(data, time_left) -> None:
-    run_configs(data, "fp8_tensor", "occ", SWEEP_OCC, "maxnreg", time_left, 30,
-                precise_pv=False)
-    for r in best("occ", "fp8_tensor", 2):
-        run_variant(data, "fp8_token", "occ", **cfg_of(r))
-
-
-def pipeline_sweep(data, time_left) -> None:
-    run_configs(data, "fp8_tensor", "pipe", SWEEP_PIPE, "ids_ahead", time_left, 30,
-                precise_pv=False)
-    for r in best("pipe", "fp8_tensor", 2):
-        run_variant(data, "fp8_token", "pipe", **cfg_of(r))
-    run_configs(data, "bf16", "pipe", SWEEP_PIPE_BF16, "ids_ahead", time_left, 20)
-
-
-def lazy_sweep(data, time_left) -> None:
-    run_configs(data, "fp8_tensor", "lazy", SWEEP_LAZY, "lazy_rescale", time_left, 30,
-                precise_pv=False)
-    for r in best("lazy", "fp8_tensor", 2):
-        run_variant(data, "fp8_token", "lazy", **cfg_of(r))
-    run_configs(data, "bf16", "lazy", SWEEP_LAZY_BF16, "lazy_rescale", time_left, 20)
+def fp8_stage(data, stage: str, configs, last: str, time_left, bf16_configs=()) -> None:
+    """FP8 per-tensor configs (precise_pv off), the best two again with per-token scales,
+    then BF16 configs: one tuning stage whose configs vary ``last``."""
+    run_configs(data, "fp8_tensor", stage, configs, last, time_left, 30, precise_pv=False)
+    for r in best(stage, "fp8_tensor", 2):
+        run_variant(data, "fp8_token", stage, **cfg_of(r))
+    run_configs(data, "bf16", stage, bf16_configs, last, time_left, 20)
 
 
 def gpu_spec_accuracy(precise: bool) -> None:
@@ -293,11 +279,11 @@ def main():
     if "sweep" in stages:
         sweep(data, time_left)
     if "occ" in stages:
-        occupancy_sweep(data, time_left)
+        fp8_stage(data, "occ", SWEEP_OCC, "maxnreg", time_left)
     if "pipe" in stages:
-        pipeline_sweep(data, time_left)
+        fp8_stage(data, "pipe", SWEEP_PIPE, "ids_ahead", time_left, SWEEP_PIPE_BF16)
     if "lazy" in stages:
-        lazy_sweep(data, time_left)
+        fp8_stage(data, "lazy", SWEEP_LAZY, "lazy_rescale", time_left, SWEEP_LAZY_BF16)
     if "spec" in stages and not args.smoke:
         gpu_spec_accuracy(precise=False)
     del data
