@@ -281,7 +281,24 @@ def online_softmax_tile(s, m_i, l_i, acc, LAZY: tl.constexpr):
 
 
 @triton.jit
-def _page_ids(bt_row, start, offs_tile, hi, PAGE_SIZE: tl.constexpr, LOAD: tl.constexpr):
+def per_token_v_step(p, vs, e_v, acc, alpha, LAZY: tl.constexpr):
+    """Per-token V scales vs [rows, tokens] into p for the 16-bit P.V: p * vs relative to the
+    running power of two 2^(e_v - 127), raised to the tile's largest scale, with acc shrunk
+    by as much (0 where that underflows: acc was negligible then); LAZY: acc now, where e_v
+    grew, else through alpha in the caller's P.V. (pv, e_v, acc, alpha)."""
+    e_new = tl.minimum(tl.maximum(e_v, tl.max(vs).to(tl.int32, bitcast=True) >> 23), 253)
+    shrink = tl.where(e_v - e_new < -126, 0.0,
+                      pow2_from_biased_exponent(tl.maximum(127 + e_v - e_new, 1)))
+    if LAZY:
+        if e_new != e_v:
+            acc = acc * shrink
+    else:
+        alpha = alpha * shrink
+    return p * (vs * pow2_from_biased_exponent(254 - e_new)), e_new, acc, alpha
+
+
+@triton.jit
+def tile_page_ids(bt_row, start, offs_tile, hi, PAGE_SIZE: tl.constexpr, LOAD: tl.constexpr):
     """Page ids of the tile from token ``start`` (0 past ``hi``); zeros unless LOAD."""
     offs = start + offs_tile
     if LOAD:
@@ -392,20 +409,20 @@ def _paged_decode_kernel(
     # on them: 3 stages then copy K/V one tile ahead, as 2 do (the loop waits for every copy
     # in flight). Ahead, K/V copy num_stages - 1 tiles ahead; what pays is per KV dtype.
     offs_tile = tl.arange(0, BLOCK_N)
-    ids_1 = _page_ids(bt_row, lo, offs_tile, hi, PAGE_SIZE, IDS_AHEAD >= 1)
-    ids_2 = _page_ids(bt_row, lo + BLOCK_N, offs_tile, hi, PAGE_SIZE, IDS_AHEAD >= 2)
+    ids_1 = tile_page_ids(bt_row, lo, offs_tile, hi, PAGE_SIZE, IDS_AHEAD >= 1)
+    ids_2 = tile_page_ids(bt_row, lo + BLOCK_N, offs_tile, hi, PAGE_SIZE, IDS_AHEAD >= 2)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + offs_tile
         n_mask = offs_n < hi
         if IDS_AHEAD == 0:
-            ids = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0)
+            ids = tile_page_ids(bt_row, start, offs_tile, hi, PAGE_SIZE, True)
         elif IDS_AHEAD == 1:
             ids = ids_1
-            ids_1 = _page_ids(bt_row, start + BLOCK_N, offs_tile, hi, PAGE_SIZE, True)
+            ids_1 = tile_page_ids(bt_row, start + BLOCK_N, offs_tile, hi, PAGE_SIZE, True)
         else:
             ids = ids_1
             ids_1 = ids_2
-            ids_2 = _page_ids(bt_row, start + 2 * BLOCK_N, offs_tile, hi, PAGE_SIZE, True)
+            ids_2 = tile_page_ids(bt_row, start + 2 * BLOCK_N, offs_tile, hi, PAGE_SIZE, True)
         page = tl.minimum(tl.maximum(ids, 0), num_pages - 1).to(tl.int64)  # see seq_len
         slot = offs_n % PAGE_SIZE
         k_rows = page * stride_kp + slot * stride_ks + kv_head0 * stride_kh
@@ -429,7 +446,7 @@ def _paged_decode_kernel(
         else:
             s = s * row_mult[:, None]
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every tile holds >= 1 valid token, so m_new is finite and alpha/p are well defined.
+        # Every tile holds >= 1 valid token, so its row maxima are finite (p, alpha defined).
         p, m_i, l_i, acc, alpha = online_softmax_tile(s, m_i, l_i, acc, LAZY_RESCALE)
         v_rows = page * stride_vp + slot * stride_vs + kv_head0 * stride_vh
         if V_FORMAT >= 3:
@@ -446,18 +463,7 @@ def _paged_decode_kernel(
                 vs = token_scales_by_row(
                     v_scale_ptr + page * stride_vsp + slot * stride_vss + kv_head0 * stride_vsh,
                     stride_vsh, n_mask, r_head, HP)
-            e_tile = tl.max(vs).to(tl.int32, bitcast=True) >> 23
-            e_new = tl.minimum(tl.maximum(e_v, e_tile), 253)
-            # acc * 2^(e_v - e_new), 0 when that underflows (acc was negligible then).
-            shrink = tl.where(e_v - e_new < -126, 0.0,
-                              pow2_from_biased_exponent(tl.maximum(127 + e_v - e_new, 1)))
-            if LAZY_RESCALE:
-                if e_new != e_v:
-                    acc = acc * shrink
-            else:
-                alpha = alpha * shrink
-            e_v = e_new
-            pv = p * (vs * pow2_from_biased_exponent(254 - e_v))
+            pv, e_v, acc, alpha = per_token_v_step(p, vs, e_v, acc, alpha, LAZY_RESCALE)
         else:
             pv = p
         # The tensor cores take p in 16 bits. Rounded once (as FlashAttention does) it costs

@@ -59,8 +59,10 @@ from kvperf_kernels.attention.decode import (
     load_kv_tile,
     online_softmax_tile,
     per_tensor_multipliers,
+    per_token_v_step,
     pow2_from_biased_exponent,
     scale_args,
+    tile_page_ids,
     token_scales_by_row,
 )
 from kvperf_kernels.attention.offline_compile import compile_offline, in_child, prefetch_depth
@@ -224,14 +226,12 @@ def _persistent_decode_kernel(
         # The tiles load inside the loop, so Triton's pipeliner prefetches the next ones
         # (cp.async into shared memory, num_stages deep) while this one is computed.
         offs_tile = tl.arange(0, BLOCK_N)
-        next_page = tl.load(bt_row + (lo + offs_tile) // PAGE_SIZE, mask=lo + offs_tile < hi,
-                            other=0)
+        next_page = tile_page_ids(bt_row, lo, offs_tile, hi, PAGE_SIZE, True)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + offs_tile
             n_mask = offs_n < hi
             page = tl.minimum(tl.maximum(next_page, 0), num_pages - 1).to(tl.int64)
-            offs_next = offs_n + BLOCK_N
-            next_page = tl.load(bt_row + offs_next // PAGE_SIZE, mask=offs_next < hi, other=0)
+            next_page = tile_page_ids(bt_row, start + BLOCK_N, offs_tile, hi, PAGE_SIZE, True)
             slot = offs_n % PAGE_SIZE
             k = _load_tile(k_base, page * stride_kp + slot * stride_ks, k_head_off, c_d,
                            ks_base, page * stride_ksp + slot * stride_kss, ks_head_off, n_mask,
@@ -249,18 +249,7 @@ def _persistent_decode_kernel(
             if V_SCALE_MODE == 2:
                 vsc = token_scales_by_row(vs_base + page * stride_vsp + slot * stride_vss,
                                           stride_vsh, n_mask, r_head, HP)
-                e_new = tl.minimum(tl.maximum(e_v, tl.max(vsc).to(tl.int32, bitcast=True)
-                                              >> 23), 253)
-                # acc * 2^(e_v - e_new), 0 when that underflows (acc was negligible then)
-                shrink = tl.where(e_v - e_new < -126, 0.0, pow2_from_biased_exponent(
-                    tl.maximum(127 + e_v - e_new, 1)))
-                if LAZY_RESCALE:
-                    if e_new != e_v:
-                        acc = acc * shrink
-                else:
-                    alpha = alpha * shrink
-                e_v = e_new
-                p = p * (vsc * pow2_from_biased_exponent(254 - e_v))
+                p, e_v, acc, alpha = per_token_v_step(p, vsc, e_v, acc, alpha, LAZY_RESCALE)
             # p in the tile type, plus its 16-bit rounding residue (decode.py's precise_pv)
             p_hi = p.to(TILE)
             v_t = v.to(DOT)

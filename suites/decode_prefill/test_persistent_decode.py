@@ -175,6 +175,20 @@ def test_persistent_fp8_matches_reference(granularity, scale_form, page_size, wi
                     rtol=1.0, atol=1e-3)
 
 
+def _persistent_and_reference(case, kv: str, **opts):
+    """The persistent kernel with ``opts`` on the case's BF16 ("bf16") or per-token FP8
+    ("fp8_per_token") cache, and the float64 reference with the same sinks and window."""
+    if kv == "bf16":
+        cache, scales = case.pack(), {}
+        ref = _reference(case, cache, **opts)
+    else:
+        cache, scales = _fp8_inputs(case, "per_token")
+        ref = _fp8_reference(case, cache, cache.k_scale, cache.v_scale, **opts)
+    out = persistent_decode_attention(case.q, cache.k_cache, cache.v_cache, cache.block_tables,
+                                      cache.seq_lens, **scales, **opts)
+    return out, ref
+
+
 @pytest.mark.parametrize("growth", ["gentle", "jumps"])
 @pytest.mark.parametrize("kv", ["bf16", "fp8_per_token"])
 def test_persistent_lazy_rescale(kv, growth, decode_case):
@@ -185,19 +199,8 @@ def test_persistent_lazy_rescale(kv, growth, decode_case):
     case = with_growing_keys(decode_case(LENS, hq=8, hkv=2, head_dim=64, page_size=16,
                                          seed=23), growth)
     # 16-token tiles: four per 64-token chunk, so a chunk keeps a stale max across tiles
-    opts = dict(sinks=case.sinks, chunk_tokens=CHUNK, window_left=100, lazy_rescale=True,
-                block_n=16)
-    if kv == "bf16":
-        cache = case.pack()
-        out = persistent_decode_attention(case.q, cache.k_cache, cache.v_cache,
-                                          cache.block_tables, cache.seq_lens, **opts)
-        ref = _reference(case, cache, sinks=case.sinks, window_left=100)
-    else:
-        cache, scales = _fp8_inputs(case, "per_token")
-        out = persistent_decode_attention(case.q, cache.k_cache, cache.v_cache,
-                                          cache.block_tables, cache.seq_lens, **scales, **opts)
-        ref = _fp8_reference(case, cache, cache.k_scale, cache.v_scale, sinks=case.sinks,
-                             window_left=100)
+    out, ref = _persistent_and_reference(case, kv, sinks=case.sinks, chunk_tokens=CHUNK,
+                                         window_left=100, lazy_rescale=True, block_n=16)
     assert_matches_reference(out, ref, f"persistent lazy rescale, {kv}, {growth}")
 
 
@@ -213,16 +216,8 @@ def test_persistent_two_heads_per_item(kv, decode_case):
         out = persistent_decode_attention(query_for(case, kv), **args, **opts)
         ref = paged_decode_attention_ref(query_for(case, kv), ref_k, ref_v, cache.block_tables,
                                          cache.seq_lens, sinks=case.sinks)
-    elif kv == "bf16":
-        cache = case.pack()
-        out = persistent_decode_attention(case.q, cache.k_cache, cache.v_cache,
-                                          cache.block_tables, cache.seq_lens, **opts)
-        ref = _reference(case, cache, sinks=case.sinks)
     else:
-        cache, scales = _fp8_inputs(case, "per_token")
-        out = persistent_decode_attention(case.q, cache.k_cache, cache.v_cache,
-                                          cache.block_tables, cache.seq_lens, **scales, **opts)
-        ref = _fp8_reference(case, cache, cache.k_scale, cache.v_scale, sinks=case.sinks)
+        out, ref = _persistent_and_reference(case, kv, **opts)
     assert_matches_reference(out, ref, f"persistent, two KV heads per item, {kv}")
 
 
