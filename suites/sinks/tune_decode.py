@@ -7,14 +7,17 @@ on a few sequences with the suite's tolerance (ratio = max err / bound; <= 1 pas
 Prints one line per variant and a summary; writes JSON lines to $OUT/tune.jsonl when OUT
 is set.
 
-    python suites/sinks/tune_decode.py [--stages base,sweep,pipe,lazy,spec,long] [--deadline S]
+    python suites/sinks/tune_decode.py [--stages base,sweep,pipe,lazy,spec,long,fmt] [--deadline S]
 
 Stages: base = the launcher's defaults at batch 64 x kv 8192 (BF16, FP8 per-tensor, FP8
 per-token); sweep = FP8/BF16 launch variants there; occ = FP8 variants with more resident
 warps (register caps, smaller tiles, more splits); pipe = prefetch depth (stages, page ids
 ahead) with tiles and splits; lazy = the lazy accumulator rescale; spec = the GPU cases of
 test_decode_kernel.py with precise_pv off; long = defaults (and the sweep's best) at
-kv 32768; longsweep (with long) = the FP8 sweep at kv 32768. ``--smoke`` runs tiny
+kv 32768; longsweep (with long) = the FP8 sweep at kv 32768; fmt = the block formats
+(MXFP8, NVFP4, K FP8 + V NVFP4; issue 17) at kv 32768 with tiles, stages, page ids ahead and
+the lazy rescale, checked against the float64 reference on the same dequantised cache
+(the fused speed test's tolerance). ``--smoke`` runs tiny
 shapes on the CPU interpreter (checks the script only).
 
 Findings on the H100 (2026-11, Triton 3.6), batch 64, kv 8192, FP8 per-tensor, us:
@@ -72,10 +75,15 @@ from kvperf_kernels.testing.compare import (  # noqa: E402
 )
 from kvperf_kernels.testing.decode_specs import GPU_SPECS  # noqa: E402
 from kvperf_kernels.testing.decode_workloads import (  # noqa: E402
+    HKV,
+    HQ,
+    PAGE,
     SMALL_WORKING_SET,
+    D,
     build_decode_workload,
     decode_bytes_moved,
 )
+from kvperf_kernels.testing.format_kv import build_format_workload, spot_reference  # noqa: E402
 from kvperf_kernels.testing.inputs import make_decode_case  # noqa: E402
 from pytest_kvperf import get_peaks, measure  # noqa: E402
 
@@ -144,6 +152,45 @@ def run_variant(data, variant: str, stage: str, *, num_splits=None, **launch_cfg
     return rec
 
 
+FMT_TOL = (1e-3, 2**-7)  # test_fused_decode_speed's spot-check tolerance (BF16 output)
+
+
+def run_format(data, variant: str, *, num_splits=None, **launch_cfg) -> dict:
+    """run_variant for a block-format cache (kvperf_kernels.testing.format_kv.FormatKV)."""
+    q, sinks = data["q"], data["sinks"]
+    kv = data["caches"][variant]
+    batch, kv_len = q.shape[0], int(kv.seq_lens[0])
+    out = torch.full_like(q, float("nan"))
+    rec = dict(stage="fmt", variant=variant, batch=batch, kv=kv_len, num_splits=num_splits,
+               **launch_cfg)
+    try:
+        launch = DecodeLaunch(**launch_cfg)
+        kw = kv.kernel_kwargs()
+        caches = (kw.pop("k_cache"), kw.pop("v_cache"), kv.block_tables, kv.seq_lens)
+
+        def call(checked=None):
+            paged_decode_attention(q, *caches, sinks=sinks, max_seq_len=kv_len, out=out,
+                                   num_splits=num_splits, launch=launch, checked=checked,
+                                   **kw)
+
+        call(checked=True)
+        rows = ROWS[batch]
+        ref = spot_reference(kv, q, rows, sinks=sinks)
+        got = out[rows].double()
+        atol, rtol = FMT_TOL
+        rec["ratio"] = (round(float(((got - ref).abs() / (atol + rtol * ref.abs())).max()), 3)
+                        if torch.isfinite(got).all() else float("inf"))
+        moved = kv.bytes_read() + 2 * q.numel() * q.element_size()
+        t = measure(call, flush_l2=moved < SMALL_WORKING_SET, max_time_s=0.25, min_rounds=10)
+        rec.update(us=round(t.median_us, 1), gbps=round(moved / t.median_us / 1e3, 1),
+                   frac=round(moved / t.median_us / 1e3 / copy_gbps(), 3))
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    log(rec)
+    print(fmt(rec), flush=True)
+    return rec
+
+
 def fmt(r: dict) -> str:
     cfg = " ".join(f"{k}={r[k]}" for k in CFG_KEYS if r.get(k) is not None)
     head = f"{r['stage']:>5} {r['variant']:>10} kv{r['kv']:<6} {cfg:<62}"
@@ -203,6 +250,26 @@ SWEEP_LAZY = [(32, 1, 2, 4, False), (32, 1, 2, 4, True), (32, 1, 3, 4, True),
 SWEEP_LAZY_BF16 = [(64, 4, 2, None, False), (64, 4, 2, None, True), (32, 4, 3, None, True)]
 
 
+# stage fmt: the block formats at kv 32768 (their defaults: FP8's 32-token one-warp tiles,
+# page ids in the tile); (block_n, num_warps, num_stages, num_splits, ids_ahead, lazy)
+FMT_VARIANTS = ("mxfp8", "nvfp4", "k_fp8+v_nvfp4")
+SWEEP_FMT = [(None, None, None, None, None, False), (32, 1, 2, None, 1, False),
+             (32, 1, 3, None, 1, False), (32, 1, 2, None, 1, True), (64, 2, 2, None, 1, False),
+             (64, 4, 2, None, 0, False), (16, 1, 3, None, 1, False)]
+
+
+def format_stage(batch: int, kv_len: int, dev: str, time_left) -> None:
+    data = build_format_workload(batch, kv_len, HQ, HKV, D, page_size=PAGE, device=dev,
+                                 configs=FMT_VARIANTS)
+    for variant in FMT_VARIANTS:
+        for bn, w, st, sp, ahead, lazy in SWEEP_FMT:
+            if time_left() < 20:
+                return
+            cfg = dict(block_n=bn, num_warps=w, num_stages=st, ids_ahead=ahead)
+            run_format(data, variant, num_splits=sp, lazy_rescale=lazy,
+                       **{k: v for k, v in cfg.items() if v is not None})
+
+
 def run_configs(data, variant: str, stage: str, configs, last: str, time_left,
                 reserve_s: float, **fixed) -> None:
     """One run_variant per (block_n, num_warps, num_stages, num_splits, <last>) config
@@ -258,6 +325,12 @@ def gpu_spec_accuracy(precise: bool) -> None:
         print(f"spec precise_pv={precise} {spec.id}: ratio {ratio:.3f} {verdict}", flush=True)
 
 
+def free_device_memory() -> None:  # one workload's caches gone before the next is built
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--deadline", type=float, default=300.0, help="seconds for the sweep")
@@ -287,9 +360,7 @@ def main():
     if "spec" in stages and not args.smoke:
         gpu_spec_accuracy(precise=False)
     del data
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_device_memory()
     if "long" in stages:
         data = build_decode_workload(batch, long_, dev)
         for v in variants:
@@ -304,6 +375,11 @@ def main():
                     break
                 run_variant(data, "fp8_tensor", "long", block_n=bn, num_warps=w,
                             num_stages=st, num_splits=sp, max_tile_cols=cols, precise_pv=False)
+        del data
+        free_device_memory()
+    if "fmt" in stages:
+        format_stage(batch, long_, dev, time_left)
+        variants = (*variants, *FMT_VARIANTS)
 
     print("\n=== summary: best passing variant per KV dtype and length ===")
     for kv_len in (short, long_):
