@@ -147,11 +147,12 @@ def _e4m3_codes_to_f16(raw, OPAQUE: tl.constexpr, NAN_PATCH: tl.constexpr):
 def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, stride_bh,
                      KV_FORMAT: tl.constexpr, HP: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_N: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
-                     OPAQUE: tl.constexpr, NAN_PATCH: tl.constexpr):
+                     OPAQUE: tl.constexpr, NAN_PATCH: tl.constexpr, NIBBLE_MAJOR: tl.constexpr):
     """A block format's [BLOCK_N, HP * D] tile as TILE, and its per-token scales by row
     ([ROWS, BLOCK_N]; 1.0 for NVFP4). rows / blk_rows: each token's offset of its first
     head's codes / block scales. Loaded as [BLOCK_N, groups, group] so that each block
-    scale is one load broadcast over its group, then flattened (column = h * D + d).
+    scale is one load broadcast over its group, then flattened (column = h * D + d; an
+    NVFP4 tile with NIBBLE_MAJOR: nvfp4_columns' order).
 
     MXFP8: E4M3 codes times 2^(e - ref), ref the token and head's largest E8M0 code (>= 1;
     factors <= 1, exact in float16 down to 2^-15 below the token's largest block); the
@@ -164,11 +165,12 @@ def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, str
     group: tl.constexpr = 32 if KV_FORMAT == 3 else 16
     groups_per_head: tl.constexpr = HEAD_DIM // group
     GROUPS: tl.constexpr = HP * groups_per_head
-    offs_g = tl.arange(0, GROUPS)
-    g_head = offs_g // groups_per_head
-    blk = tl.load(blk_ptr + blk_rows[:, None] + (g_head * stride_bh + offs_g % groups_per_head)
-                  [None, :], mask=n_mask[:, None], other=0)  # [BLOCK_N, GROUPS] bytes
     if KV_FORMAT == 3:
+        offs_g = tl.arange(0, GROUPS)
+        g_head = offs_g // groups_per_head
+        blk = tl.load(blk_ptr + blk_rows[:, None]
+                      + (g_head * stride_bh + offs_g % groups_per_head)[None, :],
+                      mask=n_mask[:, None], other=0)  # [BLOCK_N, GROUPS] bytes
         offs_j = tl.arange(0, group)
         cols = (g_head * stride_h + (offs_g % groups_per_head) * group)[None, :, None] \
             + offs_j[None, None, :]
@@ -188,7 +190,33 @@ def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, str
                 tok = tl.where(r_head[:, None] == h, scale_h[None, :], tok)
         factor = pow2_from_biased_exponent(127 - tl.minimum(ref_g - e, 126))
         tile = (x.to(tl.float32) * factor[:, :, None]).to(TILE)
+    elif NIBBLE_MAJOR:
+        # g2 < GROUPS the groups' low nibbles, then their high ones (each code byte loaded
+        # twice; column c is nvfp4_columns' (head, d)): no join. Only for 16-token tiles,
+        # whose join Triton 3.6 miscompiles on sm90 (wrong P.V); at 32 tokens it runs 1.9x
+        # slower than the join (H200, gpt-oss b64 kv 32K: 2908 against 1548 us).
+        offs_g2 = tl.arange(0, 2 * GROUPS)
+        g_2 = offs_g2 % GROUPS
+        g2_head = g_2 // groups_per_head
+        offs_j = tl.arange(0, group // 2)
+        cols = (g2_head * stride_h + (g_2 % groups_per_head) * (group // 2))[None, :, None] \
+            + offs_j[None, None, :]
+        raw = tl.load(ptr + rows[:, None, None] + cols, mask=n_mask[:, None, None],
+                      other=0).to(tl.int32)
+        nib = tl.where((offs_g2 >= GROUPS)[None, :, None], raw >> 4, raw)
+        x = (((nib & 7) << 9) | ((nib & 8) << 12)).to(tl.uint16).to(tl.float16, bitcast=True)
+        blk2 = tl.load(blk_ptr + blk_rows[:, None]
+                       + (g2_head * stride_bh + g_2 % groups_per_head)[None, :],
+                       mask=n_mask[:, None], other=0)  # [BLOCK_N, 2 * GROUPS]
+        sc = _e4m3_codes_to_f16(blk2, False, NAN_PATCH)[:, :, None]
+        tile = (x * sc).to(TILE)
+        tok = 1.0
     else:
+        offs_g = tl.arange(0, GROUPS)
+        g_head = offs_g // groups_per_head
+        blk = tl.load(blk_ptr + blk_rows[:, None]
+                      + (g_head * stride_bh + offs_g % groups_per_head)[None, :],
+                      mask=n_mask[:, None], other=0)  # [BLOCK_N, GROUPS] bytes
         offs_j = tl.arange(0, group // 2)
         cols = (g_head * stride_h + (offs_g % groups_per_head) * (group // 2))[None, :, None] \
             + offs_j[None, None, :]
@@ -237,6 +265,18 @@ def head_block_layout(GROUP: tl.constexpr, HP: tl.constexpr, ROWS: tl.constexpr,
     r_mask = offs_r < GROUP * HP
     own = r_mask[:, None] & (r_head[:, None] == c_head[None, :])
     return offs_r, r_head, r_mask, c_head, c_d, own
+
+
+@triton.jit
+def nvfp4_columns(HP: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(c_head, c_d) of an NVFP4 tile's columns (_load_block_tile's nibble-major order): the
+    HP heads' code bytes j = c mod (HP * D / 2) low nibbles first, then high, so column c
+    holds head j // (D / 2), element 2 (j mod (D / 2)) + (c >= HP * D / 2). q's columns
+    (NVFP4 K) and acc's (NVFP4 V) follow the tile's; the dots do not mind the order."""
+    HALF: tl.constexpr = HP * HEAD_DIM // 2
+    offs_c = tl.arange(0, HP * HEAD_DIM)
+    j = offs_c % HALF
+    return j // (HEAD_DIM // 2), 2 * (j % (HEAD_DIM // 2)) + offs_c // HALF
 
 
 @triton.jit
@@ -361,11 +401,20 @@ def _paged_decode_kernel(
     # against its own KV head; P.V computes the off-diagonal blocks too (discarded at the
     # store). With GROUP * HP <= 16 this costs no MMA work: the rows were padding before.
     kv_head0 = head_block * HP
-    offs_r, r_head, r_mask, c_head, c_d, own = head_block_layout(GROUP, HP, ROWS, HEAD_DIM)
+    offs_r, r_head, r_mask, c_head, c_d, _ = head_block_layout(GROUP, HP, ROWS, HEAD_DIM)
     heads = kv_head0 * GROUP + offs_r  # query heads
+    # q's columns follow K's tile, acc's V's (an NVFP4 tile's are nibble-major)
+    NIBBLE_MAJOR: tl.constexpr = BLOCK_N < 32  # NVFP4 tiles (see _load_block_tile)
+    q_head, q_d = c_head, c_d
+    if K_FORMAT == 4 and NIBBLE_MAJOR:
+        q_head, q_d = nvfp4_columns(HP, HEAD_DIM)
+    o_head, o_d = c_head, c_d
+    if V_FORMAT == 4 and NIBBLE_MAJOR:
+        o_head, o_d = nvfp4_columns(HP, HEAD_DIM)
+    o_own = r_mask[:, None] & (r_head[:, None] == o_head[None, :])
     q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + c_d[None, :],
-        mask=own, other=0.0,
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + q_d[None, :],
+        mask=r_mask[:, None] & (r_head[:, None] == q_head[None, :]), other=0.0,
     ).to(tl.float32)
     if Q_RESCALE:
         # A bf16 query meets float16 (FP8-decoded) K: scale each head's row by a power of
@@ -431,7 +480,7 @@ def _paged_decode_kernel(
                 k_ptr, k_rows, k_blk_ptr,
                 page * stride_kbp + slot * stride_kbs + kv_head0 * stride_kbh, n_mask, r_head,
                 stride_kh, stride_kbh, K_FORMAT, HP, HEAD_DIM, BLOCK_N, ROWS, TILE,
-                (DECODE_ASM & 1) != 0, NAN_PATCH)
+                (DECODE_ASM & 1) != 0, NAN_PATCH, NIBBLE_MAJOR)
         else:
             k = load_kv_tile(k_ptr, k_rows[:, None] + k_cols[None, :], n_mask[:, None],
                               K_FORMAT, TILE, (DECODE_ASM & 1) != 0, NAN_PATCH)
@@ -454,7 +503,7 @@ def _paged_decode_kernel(
                 v_ptr, v_rows, v_blk_ptr,
                 page * stride_vbp + slot * stride_vbs + kv_head0 * stride_vbh, n_mask, r_head,
                 stride_vh, stride_vbh, V_FORMAT, HP, HEAD_DIM, BLOCK_N, ROWS, TILE,
-                (DECODE_ASM & 2) != 0, NAN_PATCH)
+                (DECODE_ASM & 2) != 0, NAN_PATCH, NIBBLE_MAJOR)
         else:
             v = load_kv_tile(v_ptr, v_rows[:, None] + v_cols[None, :], n_mask[:, None],
                               V_FORMAT, TILE, (DECODE_ASM & 2) != 0, NAN_PATCH)
@@ -483,7 +532,7 @@ def _paged_decode_kernel(
     if IS_SPLIT:
         # Unnormalised partial; an empty split leaves m=-inf, l=0, acc=0 for the merge.
         row = (b.to(tl.int64) * num_q_heads + heads) * num_splits + split
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + c_d[None, :], acc, mask=own)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + o_d[None, :], acc, mask=o_own)
         tl.store(part_m_ptr + row, m_i, mask=r_mask)
         tl.store(part_l_ptr + row, l_i, mask=r_mask)
     else:
@@ -496,7 +545,7 @@ def _paged_decode_kernel(
         else:
             o = acc / l_i[:, None]
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-                 + c_d[None, :], o.to(out_ptr.dtype.element_ty), mask=own)
+                 + o_d[None, :], o.to(out_ptr.dtype.element_ty), mask=o_own)
 
 
 @triton.jit
@@ -570,8 +619,9 @@ class DecodeLaunch:
     lazy_rescale: [tuning] rescale the accumulator only on tiles where some row's running max
         grows by more than 8 (log2 units; FlashAttention-4's trick), not on every tile. Offline
         for sm90 (Triton 3.9, FP8 per-tensor, 32-token tiles) the loop's path without the
-        rescale is ~646 instructions against 737, at 228 registers against 255. Not yet timed
-        on a GPU, so off by default.
+        rescale is ~646 instructions against 737, at 228 registers against 255. None: on
+        where it measured faster on the H200 (BF16, FP8 per-token, MXFP8), off for FP8
+        per-tensor and NVFP4 (see _launch_defaults).
     precise_pv: multiply V by p's 16-bit rounding residue too (p effectively ~16 bits
         instead of 8 for BF16); False is FlashAttention's single rounding. None: on where
         one rounding of p costs more than a fraction of the output's ulp, i.e. off only for
@@ -594,7 +644,7 @@ class DecodeLaunch:
     num_warps: int | None = None
     num_stages: int | None = None
     ids_ahead: int | None = None
-    lazy_rescale: bool = False
+    lazy_rescale: bool | None = None
     precise_pv: bool | None = None
     decode_asm: int = 2
     max_tile_cols: int = 128
@@ -611,8 +661,8 @@ class DecodeLaunch:
         if self.ids_ahead not in (None, 0, 1, 2) or isinstance(self.ids_ahead, bool):
             raise ValueError(f"DecodeLaunch.ids_ahead must be 0, 1, 2 or None, got "
                              f"{self.ids_ahead!r}")
-        if not isinstance(self.lazy_rescale, bool):
-            raise ValueError(f"DecodeLaunch.lazy_rescale must be a bool, got "
+        if self.lazy_rescale is not None and not isinstance(self.lazy_rescale, bool):
+            raise ValueError(f"DecodeLaunch.lazy_rescale must be a bool or None, got "
                              f"{self.lazy_rescale!r}")
         if self.decode_asm not in (0, 1, 2, 3):
             raise ValueError(f"DecodeLaunch.decode_asm must be 0..3 (bit 0 K, bit 1 V), "
@@ -642,10 +692,12 @@ class LaunchDefaults(NamedTuple):
     num_warps: int
     num_stages: int
     ids_ahead: int
+    lazy_rescale: bool
     programs_per_sm: int  # resident programs per SM, for the split heuristic
 
 
-def _launch_defaults(kv_dtype: torch.dtype, fp8_per_tensor: bool = False) -> LaunchDefaults:
+def _launch_defaults(kv_dtype: torch.dtype, fp8_per_tensor: bool = False,
+                     nvfp4: bool = False) -> LaunchDefaults:
     """The tuned launch per KV dtype (tiles are [block_n, HP * D], HP * D <= 128).
 
     [tuning] H100, gpt-oss decode (64 sequences x 8K/32K tokens): FP8 runs best as many
@@ -656,12 +708,18 @@ def _launch_defaults(kv_dtype: torch.dtype, fp8_per_tensor: bool = False) -> Lau
     faster with the page ids a tile ahead (168.8 against 179.8 us at kv 8K, 633.7 against
     663.7 at 32K); per-token scales do not (201.8 / 796.9 against 202.5 / 763.5), nor does
     BF16 at 64-token tiles (at 32-token tiles, 3 stages: 253.2 against 261.2 at 8K but
-    1019.2 against 1006.8 at 32K). See DecodeLaunch.ids_ahead."""
+    1019.2 against 1006.8 at 32K). See DecodeLaunch.ids_ahead. The lazy rescale (tune_decode's
+    lazy and fmt stages, same day), us at kv 8K / 32K: BF16 263.5 / 1024.7 against 270.5 /
+    1030.8, FP8 per-token 191.4 / 747.3 against 202.5 / 773.6, MXFP8 (32K) 1236.9 against
+    1283.3; slower for FP8 per-tensor (173.3 against 170.5 at 8K) and NVFP4 (1737.7 against
+    1615.3), and within noise for K FP8 + V NVFP4 (1184.3 against 1199.6 at ids_ahead 1,
+    1521.0 against 1523.0 in a second run): off there."""
     if interpreted():  # the interpreter: fewest tiles without numpy temporaries growing
-        return LaunchDefaults(256, 4, 1, 1, 8)
+        return LaunchDefaults(256, 4, 1, 1, False, 8)
+    lazy = not (fp8_per_tensor or nvfp4)
     if kv_dtype.itemsize == 1:
-        return LaunchDefaults(32, 1, 2, 1 if fp8_per_tensor else 0, 8)
-    return LaunchDefaults(64, 4, 2, 0, 4)
+        return LaunchDefaults(32, 1, 2, 1 if fp8_per_tensor else 0, lazy, 8)
+    return LaunchDefaults(64, 4, 2, 0, lazy, 4)
 
 
 def _kv_format(name: str, cache: torch.Tensor, block_scale, q_dtype: torch.dtype) -> int:
@@ -1035,7 +1093,8 @@ def paged_decode_attention(
     hp = heads_per_program(group, num_kv_heads, head_dim, launch.max_tile_cols)
     fp8 = (_KV_E4M3FN, _KV_E4M3FNUZ)
     defaults = _launch_defaults(k_cache.dtype, fp8_per_tensor=k_format in fp8 and v_format in fp8
-                                and _SCALE_PER_TOKEN not in (k_mode, v_mode))
+                                and _SCALE_PER_TOKEN not in (k_mode, v_mode),
+                                nvfp4=_KV_NVFP4 in (k_format, v_format))
     if num_splits is None:
         sms = sm_count(device)
         # The grid has Hkv / HP programs per sequence and split.
@@ -1045,6 +1104,7 @@ def paged_decode_attention(
     num_warps = launch.num_warps or defaults.num_warps
     num_stages = launch.num_stages or defaults.num_stages
     ids_ahead = defaults.ids_ahead if launch.ids_ahead is None else launch.ids_ahead
+    lazy = defaults.lazy_rescale if launch.lazy_rescale is None else launch.lazy_rescale
 
     is_split = num_splits > 1
     if is_split:
@@ -1072,7 +1132,7 @@ def paged_decode_attention(
         K_FORMAT=k_format, V_FORMAT=v_format, K_SCALE_MODE=k_mode, V_SCALE_MODE=v_mode,
         HAS_SINKS=sinks is not None, IS_SPLIT=is_split, TILE=tile, DOT=dot,
         Q_RESCALE=q_type != tile, DECODE_ASM=decode_asm, NAN_PATCH=interpreted(),
-        IDS_AHEAD=ids_ahead, LAZY_RESCALE=launch.lazy_rescale,
+        IDS_AHEAD=ids_ahead, LAZY_RESCALE=lazy,
         PRECISE_PV=bool(launch.precise_pv if launch.precise_pv is not None
                         else not (tile == tl.float16 and q.dtype == torch.bfloat16)),
     )
