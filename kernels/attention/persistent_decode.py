@@ -87,6 +87,8 @@ DEFAULT_CHUNK_TOKENS = 1024
 # mostly waiting on its loads
 PROGRAMS_PER_SM = 4
 MERGE_BLOCK = 16  # chunks merged per step
+# the work counter's start: float32 -inf's bits as int32 (it shares the partial maxima's fill)
+COUNTER_START = tl.constexpr(-8388608)
 DEFAULT_STAGES = 3
 # An item's KV heads side by side, at most this many columns (decode.py's heads_per_program;
 # 64: one head per item at D 64 and 128). Two heads at D 64 (128) cost fewer instructions per
@@ -98,16 +100,25 @@ MAX_TILE_COLS = 64
 
 
 @triton.jit
-def _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left, CHUNK: tl.constexpr,
-                  B_PAD: tl.constexpr):
-    """Per sequence (vectors [B_PAD]): first attended token, length, and the inclusive prefix
-    sum of chunk counts. Lengths clamped to the block-table capacity (as decode.py)."""
-    offs_b = tl.arange(0, B_PAD)
-    lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0)
+def _chunk_span(lens, max_tokens, window_left, max_cps, CHUNK: tl.constexpr):
+    """(first attended token, length, chunk count) of sequences of length ``lens``: lengths
+    clamped to the block-table capacity (as decode.py), counts to max_cps, the partial
+    buffers' chunks per sequence (sized from max_seq_len: memory safe whatever the lengths)."""
     lens = tl.minimum(tl.maximum(lens, 0), max_tokens)
     first = tl.where(window_left >= 0, tl.maximum(lens - 1 - window_left, 0), 0)
-    counts = tl.where(offs_b < batch, tl.cdiv(lens - first, CHUNK), 0)
-    return offs_b, first, lens, tl.cumsum(counts, axis=0)
+    return first, lens, tl.minimum(tl.cdiv(lens - first, CHUNK), max_cps)
+
+
+@triton.jit
+def _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left, max_cps, CHUNK: tl.constexpr,
+                  B_PAD: tl.constexpr):
+    """Per sequence (vectors [B_PAD]): _chunk_span's first token, length and chunk count,
+    and the inclusive prefix sum of the counts (the items' chunk index space)."""
+    offs_b = tl.arange(0, B_PAD)
+    lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0)
+    first, lens, counts = _chunk_span(lens, max_tokens, window_left, max_cps, CHUNK)
+    counts = tl.where(offs_b < batch, counts, 0)
+    return offs_b, first, lens, counts, tl.cumsum(counts, axis=0)
 
 
 @triton.jit
@@ -139,11 +150,12 @@ def _load_tile(base, rows, head_off, c_d, scale_base, scale_rows, scale_head_off
                        other=0.0).to(TILE)
 
 
-@triton.jit(do_not_specialize=["window_left", "max_tokens", "num_pages", "batch", "max_items"])
+@triton.jit(do_not_specialize=["window_left", "max_tokens", "num_pages", "batch", "max_items",
+                               "max_cps"])
 def _persistent_decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, block_tables_ptr, seq_lens_ptr, counter_ptr, owner_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,
-    batch, max_tokens, num_pages, max_items, sm_scale_log2, window_left,
+    batch, max_tokens, num_pages, max_items, max_cps, sm_scale_log2, window_left,
     k_scale_value, v_scale_value,
     stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_ksp, stride_kss, stride_ksh, stride_vsp, stride_vss, stride_vsh,
@@ -158,8 +170,8 @@ def _persistent_decode_kernel(
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    offs_b, firsts, lens, incl = _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left,
-                                               CHUNK, B_PAD)
+    offs_b, firsts, lens, counts, incl = _chunk_layout(seq_lens_ptr, batch, max_tokens,
+                                                       window_left, max_cps, CHUNK, B_PAD)
     total = tl.minimum(tl.max(incl, axis=0) * num_kv_blocks, max_items)
     # An item's HP consecutive KV heads and their HP * GROUP query heads (rows) as decode.py's
     # program: KV tiles [BLOCK_N, HP * D] (256-byte token rows at BF16, D 64), q block-
@@ -178,7 +190,7 @@ def _persistent_decode_kernel(
         sm_scale_log2, k_scale_value, ks_ptr, K_SCALE_MODE, v_scale_value, vs_ptr, V_SCALE_MODE)
 
     if SCHEDULE == 0:
-        item = tl.atomic_add(counter_ptr, 1)
+        item = tl.atomic_add(counter_ptr, 1) - COUNTER_START
     elif SCHEDULE == 1:
         item = pid
     else:
@@ -188,8 +200,7 @@ def _persistent_decode_kernel(
         c = item // num_kv_blocks
         b = tl.sum((incl <= c).to(tl.int32), axis=0)  # the sequence whose chunks hold c
         own_b = offs_b == b
-        chunk0 = tl.sum(tl.where(own_b, incl, 0), axis=0) - tl.cdiv(
-            tl.sum(tl.where(own_b, lens - firsts, 0), axis=0), CHUNK)
+        chunk0 = tl.sum(tl.where(own_b, incl - counts, 0), axis=0)  # b's first chunk
         seq_len = tl.sum(tl.where(own_b, lens, 0), axis=0)
         lo = tl.sum(tl.where(own_b, firsts, 0), axis=0) + (c - chunk0) * CHUNK
         hi = tl.minimum(lo + CHUNK, seq_len)
@@ -263,12 +274,13 @@ def _persistent_decode_kernel(
             acc = acc * out_mult
 
         if lo < hi:
-            row = c.to(tl.int64) * num_q_heads + heads
+            # partials by (sequence, its chunk): the merge needs b's length only
+            row = (b.to(tl.int64) * max_cps + (c - chunk0)) * num_q_heads + heads
             tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + c_d[None, :], acc, mask=own)
             tl.store(part_m_ptr + row, m_i, mask=r_mask)
             tl.store(part_l_ptr + row, l_i, mask=r_mask)
         if SCHEDULE == 0:
-            item = tl.atomic_add(counter_ptr, 1)
+            item = tl.atomic_add(counter_ptr, 1) - COUNTER_START
         elif SCHEDULE == 1:
             item += programs
         else:
@@ -278,21 +290,21 @@ def _persistent_decode_kernel(
 @triton.jit(do_not_specialize=["window_left", "max_tokens", "batch"])
 def _merge_chunks_kernel(
     seq_lens_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr, out_ptr,
-    batch, max_tokens, window_left, stride_ob, stride_oh, num_q_heads,
-    CHUNK: tl.constexpr, B_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    max_tokens, window_left, max_cps, stride_ob, stride_oh, num_q_heads,
+    CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_SINKS: tl.constexpr, MERGE: tl.constexpr, HB: tl.constexpr,
 ):
     """Log-sum-exp merge of one sequence's chunk partials for HB query heads (2 on a GPU: many
     small programs; all heads in the interpreter, whose cost is per program); the sink joins
-    here. A head whose chunks are all still at m = -inf (never computed) is NaN."""
+    here. A head whose chunks are all still at m = -inf (never computed) is NaN. The loads
+    wait on b's length only (its chunk count): m, l and acc load together."""
     b = tl.program_id(0)
     offs_h = tl.program_id(1) * HB + tl.arange(0, HB)
     h_mask = offs_h < num_q_heads
-    offs_b, firsts, lens, incl = _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left,
-                                               CHUNK, B_PAD)
-    own_b = offs_b == b
-    end = tl.sum(tl.where(own_b, incl, 0), axis=0)
-    begin = end - tl.cdiv(tl.sum(tl.where(own_b, lens - firsts, 0), axis=0), CHUNK)
+    _, _, count = _chunk_span(tl.load(seq_lens_ptr + b), max_tokens, window_left, max_cps,
+                              CHUNK)
+    begin = b.to(tl.int64) * max_cps
+    end = begin + count
     offs_c = tl.arange(0, MERGE)
     offs_d = tl.arange(0, HEAD_DIM)
     m_all = tl.full([HB], float("-inf"), tl.float32)
@@ -301,7 +313,7 @@ def _merge_chunks_kernel(
     for c0 in range(begin, end, MERGE):
         c = c0 + offs_c
         mask = (c < end)[:, None] & h_mask[None, :]  # [MERGE, HB]
-        row = c.to(tl.int64)[:, None] * num_q_heads + offs_h[None, :]
+        row = c[:, None] * num_q_heads + offs_h[None, :]
         m = tl.load(part_m_ptr + row, mask=mask, other=float("-inf"))
         m_new = tl.maximum(m_all, tl.max(m, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -310,8 +322,9 @@ def _merge_chunks_kernel(
         denom = denom * keep + tl.sum(tl.load(part_l_ptr + row, mask=mask, other=0.0) * w,
                                       axis=0)
         part = tl.load(part_acc_ptr + row[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                       mask=(mask & (m > float("-inf")))[:, :, None], other=0.0)
-        acc = acc * keep[:, None] + tl.sum(part * w[:, :, None], axis=0)
+                       mask=mask[:, :, None], other=0.0)
+        part = tl.where((m > float("-inf"))[:, :, None], part * w[:, :, None], 0.0)  # unwritten
+        acc = acc * keep[:, None] + tl.sum(part, axis=0)
         m_all = m_new
     computed = m_all > float("-inf")
     if HAS_SINKS:
@@ -528,7 +541,8 @@ def persistent_decode_attention(
     elif max_seq_len is None:
         max_seq_len = capacity
     attended = max_seq_len if window_left < 0 else min(max_seq_len, window_left + 1)
-    max_chunks = batch * triton.cdiv(attended, chunk_tokens)
+    max_cps = triton.cdiv(attended, chunk_tokens)  # chunks per sequence, at most
+    max_chunks = batch * max_cps
     group = num_q_heads // num_kv_heads
     check_int(max_tile_cols, "max_tile_cols", 1)
     hp = heads_per_program(group, num_kv_heads, head_dim, max_tile_cols)
@@ -540,10 +554,13 @@ def persistent_decode_attention(
 
     device = q.device
     part_acc = torch.empty(max_chunks, num_q_heads, head_dim, device=device, dtype=torch.float32)
-    part_m = torch.full((max_chunks, num_q_heads), float("-inf"), device=device,
-                        dtype=torch.float32)
+    # one fill: the partial maxima at -inf (what no item wrote stays -inf: the merge's NaN)
+    # and, behind them, the work counter, starting at -inf's int32 bits (COUNTER_START)
+    fill = torch.full((max_chunks * num_q_heads + 1,), float("-inf"), device=device,
+                      dtype=torch.float32)
+    part_m = fill[:-1].view(max_chunks, num_q_heads)
+    counter = fill[-1:].view(torch.int32)
     part_l = torch.empty_like(part_m)
-    counter = torch.zeros(1, device=device, dtype=torch.int32)
     q_type = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
     tile = {_SAME: q_type, _FP32: tl.float32, _INT4: tl.float16, _FP8: tl.float16}[kv_format]
     b_pad = max(2, triton.next_power_of_2(batch))
@@ -560,7 +577,8 @@ def persistent_decode_attention(
     _persistent_decode_kernel[(num_programs,)](
         q, k_arg, v_arg, ks, vs, block_tables, seq_lens, counter,
         owner if owner is not None else counter, part_acc, part_m, part_l,
-        batch, capacity, min(num_pages, 2**31 - 1), max_items, sm_scale * LOG2E, window_left,
+        batch, capacity, min(num_pages, 2**31 - 1), max_items, max_cps, sm_scale * LOG2E,
+        window_left,
         k_scale_v, v_scale_v,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides,
@@ -584,8 +602,8 @@ def persistent_decode_attention(
     hb = max(2, triton.next_power_of_2(num_q_heads)) if interpreted() else 2
     _merge_chunks_kernel[(batch, triton.cdiv(num_q_heads, hb))](
         seq_lens, part_acc, part_m, part_l, sinks if sinks is not None else part_m, out,
-        batch, capacity, window_left, out.stride(0), out.stride(1), num_q_heads,
-        CHUNK=chunk_tokens, B_PAD=b_pad, HEAD_DIM=head_dim, HAS_SINKS=sinks is not None,
+        capacity, window_left, max_cps, out.stride(0), out.stride(1), num_q_heads,
+        CHUNK=chunk_tokens, HEAD_DIM=head_dim, HAS_SINKS=sinks is not None,
         MERGE=MERGE_BLOCK, HB=hb, num_warps=4,
     )
     return out
@@ -658,7 +676,7 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
     types = dict(seq_lens_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32",
                  part_l_ptr="*fp32", sinks_ptr="*fp32", out_ptr="*bf16")
     ptx = compile_offline(_merge_chunks_kernel, types,
-                          dict(CHUNK=DEFAULT_CHUNK_TOKENS, B_PAD=64, HEAD_DIM=64,
+                          dict(CHUNK=DEFAULT_CHUNK_TOKENS, HEAD_DIM=64,
                                HAS_SINKS=True, MERGE=MERGE_BLOCK, HB=2),
                           capability=capability)["ptx"]
     report["merge"] = {"atomics": ptx.count("atom.")}

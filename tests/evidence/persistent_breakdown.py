@@ -1,0 +1,104 @@
+"""Where the persistent decode's time goes against the batched kernel's (issue 13: >= 0.97x
+batched on uniform batches), at the variants speed test's workloads (gpt-oss heads 64/8,
+d 64, page 16, BF16 KV, sinks): per launch configuration the end-to-end median
+(``pytest_kvperf.measure``, as kv_bench times it) and each kernel's device time from
+torch.profiler (the fills before the kernel, the kernel, the merge). Every configuration's
+output is checked against the float64 reference on its first, longest and last sequence
+first, so a fast wrong one shows as FAIL.
+
+    python3 tests/evidence/persistent_breakdown.py [--workloads uniform_64x1k,...] [--out F]
+
+On the CPU it runs one tiny workload in the interpreter (a smoke run of the script)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kvperf_kernels.attention.decode import paged_decode_attention  # noqa: E402
+from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref  # noqa: E402
+from kvperf_kernels.attention.persistent_decode import persistent_decode_attention  # noqa: E402
+from kvperf_kernels.testing.compare import assert_matches_reference  # noqa: E402
+from kvperf_kernels.testing.inputs import make_decode_case  # noqa: E402
+from pytest_kvperf import measure  # noqa: E402
+
+WORKLOADS = {
+    "skewed_1x32k_63x512": [32768] + [512] * 63,
+    "uniform_64x1k": [1024] * 64,
+    "uniform_64x4k": [4096] * 64,
+    "uniform_8x8k": [8192] * 8,
+}
+P = persistent_decode_attention
+CONFIGS = {
+    "batched": paged_decode_attention,
+    "persistent": P,
+    "static": functools.partial(P, schedule="static"),
+    "hp2_s2_c512": functools.partial(P, max_tile_cols=128, num_stages=2, chunk_tokens=512),
+    "hp2_s2_c1024": functools.partial(P, max_tile_cols=128, num_stages=2),
+    "hp2_s3_c512": functools.partial(P, max_tile_cols=128, chunk_tokens=512),
+    "hp1_s2_c1024": functools.partial(P, num_stages=2),
+    "hp1_s3_c512": functools.partial(P, chunk_tokens=512),
+    "hp1_s3_c2048": functools.partial(P, chunk_tokens=2048),
+}
+
+
+def kernel_times(call, reps: int = 5) -> dict[str, float]:
+    """Mean device us per call of each kernel name (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            call()
+        torch.cuda.synchronize()
+    sums = collections.Counter()
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            sums[e.name[:40]] += e.device_time / reps
+    return {k: round(v, 1) for k, v in sums.most_common(6)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", default=None, help="JSON lines of the results")
+    args = ap.parse_args()
+    gpu = torch.cuda.is_available()
+    workloads = ({w: WORKLOADS[w] for w in args.workloads.split(",")} if gpu
+                 else {"smoke": [100, 17]})
+    for wname, lens in workloads.items():
+        case = make_decode_case(lens, hq=64, hkv=8, head_dim=64, page_size=16, seed=len(lens))
+        kv = case.pack(poison=False)
+        q, sinks = case.q, case.sinks
+        rows = sorted({0, int(torch.tensor(lens).argmax()), len(lens) - 1})
+        ref = paged_decode_attention_ref(q[rows], kv.k_cache, kv.v_cache, kv.block_tables[rows],
+                                         kv.seq_lens[rows], sinks=sinks)
+        for cname in args.configs.split(","):
+            fn = CONFIGS[cname]
+            out = torch.full_like(q, float("nan"))
+            call = functools.partial(fn, q, kv.k_cache, kv.v_cache, kv.block_tables,
+                                     kv.seq_lens, sinks=sinks, max_seq_len=max(lens), out=out)
+            rec = dict(workload=wname, config=cname)
+            try:
+                call()
+                assert_matches_reference(out[rows], ref, f"{cname} {wname}")
+                rec["check"] = "pass"
+            except AssertionError as e:
+                rec["check"] = f"FAIL {str(e)[:100]}"
+            if gpu:
+                rec["median_us"] = round(measure(call, max_time_s=0.3).median_us, 1)
+                rec["kernels_us"] = kernel_times(call)
+            print(json.dumps(rec), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
