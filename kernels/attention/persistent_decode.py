@@ -87,8 +87,6 @@ DEFAULT_CHUNK_TOKENS = 1024
 # mostly waiting on its loads
 PROGRAMS_PER_SM = 4
 MERGE_BLOCK = 16  # chunks merged per step
-# the work counter's start: float32 -inf's bits as int32 (it shares the partial maxima's fill)
-COUNTER_START = tl.constexpr(-8388608)
 DEFAULT_STAGES = 3
 # An item's KV heads side by side, at most this many columns (decode.py's heads_per_program;
 # 64: one head per item at D 64 and 128). Two heads at D 64 (128) cost fewer instructions per
@@ -190,7 +188,7 @@ def _persistent_decode_kernel(
         sm_scale_log2, k_scale_value, ks_ptr, K_SCALE_MODE, v_scale_value, vs_ptr, V_SCALE_MODE)
 
     if SCHEDULE == 0:
-        item = tl.atomic_add(counter_ptr, 1) - COUNTER_START
+        item = tl.atomic_add(counter_ptr, 1)
     elif SCHEDULE == 1:
         item = pid
     else:
@@ -280,7 +278,7 @@ def _persistent_decode_kernel(
             tl.store(part_m_ptr + row, m_i, mask=r_mask)
             tl.store(part_l_ptr + row, l_i, mask=r_mask)
         if SCHEDULE == 0:
-            item = tl.atomic_add(counter_ptr, 1) - COUNTER_START
+            item = tl.atomic_add(counter_ptr, 1)
         elif SCHEDULE == 1:
             item += programs
         else:
@@ -554,13 +552,15 @@ def persistent_decode_attention(
 
     device = q.device
     part_acc = torch.empty(max_chunks, num_q_heads, head_dim, device=device, dtype=torch.float32)
-    # one fill: the partial maxima at -inf (what no item wrote stays -inf: the merge's NaN)
-    # and, behind them, the work counter, starting at -inf's int32 bits (COUNTER_START)
-    fill = torch.full((max_chunks * num_q_heads + 1,), float("-inf"), device=device,
-                      dtype=torch.float32)
-    part_m = fill[:-1].view(max_chunks, num_q_heads)
-    counter = fill[-1:].view(torch.int32)
+    # the partial maxima at -inf: what no item wrote stays -inf (the merge's NaN). The work
+    # counter is its own allocation: placed behind them (one fill for both, starting at
+    # -inf's int32 bits) the atomic kernel ran 59.8 against 41.6 us at 64 x 1K on the H200
+    # (the static schedule unchanged), inferred from the counter sharing an L2 line with
+    # the maxima the items store, not isolated.
+    part_m = torch.full((max_chunks, num_q_heads), float("-inf"), device=device,
+                        dtype=torch.float32)
     part_l = torch.empty_like(part_m)
+    counter = torch.zeros(1, device=device, dtype=torch.int32)
     q_type = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
     tile = {_SAME: q_type, _FP32: tl.float32, _INT4: tl.float16, _FP8: tl.float16}[kv_format]
     b_pad = max(2, triton.next_power_of_2(batch))

@@ -8,7 +8,15 @@ first, so a fast wrong one shows as FAIL.
 
     python3 tests/evidence/persistent_breakdown.py [--workloads uniform_64x1k,...] [--out F]
 
-On the CPU it runs one tiny workload in the interpreter (a smoke run of the script)."""
+On the CPU it runs one tiny workload in the interpreter (a smoke run of the script).
+
+H200, 2026-12-03 (us: end to end; kernel + merge + fills): uniform 64 x 1K batched 46.1
+(38.4 + 3.9), persistent 59.3 (41.6 + 10.1 + 1.5), its static schedule 57.3 (39.6 + 10.2);
+64 x 4K batched 137.9 (129.7 + 3.8), persistent 166.5 (148.7 + 11.1); 8 x 8K 44.4 against
+52.1; skewed 546.8 against 63.9 (44.0 + 11.7). Two KV heads per item, 2 stages, 512- or
+2048-token chunks: no faster. So on uniform batches the merge costs 6 us more than the
+batched one's and the token loop 8-15 % more. Partials by (sequence, chunk), the merge
+waiting on its sequence's length only: merge 9.5-9.9 (from 10.1-11.1)."""
 
 from __future__ import annotations
 
