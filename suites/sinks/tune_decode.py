@@ -50,6 +50,13 @@ The FP8 loop's SASS (a 32-token tile, sm90; the H200's ptxas and Triton 3.9's of
 that rebuild q's MMA operand quads inside the loop (q is loop invariant; under register
 pressure ptxas re-forms them per tile) and ~100 of 64-bit address arithmetic for the 16
 cp.async copies: the next lead for fewer instructions per byte.
+H200, 2026-12-03 (lazy and fmt stages), us at kv 8192 / 32768: the lazy rescale gave BF16
+263.5 / 1024.7 (eager 270.5 / 1030.8), FP8 per-token 191.4 / 747.3 (202.5 / 773.6), FP8
+per-tensor 173.3 at 8192 (170.5: slower); at 32768, MXFP8 1236.9 (1283.3), NVFP4 1737.7
+(1615.3: slower), K FP8 + V NVFP4 1184.3 (1199.6). Now the default where it gained. No
+block-format variant beat the defaults (MXFP8 1267.6, NVFP4 1547.8, K FP8 + V NVFP4 1130.8);
+16-token NVFP4 tiles came out wrong (ratio 61, a Triton miscompile of the nibble join, since
+replaced there).
 """
 
 from __future__ import annotations
