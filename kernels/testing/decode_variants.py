@@ -5,9 +5,15 @@ and the lab's defect (the persistent kernel computing sequence p in program p on
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
+
+import torch
 
 from kvperf_kernels.attention.decode import paged_decode_attention
+from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
 from kvperf_kernels.attention.persistent_decode import host_loop_decode, persistent_decode_attention
+from kvperf_kernels.cache.paged_kv import PagedKV
+from kvperf_kernels.testing.inputs import make_decode_case
 
 VARIANTS = {
     "host_loop": host_loop_decode,
@@ -37,3 +43,31 @@ SPEED_SWEEP = {"persistent_hp2": functools.partial(persistent_decode_attention, 
 def run_variant(name: str, kv, q, **kwargs):
     """Variant ``name`` on a PagedKV (16-bit) with keyword options of the kernels."""
     return VARIANTS[name](q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, **kwargs)
+
+
+# the speed workloads (lengths per sequence): the lab's load-balance case and uniform ones
+SPEED_WORKLOADS = {
+    "skewed_1x32k_63x512": [32768] + [512] * 63,
+    "uniform_64x1k": [1024] * 64,
+    "uniform_64x4k": [4096] * 64,
+    "uniform_8x8k": [8192] * 8,
+}
+
+
+class SpeedCase(NamedTuple):
+    q: torch.Tensor
+    sinks: torch.Tensor
+    kv: PagedKV
+    rows: list[int]  # the checked sequences: first, longest, last
+    ref: torch.Tensor  # float64 reference of those rows
+
+
+def speed_case(lens) -> SpeedCase:
+    """gpt-oss heads (64/8, d 64, page 16), BF16 KV, sinks, and the float64 reference of the
+    first, longest and last sequences (a fast wrong variant fails its check)."""
+    case = make_decode_case(lens, hq=64, hkv=8, head_dim=64, page_size=16, seed=len(lens))
+    kv = case.pack(poison=False)
+    rows = sorted({0, int(torch.tensor(lens).argmax()), len(lens) - 1})
+    ref = paged_decode_attention_ref(case.q[rows], kv.k_cache, kv.v_cache,
+                                     kv.block_tables[rows], kv.seq_lens[rows], sinks=case.sinks)
+    return SpeedCase(case.q, case.sinks, kv, rows, ref)

@@ -16,30 +16,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref
 from kvperf_kernels.testing.compare import assert_matches_reference
-from kvperf_kernels.testing.decode_variants import SPEED_SWEEP, VARIANTS
-from kvperf_kernels.testing.inputs import make_decode_case
+from kvperf_kernels.testing.decode_variants import (
+    SPEED_SWEEP,
+    SPEED_WORKLOADS,
+    VARIANTS,
+    speed_case,
+)
 
-WORKLOADS = {
-    "skewed_1x32k_63x512": [32768] + [512] * 63,
-    "uniform_64x1k": [1024] * 64,
-    "uniform_64x4k": [4096] * 64,
-    "uniform_8x8k": [8192] * 8,
-}
 GOALS = {"skewed": 1.3, "uniform": 0.97}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("workload", list(SPEED_WORKLOADS))
 def test_decode_variants_speed(workload, kv_bench, kvperf):
-    lens = WORKLOADS[workload]
-    case = make_decode_case(lens, hq=64, hkv=8, head_dim=64, page_size=16, seed=len(lens))
-    kv = case.pack(poison=False)
-    q, sinks = case.q, case.sinks
-    rows = sorted({0, int(torch.tensor(lens).argmax()), len(lens) - 1})
-    ref = paged_decode_attention_ref(q[rows], kv.k_cache, kv.v_cache, kv.block_tables[rows],
-                                     kv.seq_lens[rows], sinks=sinks)
+    lens = SPEED_WORKLOADS[workload]
+    q, sinks, kv, rows, ref = speed_case(lens)
     moved = kv.kv_bytes_read() + 2 * q.numel() * q.element_size()
     median = {}
     for name, fn in {**VARIANTS, **SPEED_SWEEP}.items():

@@ -31,18 +31,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from kvperf_kernels.attention.decode import paged_decode_attention  # noqa: E402
-from kvperf_kernels.attention.decode_ref import paged_decode_attention_ref  # noqa: E402
 from kvperf_kernels.attention.persistent_decode import persistent_decode_attention  # noqa: E402
 from kvperf_kernels.testing.compare import assert_matches_reference  # noqa: E402
-from kvperf_kernels.testing.inputs import make_decode_case  # noqa: E402
+from kvperf_kernels.testing.decode_variants import SPEED_WORKLOADS, speed_case  # noqa: E402
 from pytest_kvperf import measure  # noqa: E402
 
-WORKLOADS = {
-    "skewed_1x32k_63x512": [32768] + [512] * 63,
-    "uniform_64x1k": [1024] * 64,
-    "uniform_64x4k": [4096] * 64,
-    "uniform_8x8k": [8192] * 8,
-}
 P = persistent_decode_attention
 CONFIGS = {
     "batched": paged_decode_attention,
@@ -73,20 +66,15 @@ def kernel_times(call, reps: int = 5) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--workloads", default=",".join(SPEED_WORKLOADS))
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", default=None, help="JSON lines of the results")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
-    workloads = ({w: WORKLOADS[w] for w in args.workloads.split(",")} if gpu
+    workloads = ({w: SPEED_WORKLOADS[w] for w in args.workloads.split(",")} if gpu
                  else {"smoke": [100, 17]})
     for wname, lens in workloads.items():
-        case = make_decode_case(lens, hq=64, hkv=8, head_dim=64, page_size=16, seed=len(lens))
-        kv = case.pack(poison=False)
-        q, sinks = case.q, case.sinks
-        rows = sorted({0, int(torch.tensor(lens).argmax()), len(lens) - 1})
-        ref = paged_decode_attention_ref(q[rows], kv.k_cache, kv.v_cache, kv.block_tables[rows],
-                                         kv.seq_lens[rows], sinks=sinks)
+        q, sinks, kv, rows, ref = speed_case(lens)
         for cname in args.configs.split(","):
             fn = CONFIGS[cname]
             out = torch.full_like(q, float("nan"))
