@@ -70,6 +70,18 @@ def test_speed_sweep_matches_reference(sweep, decode_case):
     assert_matches_reference(out, _reference(case, kv, sinks=case.sinks), sweep)
 
 
+def test_merge_over_more_chunks_than_one_step(decode_case):
+    """A sequence of 18 chunks beside one of 1 and one of 2: the merge takes up to 16 chunks a
+    step (MERGE_BLOCK) and fewer when the sequences have fewer, so the long one needs two
+    steps, the short ones' padding none."""
+    case = decode_case([18 * CHUNK - 5, 1, CHUNK + 1], hq=8, hkv=2, head_dim=64, page_size=16,
+                       seed=11)
+    kv = case.pack()
+    out = persistent_decode_attention(case.q, kv.k_cache, kv.v_cache, kv.block_tables,
+                                      kv.seq_lens, sinks=case.sinks, chunk_tokens=CHUNK)
+    assert_matches_reference(out, _reference(case, kv, sinks=case.sinks), "18-chunk merge")
+
+
 @pytest.mark.parametrize("num_programs", [3, 64])
 @pytest.mark.parametrize("schedule", ["atomic", "static"])
 def test_persistent_covers_every_item_once(num_programs, schedule, decode_case):
