@@ -22,12 +22,13 @@ from kvperf_kernels.device import interpreted
 
 def compile_offline(fn, types: dict[str, str], constexprs: dict, *, capability: int = 90,
                     num_warps: int = 4, num_stages: int = 3,
-                    aligned: tuple[str, ...] = ()) -> dict:
+                    aligned: tuple[str, ...] = (), maxnreg: int | None = None) -> dict:
     """Assembly ({'ptx': ..., 'ttgir': ..., 'cubin': ...}) of ``fn`` compiled for
     cuda:``capability``. types: Triton signature types of the runtime arguments ("*bf16",
     "i32", "fp32"; others "i32"); pointers are declared 16-byte aligned, as a launch with
     torch tensors specialises them, and so are the integer arguments named in ``aligned``
-    (a launch declares an int divisible by 16 when its value is a multiple of 16)."""
+    (a launch declares an int divisible by 16 when its value is a multiple of 16); maxnreg:
+    Triton's register cap per thread (None: ptxas's choice)."""
     if interpreted():
         raise RuntimeError("compile_offline cannot run under TRITON_INTERPRET=1 (the "
                            "interpreter patches triton.language); use in_child")
@@ -44,7 +45,8 @@ def compile_offline(fn, types: dict[str, str], constexprs: dict, *, capability: 
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+                            options={"num_warps": num_warps, "num_stages": num_stages,
+                                     **({"maxnreg": maxnreg} if maxnreg else {})})
     return dict(kernel.asm)
 
 

@@ -421,6 +421,7 @@ def persistent_decode_attention(
     num_stages: int | None = None,
     max_tile_cols: int = MAX_TILE_COLS,
     lazy_rescale: bool = False,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over a paged KV cache, persistent.
 
@@ -448,6 +449,12 @@ def persistent_decode_attention(
     lazy_rescale: [tuning] decode.py's ``DecodeLaunch.lazy_rescale`` (the accumulator
         rescaled only where a row's running max grows by more than 8); on the H200 ~1 %
         faster (uniform 64 x 4K: 167.8 against 168.9 us), within noise: off.
+    maxnreg: [tuning] registers per thread ptxas may use (Triton's maxnreg; None: its
+        choice). Offline for sm90 the BF16 default (one head, 64-token tiles, 3 stages)
+        takes 140 registers, so 3 of the grid's 4 programs per SM fit (the batched kernel:
+        67 at one head, 103 at two, 4 fit); capped at 128, 4 fit and the 10 spilled values
+        load per item, outside the token loop. Not yet timed (SPEED_SWEEP's
+        persistent_r128), so None.
     chunk_tokens: tokens per work item (a multiple of the tile, 64 in the interpreter).
     max_seq_len: bound on the lengths, sizes the partial buffers (None: read from seq_lens,
         one sync, or the block table's capacity when ``checked=False``).
@@ -534,6 +541,8 @@ def persistent_decode_attention(
     check_flag(checked, "checked")
     if not isinstance(lazy_rescale, bool):
         raise TypeError(f"lazy_rescale must be True or False, got {lazy_rescale!r}")
+    if maxnreg is not None:
+        check_int(maxnreg, "maxnreg", 24)
     capacity = check_max_seq_len(max_seq_len, block_tables, page_size)
     out = checked_out(out, q)
     if batch == 0:
@@ -604,7 +613,7 @@ def persistent_decode_attention(
         DOT=tl.float32 if interpreted() else tile,
         PRECISION="ieee" if kv_format == _FP32 else "tf32", K_SCALE_MODE=k_mode,
         V_SCALE_MODE=v_mode, NAN_PATCH=interpreted(), num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg and not interpreted() else {}),
     )
     hb = max(2, triton.next_power_of_2(num_q_heads)) if interpreted() else 2
     _merge_chunks_kernel[(batch, triton.cdiv(num_q_heads, hb))](

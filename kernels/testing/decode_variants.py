@@ -37,7 +37,9 @@ SPEED_SWEEP = {"persistent_hp2": functools.partial(persistent_decode_attention, 
                "persistent_s2": functools.partial(persistent_decode_attention, num_stages=2),
                "persistent_w8": functools.partial(persistent_decode_attention, num_warps=8),
                "persistent_lazy": functools.partial(persistent_decode_attention,
-                                                    lazy_rescale=True)}
+                                                    lazy_rescale=True),
+               # 4 programs per SM resident (140 registers offline: 3 fit), untimed so far
+               "persistent_r128": functools.partial(persistent_decode_attention, maxnreg=128)}
 
 
 def run_variant(name: str, kv, q, **kwargs):

@@ -136,6 +136,8 @@ def test_empty_batch_and_bad_input(decode_case):
         persistent_decode_attention(case.q, *args, schedule="fast")
     with pytest.raises(ValueError, match="chunk_tokens"):
         persistent_decode_attention(case.q, *args, chunk_tokens=100)
+    with pytest.raises(ValueError, match="maxnreg must be an int >= 24, got 8"):
+        persistent_decode_attention(case.q, *args, maxnreg=8)
     with pytest.raises(ValueError, match="num_programs"):
         persistent_decode_attention(case.q, *args, num_programs=0)
     with pytest.raises(ValueError, match="seq_len"):
