@@ -291,7 +291,7 @@ def _persistent_decode_kernel(
             item += 1
 
 
-@triton.jit(do_not_specialize=["window_left", "max_tokens", "batch"])
+@triton.jit(do_not_specialize=["window_left", "max_tokens", "max_cps"])
 def _merge_chunks_kernel(
     seq_lens_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr, out_ptr,
     max_tokens, window_left, max_cps, stride_ob, stride_oh, num_q_heads,
