@@ -144,6 +144,13 @@ def _e4m3_codes_to_f16(raw, OPAQUE: tl.constexpr, NAN_PATCH: tl.constexpr):
 
 
 @triton.jit
+def _e2m1_codes_to_f16(nib):
+    """E2M1 codes (the low 4 bits of int32 ``nib``) placed in float16's sign / low exponent /
+    top mantissa bits: the code's value * 2^-14 (see _load_block_tile)."""
+    return (((nib & 7) << 9) | ((nib & 8) << 12)).to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, stride_bh,
                      KV_FORMAT: tl.constexpr, HP: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_N: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
@@ -165,14 +172,17 @@ def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, str
     group: tl.constexpr = 32 if KV_FORMAT == 3 else 16
     groups_per_head: tl.constexpr = HEAD_DIM // group
     GROUPS: tl.constexpr = HP * groups_per_head
+    # the tile's column groups: each block once, or (nibble-major NVFP4) twice, low nibbles
+    # first; g: a column group's block, g_head: its KV head
+    SPAN: tl.constexpr = 2 * GROUPS if KV_FORMAT == 4 and NIBBLE_MAJOR else GROUPS
+    offs_g = tl.arange(0, SPAN)
+    g = offs_g % GROUPS
+    g_head = g // groups_per_head
+    blk = tl.load(blk_ptr + blk_rows[:, None] + (g_head * stride_bh + g % groups_per_head)
+                  [None, :], mask=n_mask[:, None], other=0)  # [BLOCK_N, SPAN] bytes
     if KV_FORMAT == 3:
-        offs_g = tl.arange(0, GROUPS)
-        g_head = offs_g // groups_per_head
-        blk = tl.load(blk_ptr + blk_rows[:, None]
-                      + (g_head * stride_bh + offs_g % groups_per_head)[None, :],
-                      mask=n_mask[:, None], other=0)  # [BLOCK_N, GROUPS] bytes
         offs_j = tl.arange(0, group)
-        cols = (g_head * stride_h + (offs_g % groups_per_head) * group)[None, :, None] \
+        cols = (g_head * stride_h + (g % groups_per_head) * group)[None, :, None] \
             + offs_j[None, None, :]
         raw = tl.load(ptr + rows[:, None, None] + cols, mask=n_mask[:, None, None], other=0)
         x = _e4m3_codes_to_f16(raw, OPAQUE, NAN_PATCH)
@@ -190,44 +200,25 @@ def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, str
                 tok = tl.where(r_head[:, None] == h, scale_h[None, :], tok)
         factor = pow2_from_biased_exponent(127 - tl.minimum(ref_g - e, 126))
         tile = (x.to(tl.float32) * factor[:, :, None]).to(TILE)
-    elif NIBBLE_MAJOR:
-        # g2 < GROUPS the groups' low nibbles, then their high ones (each code byte loaded
-        # twice; column c is nvfp4_columns' (head, d)): no join. Only for 16-token tiles,
-        # whose join Triton 3.6 miscompiles on sm90 (wrong P.V); at 32 tokens it runs 1.9x
-        # slower than the join (H200, gpt-oss b64 kv 32K: 2908 against 1548 us).
-        offs_g2 = tl.arange(0, 2 * GROUPS)
-        g_2 = offs_g2 % GROUPS
-        g2_head = g_2 // groups_per_head
-        offs_j = tl.arange(0, group // 2)
-        cols = (g2_head * stride_h + (g_2 % groups_per_head) * (group // 2))[None, :, None] \
-            + offs_j[None, None, :]
-        raw = tl.load(ptr + rows[:, None, None] + cols, mask=n_mask[:, None, None],
-                      other=0).to(tl.int32)
-        nib = tl.where((offs_g2 >= GROUPS)[None, :, None], raw >> 4, raw)
-        x = (((nib & 7) << 9) | ((nib & 8) << 12)).to(tl.uint16).to(tl.float16, bitcast=True)
-        blk2 = tl.load(blk_ptr + blk_rows[:, None]
-                       + (g2_head * stride_bh + g_2 % groups_per_head)[None, :],
-                       mask=n_mask[:, None], other=0)  # [BLOCK_N, 2 * GROUPS]
-        sc = _e4m3_codes_to_f16(blk2, False, NAN_PATCH)[:, :, None]
-        tile = (x * sc).to(TILE)
-        tok = 1.0
     else:
-        offs_g = tl.arange(0, GROUPS)
-        g_head = offs_g // groups_per_head
-        blk = tl.load(blk_ptr + blk_rows[:, None]
-                      + (g_head * stride_bh + offs_g % groups_per_head)[None, :],
-                      mask=n_mask[:, None], other=0)  # [BLOCK_N, GROUPS] bytes
         offs_j = tl.arange(0, group // 2)
-        cols = (g_head * stride_h + (offs_g % groups_per_head) * (group // 2))[None, :, None] \
+        cols = (g_head * stride_h + (g % groups_per_head) * (group // 2))[None, :, None] \
             + offs_j[None, None, :]
         raw = tl.load(ptr + rows[:, None, None] + cols, mask=n_mask[:, None, None],
                       other=0).to(tl.int32)
-        lo = (((raw & 7) << 9) | ((raw & 8) << 12)).to(tl.uint16).to(tl.float16, bitcast=True)
-        hi = ((((raw >> 4) & 7) << 9) | ((raw & 0x80) << 8)).to(tl.uint16).to(tl.float16,
-                                                                               bitcast=True)
-        sc = _e4m3_codes_to_f16(blk, False, NAN_PATCH)[:, :, None, None]
-        # element 2k in the low nibble: join puts (lo, hi) side by side -> natural order
-        tile = (tl.join(lo, hi) * sc).to(TILE)
+        sc = _e4m3_codes_to_f16(blk, False, NAN_PATCH)[:, :, None]
+        if NIBBLE_MAJOR:
+            # each code byte loaded twice (column c is nvfp4_columns' (head, d)): no join.
+            # Only for 16-token tiles, whose join Triton 3.6 miscompiles on sm90 (wrong
+            # P.V); at 32 tokens it ran 1.9x slower than the join (H200, gpt-oss b64 kv
+            # 32K: 2908 against 1548 us).
+            nib = tl.where((offs_g >= GROUPS)[None, :, None], raw >> 4, raw)
+            tile = (_e2m1_codes_to_f16(nib) * sc).to(TILE)
+        else:
+            # element 2k in the low nibble: join puts (lo, hi) side by side -> natural order
+            lo = _e2m1_codes_to_f16(raw)
+            hi = _e2m1_codes_to_f16(raw >> 4)
+            tile = (tl.join(lo, hi) * sc[:, :, :, None]).to(TILE)
         tok = 1.0
     return tl.reshape(tile, [BLOCK_N, HP * HEAD_DIM]), tok
 
