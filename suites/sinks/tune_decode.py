@@ -116,16 +116,40 @@ def log(rec: dict) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
+def tolerance_ratio(got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> float:
+    """max |got - ref| / (atol + rtol |ref|): <= 1 passes; inf where got is not finite."""
+    got = got.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float(((got - ref).abs() / (atol + rtol * ref.abs())).max())
+
+
 def accuracy_ratio(out, q, kv, sinks, rows) -> float:
     ref = paged_decode_attention_ref(
         q[rows], kv.k_cache, kv.v_cache, kv.block_tables[rows], kv.seq_lens[rows],
         k_scale=kv.k_scale, v_scale=kv.v_scale, sinks=sinks,
     )
-    got = out[rows].double()
-    if not torch.isfinite(got).all():
-        return float("inf")
-    atol, rtol = DECODE_TOLERANCES[out.dtype]
-    return float(((got - ref).abs() / (atol + rtol * ref.abs())).max())
+    return tolerance_ratio(out[rows], ref, *DECODE_TOLERANCES[out.dtype])
+
+
+def timed(rec: dict, setup) -> dict:
+    """setup() -> (call, ratio, bytes moved): call(checked=True) once (the data checks,
+    untimed), rec's ratio from ratio(), then call timed unchecked; a variant that fails to
+    build, compile or run is reported in rec, not fatal. Logs and prints rec."""
+    try:
+        call, ratio, moved = setup()
+        call(checked=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        rec["ratio"] = round(ratio(), 3)
+        t = measure(call, flush_l2=moved < SMALL_WORKING_SET, max_time_s=0.25, min_rounds=10)
+        rec.update(us=round(t.median_us, 1), gbps=round(moved / t.median_us / 1e3, 1),
+                   frac=round(moved / t.median_us / 1e3 / copy_gbps(), 3))
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    log(rec)
+    print(fmt(rec), flush=True)
+    return rec
 
 
 def run_variant(data, variant: str, stage: str, *, num_splits=None, **launch_cfg) -> dict:
@@ -133,9 +157,8 @@ def run_variant(data, variant: str, stage: str, *, num_splits=None, **launch_cfg
     kv = data["caches"][variant]
     batch, kv_len = q.shape[0], int(kv.seq_lens[0])
     out = torch.full_like(q, float("nan"))
-    rec = dict(stage=stage, variant=variant, batch=batch, kv=kv_len, num_splits=num_splits,
-               **launch_cfg)
-    try:
+
+    def setup():
         launch = DecodeLaunch(**launch_cfg)
 
         def call(checked=None):  # timed unchecked (max_seq_len given: no sync)
@@ -144,33 +167,25 @@ def run_variant(data, variant: str, stage: str, *, num_splits=None, **launch_cfg
                 v_scale=kv.v_scale, sinks=sinks, max_seq_len=kv_len, out=out,
                 num_splits=num_splits, launch=launch, checked=checked)
 
-        call(checked=True)  # the data checks once, untimed
-        if q.is_cuda:
-            torch.cuda.synchronize()
-        rec["ratio"] = round(accuracy_ratio(out, q, kv, sinks, ROWS[batch]), 3)
-        moved = decode_bytes_moved(kv, q)
-        t = measure(call, flush_l2=moved < SMALL_WORKING_SET, max_time_s=0.25, min_rounds=10)
-        rec.update(us=round(t.median_us, 1), gbps=round(moved / t.median_us / 1e3, 1),
-                   frac=round(moved / t.median_us / 1e3 / copy_gbps(), 3))
-    except Exception as e:  # a variant that fails to compile or run is reported, not fatal
-        rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    log(rec)
-    print(fmt(rec), flush=True)
-    return rec
+        return (call, lambda: accuracy_ratio(out, q, kv, sinks, ROWS[batch]),
+                decode_bytes_moved(kv, q))
+
+    return timed(dict(stage=stage, variant=variant, batch=batch, kv=kv_len,
+                      num_splits=num_splits, **launch_cfg), setup)
 
 
 FMT_TOL = (1e-3, 2**-7)  # test_fused_decode_speed's spot-check tolerance (BF16 output)
 
 
 def run_format(data, variant: str, *, num_splits=None, **launch_cfg) -> dict:
-    """run_variant for a block-format cache (kvperf_kernels.testing.format_kv.FormatKV)."""
+    """run_variant for a block-format cache (kvperf_kernels.testing.format_kv.FormatKV),
+    checked against the float64 reference on the same dequantised cache."""
     q, sinks = data["q"], data["sinks"]
     kv = data["caches"][variant]
     batch, kv_len = q.shape[0], int(kv.seq_lens[0])
     out = torch.full_like(q, float("nan"))
-    rec = dict(stage="fmt", variant=variant, batch=batch, kv=kv_len, num_splits=num_splits,
-               **launch_cfg)
-    try:
+
+    def setup():
         launch = DecodeLaunch(**launch_cfg)
         kw = kv.kernel_kwargs()
         caches = (kw.pop("k_cache"), kw.pop("v_cache"), kv.block_tables, kv.seq_lens)
@@ -180,22 +195,14 @@ def run_format(data, variant: str, *, num_splits=None, **launch_cfg) -> dict:
                                    num_splits=num_splits, launch=launch, checked=checked,
                                    **kw)
 
-        call(checked=True)
         rows = ROWS[batch]
-        ref = spot_reference(kv, q, rows, sinks=sinks)
-        got = out[rows].double()
-        atol, rtol = FMT_TOL
-        rec["ratio"] = (round(float(((got - ref).abs() / (atol + rtol * ref.abs())).max()), 3)
-                        if torch.isfinite(got).all() else float("inf"))
-        moved = kv.bytes_read() + 2 * q.numel() * q.element_size()
-        t = measure(call, flush_l2=moved < SMALL_WORKING_SET, max_time_s=0.25, min_rounds=10)
-        rec.update(us=round(t.median_us, 1), gbps=round(moved / t.median_us / 1e3, 1),
-                   frac=round(moved / t.median_us / 1e3 / copy_gbps(), 3))
-    except Exception as e:
-        rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    log(rec)
-    print(fmt(rec), flush=True)
-    return rec
+        return (call,
+                lambda: tolerance_ratio(out[rows], spot_reference(kv, q, rows, sinks=sinks),
+                                        *FMT_TOL),
+                kv.bytes_read() + 2 * q.numel() * q.element_size())
+
+    return timed(dict(stage="fmt", variant=variant, batch=batch, kv=kv_len,
+                      num_splits=num_splits, **launch_cfg), setup)
 
 
 def fmt(r: dict) -> str:
