@@ -151,6 +151,53 @@ def _e2m1_codes_to_f16(nib):
 
 
 @triton.jit
+def _pow2_neg_f16(k):
+    """2^-k as float16 for an int32 k >= 0 (subnormal from k = 15, 0 beyond 24): times an
+    E4M3 value in float16 (one packed multiply per two elements) it rounds as the float32
+    product rounded to float16 would; past 2^-24 it gives 0 where that kept at most
+    448 * 2^-25 < 2^-16 (of the token's largest block scale, whose codes round by 2^-11)."""
+    bits = tl.where(k <= 14, (15 - k) << 10, 1 << tl.maximum(24 - k, 0))
+    return tl.where(k <= 24, bits, 0).to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _e2m1_bytes_to_f16x2(raw):
+    """Packed E2M1 bytes (uint8) -> (low nibble, high nibble) as _e2m1_codes_to_f16 places
+    them, in inline PTX: two bytes spread into the 16-bit halves of a register (prmt), then
+    one shift-and-mask per field serves both halves (~2 instructions per code, where the
+    per-element integer path took ~8 on sm90). Impure, like the FP8 decode: not hoisted."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t0, t1, x, y;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;
+        shl.b32 x, t0, 9;
+        shl.b32 y, t0, 12;
+        and.b32 x, x, 0x0E000E00;
+        and.b32 y, y, 0x80008000;
+        or.b32 $0, x, y;
+        shl.b32 x, t1, 9;
+        shl.b32 y, t1, 12;
+        and.b32 x, x, 0x0E000E00;
+        and.b32 y, y, 0x80008000;
+        or.b32 $1, x, y;
+        shl.b32 x, t0, 5;
+        shl.b32 y, t0, 8;
+        and.b32 x, x, 0x0E000E00;
+        and.b32 y, y, 0x80008000;
+        or.b32 $2, x, y;
+        shl.b32 x, t1, 5;
+        shl.b32 y, t1, 8;
+        and.b32 x, x, 0x0E000E00;
+        and.b32 y, y, 0x80008000;
+        or.b32 $3, x, y;
+        }""",
+        constraints="=r,=r,=r,=r,r", args=[raw], dtype=(tl.float16, tl.float16),
+        is_pure=False, pack=4,
+    )
+
+
+@triton.jit
 def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, stride_bh,
                      KV_FORMAT: tl.constexpr, HP: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_N: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
@@ -161,14 +208,19 @@ def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, str
     scale is one load broadcast over its group, then flattened (column = h * D + d; an
     NVFP4 tile with NIBBLE_MAJOR: nvfp4_columns' order).
 
-    MXFP8: E4M3 codes times 2^(e - ref), ref the token and head's largest E8M0 code (>= 1;
-    factors <= 1, exact in float16 down to 2^-15 below the token's largest block); the
-    token scale 2^(ref - 127) then scales its score column (K) or probability column (V)
-    as a per-token FP8 scale does (NaN where a code is 0xFF).
+    MXFP8: E4M3 codes times 2^(e - ref) in float16 (_pow2_neg_f16), ref the token and
+    head's largest E8M0 code (>= 1; factors <= 1, exact in float16 down to 2^-15 below the
+    token's largest block); the token scale 2^(ref - 127) then scales its score column (K)
+    or probability column (V) as a per-token FP8 scale does (NaN where a code is 0xFF).
+    The float16 multiply took the loop from 1977 to 1501 SASS instructions per tile
+    offline for sm90 (float32: 2 converts and a multiply per element).
     NVFP4: E2M1 placed in float16's sign / low exponent / top mantissa bits is its value
     * 2^-14 (0.5 lands on a subnormal); times an E4M3 block scale (4 significant bits,
     >= 2^-9) it stays exact in float16 (a multiple of 2^-24, at most 6 * 448 * 2^-14); the
-    caller folds 2^14 into the per-tensor multiplier."""
+    caller folds 2^14 into the per-tensor multiplier. OPAQUE (decode_asm's bit, V's by
+    default) decodes the bytes in inline PTX (_e2m1_bytes_to_f16x2); on the H200 (gpt-oss,
+    batch 64, kv 32K) that took K FP8 + V NVFP4 from 1135 to 1044 us, while K's too made
+    NVFP4 slower (1800 against 1542 us) although its loop is shorter (1700 against 1959)."""
     group: tl.constexpr = 32 if KV_FORMAT == 3 else 16
     groups_per_head: tl.constexpr = HEAD_DIM // group
     GROUPS: tl.constexpr = HP * groups_per_head
@@ -198,16 +250,18 @@ def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, str
                 tok = tok + scale_h[None, :]
             else:
                 tok = tl.where(r_head[:, None] == h, scale_h[None, :], tok)
-        factor = pow2_from_biased_exponent(127 - tl.minimum(ref_g - e, 126))
-        tile = (x.to(tl.float32) * factor[:, :, None]).to(TILE)
+        tile = (x * _pow2_neg_f16(ref_g - e)[:, :, None]).to(TILE)
     else:
         offs_j = tl.arange(0, group // 2)
         cols = (g_head * stride_h + (g % groups_per_head) * (group // 2))[None, :, None] \
             + offs_j[None, None, :]
-        raw = tl.load(ptr + rows[:, None, None] + cols, mask=n_mask[:, None, None],
-                      other=0).to(tl.int32)
+        raw = tl.load(ptr + rows[:, None, None] + cols, mask=n_mask[:, None, None], other=0)
         sc = _e4m3_codes_to_f16(blk, False, NAN_PATCH)[:, :, None]
-        if NIBBLE_MAJOR:
+        if OPAQUE and not NIBBLE_MAJOR:
+            lo, hi = _e2m1_bytes_to_f16x2(raw)
+            tile = (tl.join(lo, hi) * sc[:, :, :, None]).to(TILE)
+        elif NIBBLE_MAJOR:
+            raw = raw.to(tl.int32)
             # each code byte loaded twice (column c is nvfp4_columns' (head, d)): no join.
             # Only for 16-token tiles, whose join Triton 3.6 miscompiles on sm90 (wrong
             # P.V); at 32 tokens it ran 1.9x slower than the join (H200, gpt-oss b64 kv
@@ -216,6 +270,7 @@ def _load_block_tile(ptr, rows, blk_ptr, blk_rows, n_mask, r_head, stride_h, str
             tile = (_e2m1_codes_to_f16(nib) * sc).to(TILE)
         else:
             # element 2k in the low nibble: join puts (lo, hi) side by side -> natural order
+            raw = raw.to(tl.int32)
             lo = _e2m1_codes_to_f16(raw)
             hi = _e2m1_codes_to_f16(raw >> 4)
             tile = (tl.join(lo, hi) * sc[:, :, :, None]).to(TILE)
