@@ -343,6 +343,8 @@ def _merge_chunks_kernel(
 
 
 _SAME, _FP32, _INT4, _FP8 = 0, 1, 2, 3  # KV formats (constexpr KV_FORMAT)
+# [tuning] register caps per KV format (persistent_decode_attention's maxnreg)
+DEFAULT_MAXNREG = {_SAME: 128}
 KV_FORMAT_NAMES = {_SAME: "16bit", _FP32: "fp32", _INT4: "int4", _FP8: "fp8"}
 
 
@@ -449,12 +451,15 @@ def persistent_decode_attention(
     lazy_rescale: [tuning] decode.py's ``DecodeLaunch.lazy_rescale`` (the accumulator
         rescaled only where a row's running max grows by more than 8); on the H200 ~1 %
         faster (uniform 64 x 4K: 167.8 against 168.9 us), within noise: off.
-    maxnreg: [tuning] registers per thread ptxas may use (Triton's maxnreg; None: its
-        choice). Offline for sm90 the BF16 default (one head, 64-token tiles, 3 stages)
+    maxnreg: [tuning] registers per thread ptxas may use (Triton's maxnreg; 0: ptxas's
+        choice; None: DEFAULT_MAXNREG for the KV format at one KV head per item, i.e. 128
+        for 16-bit KV, and no cap otherwise). Offline for sm90 the BF16 default (one head, 64-token tiles, 3 stages)
         takes 140 registers, so 3 of the grid's 4 programs per SM fit (the batched kernel:
         67 at one head, 103 at two, 4 fit); capped at 128, 4 fit and the 10 spilled values
-        load per item, outside the token loop. Not yet timed (SPEED_SWEEP's
-        persistent_r128), so None.
+        load per item, outside the token loop. H200 (2026-12-03, gpt-oss heads, BF16), us
+        capped / uncapped: skewed 1 x 32K + 63 x 512 65.5 / 68.7, uniform 64 x 1K 55.9 /
+        72.0, 64 x 4K 167.0 / 186.9, 8 x 8K 52.7 / 52.1. The other formats stay uncapped:
+        FP8 per-token takes 135 (4 spills at 128, not timed), INT4 already spills at 255.
     chunk_tokens: tokens per work item (a multiple of the tile, 64 in the interpreter).
     max_seq_len: bound on the lengths, sizes the partial buffers (None: read from seq_lens,
         one sync, or the block table's capacity when ``checked=False``).
@@ -541,7 +546,7 @@ def persistent_decode_attention(
     check_flag(checked, "checked")
     if not isinstance(lazy_rescale, bool):
         raise TypeError(f"lazy_rescale must be True or False, got {lazy_rescale!r}")
-    if maxnreg is not None:
+    if maxnreg is not None and maxnreg != 0:
         check_int(maxnreg, "maxnreg", 24)
     capacity = check_max_seq_len(max_seq_len, block_tables, page_size)
     out = checked_out(out, q)
@@ -573,10 +578,19 @@ def persistent_decode_attention(
     # -inf's int32 bits) the atomic kernel ran 59.8 against 41.6 us at 64 x 1K on the H200
     # (the static schedule unchanged), inferred from the counter sharing an L2 line with
     # the maxima the items store, not isolated.
-    part_m = torch.full((max_chunks, num_q_heads), float("-inf"), device=device,
-                        dtype=torch.float32)
+    # Every chunk the merge reads is written by some item (the merge reads a sequence's
+    # chunk count, every item below the total runs), so only the lab's schedule, which
+    # skips items, needs them filled: there an unwritten chunk must read as -inf (NaN out),
+    # not as whatever a previous call left. One launch fewer (~1.5 us of fill plus its gap).
+    if schedule == "lab_bug":
+        part_m = torch.full((max_chunks, num_q_heads), float("-inf"), device=device,
+                            dtype=torch.float32)
+    else:
+        part_m = torch.empty(max_chunks, num_q_heads, device=device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     counter = torch.zeros(1, device=device, dtype=torch.int32)
+    if maxnreg is None:  # the cap was timed at one head per item (two need ~200 registers)
+        maxnreg = DEFAULT_MAXNREG.get(kv_format, 0) if hp == 1 else 0
     q_type = tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
     tile = {_SAME: q_type, _FP32: tl.float32, _INT4: tl.float16, _FP8: tl.float16}[kv_format]
     b_pad = max(2, triton.next_power_of_2(batch))
