@@ -265,21 +265,24 @@ SWEEP_LAZY_BF16 = [(64, 4, 2, None, False), (64, 4, 2, None, True), (32, 4, 3, N
 
 
 # stage fmt: the block formats at kv 32768 (their defaults: FP8's 32-token one-warp tiles,
-# page ids in the tile); (block_n, num_warps, num_stages, num_splits, ids_ahead, lazy)
+# page ids in the tile); (block_n, num_warps, num_stages, num_splits, ids_ahead, lazy,
+# decode_asm: None the default, V's bytes in inline PTX; 3 K's too, 0 neither)
 FMT_VARIANTS = ("mxfp8", "nvfp4", "k_fp8+v_nvfp4")
-SWEEP_FMT = [(None, None, None, None, None, False), (32, 1, 2, None, 1, False),
-             (32, 1, 3, None, 1, False), (32, 1, 2, None, 1, True), (64, 2, 2, None, 1, False),
-             (64, 4, 2, None, 0, False), (16, 1, 3, None, 1, False)]
+SWEEP_FMT = [(None, None, None, None, None, False, None), (None, None, None, None, None, False, 3),
+             (None, None, None, None, None, False, 0), (32, 1, 2, None, 1, False, None),
+             (32, 1, 3, None, 1, False, None), (32, 1, 2, None, 1, True, None),
+             (64, 2, 2, None, 1, False, None), (64, 4, 2, None, 0, False, None),
+             (16, 1, 3, None, 1, False, None)]
 
 
 def format_stage(batch: int, kv_len: int, dev: str, time_left) -> None:
     data = build_format_workload(batch, kv_len, HQ, HKV, D, page_size=PAGE, device=dev,
                                  configs=FMT_VARIANTS)
     for variant in FMT_VARIANTS:
-        for bn, w, st, sp, ahead, lazy in SWEEP_FMT:
+        for bn, w, st, sp, ahead, lazy, asm in SWEEP_FMT:
             if time_left() < 20:
                 return
-            cfg = dict(block_n=bn, num_warps=w, num_stages=st, ids_ahead=ahead)
+            cfg = dict(block_n=bn, num_warps=w, num_stages=st, ids_ahead=ahead, decode_asm=asm)
             run_format(data, variant, num_splits=sp, lazy_rescale=lazy,
                        **{k: v for k, v in cfg.items() if v is not None})
 
