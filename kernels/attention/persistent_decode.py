@@ -32,9 +32,10 @@ whole batch, whatever its size:
 
 Semantics as ``paged_decode_attention`` (FlashInfer's sinks, sliding window, GQA); KV is
 q's dtype, float32, packed INT4 or FP8 E4M3 (per-tensor or per-token scales; decode.py's
-tile decode and scale contract, imported). A sequence no program computed cannot pass as
-a number: the partials' maxima start at -inf and the merge writes NaN where every chunk is
-still -inf.
+tile decode and scale contract, imported). Under the lab's schedule, which skips items, a
+sequence no program computed cannot pass as a number: its partials' maxima start at -inf
+and the merge writes NaN where every chunk is still -inf (the other schedules write every
+chunk the merge reads, so their buffers are left unfilled).
 
 Schedules (constexpr SCHEDULE): "atomic" (the kernel), "static" (item = pid + k * programs:
 deterministic, the same coverage without atomics) and "lab_bug" (program p computes
@@ -453,13 +454,14 @@ def persistent_decode_attention(
         faster (uniform 64 x 4K: 167.8 against 168.9 us), within noise: off.
     maxnreg: [tuning] registers per thread ptxas may use (Triton's maxnreg; 0: ptxas's
         choice; None: DEFAULT_MAXNREG for the KV format at one KV head per item, i.e. 128
-        for 16-bit KV, and no cap otherwise). Offline for sm90 the BF16 default (one head, 64-token tiles, 3 stages)
-        takes 140 registers, so 3 of the grid's 4 programs per SM fit (the batched kernel:
-        67 at one head, 103 at two, 4 fit); capped at 128, 4 fit and the 10 spilled values
-        load per item, outside the token loop. H200 (2026-12-03, gpt-oss heads, BF16), us
-        capped / uncapped: skewed 1 x 32K + 63 x 512 65.5 / 68.7, uniform 64 x 1K 55.9 /
-        72.0, 64 x 4K 167.0 / 186.9, 8 x 8K 52.7 / 52.1. The other formats stay uncapped:
-        FP8 per-token takes 135 (4 spills at 128, not timed), INT4 already spills at 255.
+        for 16-bit KV, and no cap otherwise). Offline for sm90 the BF16 default (one head,
+        64-token tiles, 3 stages) takes 140 registers, so 3 of the grid's 4 programs per SM
+        fit (the batched kernel: 67 at one head, 103 at two, 4 fit); capped at 128, 4 fit
+        and the 10 spilled values load per item, outside the token loop. H200 (2026-12-03,
+        gpt-oss heads, BF16), us capped / uncapped: skewed 1 x 32K + 63 x 512 65.5 / 68.7,
+        uniform 64 x 1K 55.9 / 72.0, 64 x 4K 167.0 / 186.9, 8 x 8K 52.7 / 52.1. The other
+        formats stay uncapped: FP8 per-token takes 135 (4 spills at 128, not timed), INT4
+        already spills at 255.
     chunk_tokens: tokens per work item (a multiple of the tile, 64 in the interpreter).
     max_seq_len: bound on the lengths, sizes the partial buffers (None: read from seq_lens,
         one sync, or the block table's capacity when ``checked=False``).

@@ -112,15 +112,19 @@ def test_fused_matches_reference_long(fmt, lens, hq, hkv, d, kvperf):
 
 
 # Compiled launch variants a tuning run may pick (block_n, num_warps, num_stages, ids_ahead,
-# lazy_rescale): the GPU checks above take the defaults only, and the H200's tune run found a
-# 16-token NVFP4 tile wrong (ratio 61; Triton's join, now replaced there) that no test had
-# compiled. The CPU runs the two NVFP4 tile orders (16 tokens: nibble-major; 32: joined).
-_CPU_TOO = {(16, 1, 2, 0, False), (32, 1, 3, 1, True)}
-LAUNCH_GRID = [pytest.param(c, id="bn{}-w{}-s{}-ids{}-lazy{:d}".format(*c),
+# lazy_rescale, decode_asm): the GPU checks above take the defaults only, and the H200's tune
+# run found a 16-token NVFP4 tile wrong (ratio 61; Triton's join, now replaced there) that no
+# test had compiled. decode_asm 0 (no inline PTX) and 3 (K's bytes too) are the tune sweep's
+# other choices; the interpreter runs no PTX. The CPU runs the two NVFP4 tile orders (16
+# tokens: nibble-major; 32: joined).
+_CPU_TOO = {(16, 1, 2, 0, False, 2), (32, 1, 3, 1, True, 2)}
+LAUNCH_GRID = [pytest.param(c, id="bn{}-w{}-s{}-ids{}-lazy{:d}-asm{}".format(*c),
                             marks=() if c in _CPU_TOO else pytest.mark.gpu)
-               for c in [(16, 1, 2, 0, False), (16, 1, 3, 1, False), (16, 1, 2, 1, False),
-                         (16, 2, 2, 1, False), (32, 1, 3, 1, True), (32, 1, 2, 2, False),
-                         (64, 2, 2, 1, False), (64, 4, 2, 0, True)]]
+               for c in [(16, 1, 2, 0, False, 2), (16, 1, 3, 1, False, 2),
+                         (16, 1, 2, 1, False, 2), (16, 2, 2, 1, False, 2),
+                         (32, 1, 3, 1, True, 2), (32, 1, 2, 2, False, 2),
+                         (64, 2, 2, 1, False, 2), (64, 4, 2, 0, True, 2),
+                         (32, 1, 3, 1, False, 0), (32, 1, 3, 1, False, 3)]]
 
 
 @pytest.mark.parametrize("cfg", LAUNCH_GRID)
@@ -128,11 +132,11 @@ LAUNCH_GRID = [pytest.param(c, id="bn{}-w{}-s{}-ids{}-lazy{:d}".format(*c),
 def test_launch_variants_match_reference(fmt, cfg):
     """Launch variants, not only the defaults, on ragged lengths that end inside and at a
     tile, with a split and sinks, against the float64 reference."""
-    bn, warps, stages, ahead, lazy = cfg
+    bn, warps, stages, ahead, lazy, asm = cfg
     case = make_decode_case((1, 16, 33, 300, 1000), hq=16, hkv=2, head_dim=64, page_size=16)
     kv = pack_case(case, fmt)
     launch = DecodeLaunch(block_n=bn, num_warps=warps, num_stages=stages, ids_ahead=ahead,
-                          lazy_rescale=lazy)
+                          lazy_rescale=lazy, decode_asm=asm)
     for splits in (1, 3):
         out = fused_decode(case, kv, sinks=case.sinks, num_splits=splits, launch=launch)
         ref = reference(case, kv, sinks=case.sinks)
