@@ -127,6 +127,34 @@ def _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left, max_cps, CHUNK: 
 
 
 @triton.jit
+def _normalise(acc, m, denom, sinks_ptr, heads, h_mask, HAS_SINKS: tl.constexpr):
+    """acc / denom per row, the sink joined to the denominator (log2 units: m, the running
+    maximum; denom, the sum of exp2(s - m)). Rows whose m is -inf (nothing computed) are
+    NaN. The merge's last step, and a single-chunk item's."""
+    computed = m > float("-inf")
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=h_mask, other=0.0) * 1.4426950408889634
+        m_fin = tl.maximum(m, sink)
+        scale = tl.exp2(m - m_fin)
+        denom = denom * scale + tl.exp2(sink - m_fin)
+        acc = acc * scale[:, None]
+    return tl.where(computed[:, None], acc / denom[:, None], float("nan"))
+
+
+@triton.jit
+def _store_nan_rows(row_ptr, stride_h, num_heads, HEAD_DIM: tl.constexpr):
+    """NaN into rows [0, num_heads) of one sequence's output (what the merge writes for a
+    sequence nothing computed)."""
+    offs_h = tl.arange(0, 16)
+    offs_d = tl.arange(0, HEAD_DIM)
+    nan = tl.full([16, HEAD_DIM], float("nan"), tl.float32).to(row_ptr.dtype.element_ty)
+    for h0 in range(0, num_heads, 16):
+        heads = h0 + offs_h
+        tl.store(row_ptr + heads[:, None] * stride_h + offs_d[None, :], nan,
+                 mask=(heads < num_heads)[:, None])
+
+
+@triton.jit
 def _load_tile(base, rows, head_off, c_d, scale_base, scale_rows, scale_head_off, mask,
                KV_FORMAT: tl.constexpr, INT4_GROUP: tl.constexpr, TILE: tl.constexpr,
                NAN_PATCH: tl.constexpr, OPAQUE: tl.constexpr):
@@ -159,10 +187,11 @@ def _load_tile(base, rows, head_off, c_d, scale_base, scale_rows, scale_head_off
                                "max_cps"])
 def _persistent_decode_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, block_tables_ptr, seq_lens_ptr, counter_ptr, owner_ptr,
-    part_acc_ptr, part_m_ptr, part_l_ptr,
+    part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr, out_ptr,
     batch, max_tokens, num_pages, max_items, max_cps, sm_scale_log2, window_left,
     k_scale_value, v_scale_value,
-    stride_qb, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_ksp, stride_kss, stride_ksh, stride_vsp, stride_vss, stride_vsh,
     stride_bt, num_q_heads, num_kv_blocks,
     GROUP: tl.constexpr, HP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -172,12 +201,18 @@ def _persistent_decode_kernel(
     Q_RESCALE: tl.constexpr, PRECISE_PV: tl.constexpr, TILE: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, K_SCALE_MODE: tl.constexpr, V_SCALE_MODE: tl.constexpr,
     NAN_PATCH: tl.constexpr, V_OPAQUE: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    HAS_SINKS: tl.constexpr, DIRECT: tl.constexpr, MERGED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     offs_b, firsts, lens, counts, incl = _chunk_layout(seq_lens_ptr, batch, max_tokens,
                                                        window_left, max_cps, CHUNK, B_PAD)
     total = tl.minimum(tl.max(incl, axis=0) * num_kv_blocks, max_items)
+    if not MERGED:  # no merge follows: a sequence with no chunk (length 0) is NaN here
+        for bz in range(pid, batch, programs):
+            if tl.sum(tl.where(offs_b == bz, counts, 0), axis=0) == 0:
+                _store_nan_rows(out_ptr + tl.cast(bz, tl.int64) * stride_ob, stride_oh,
+                                num_q_heads, HEAD_DIM)
     # An item's HP consecutive KV heads and their HP * GROUP query heads (rows) as decode.py's
     # program: KV tiles [BLOCK_N, HP * D] (256-byte token rows at BF16, D 64), q block-
     # diagonal [ROWS, HP * D], so one dot scores every row against its own KV head; P.V's
@@ -278,12 +313,18 @@ def _persistent_decode_kernel(
         else:
             acc = acc * out_mult
 
+        single = tl.sum(tl.where(own_b, counts, 0), axis=0) == 1
         if lo < hi:
-            # partials by (sequence, its chunk): the merge needs b's length only
-            row = (b.to(tl.int64) * max_cps + (c - chunk0)) * num_q_heads + heads
-            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + c_d[None, :], acc, mask=own)
-            tl.store(part_m_ptr + row, m_i, mask=r_mask)
-            tl.store(part_l_ptr + row, l_i, mask=r_mask)
+            if DIRECT and single:  # b's only chunk: normalised here, the merge skips b
+                o = _normalise(acc, m_i, l_i, sinks_ptr, heads, r_mask, HAS_SINKS)
+                tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
+                         + c_d[None, :], o.to(out_ptr.dtype.element_ty), mask=own)
+            else:
+                # partials by (sequence, its chunk): the merge needs b's length only
+                row = (b.to(tl.int64) * max_cps + (c - chunk0)) * num_q_heads + heads
+                tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + c_d[None, :], acc, mask=own)
+                tl.store(part_m_ptr + row, m_i, mask=r_mask)
+                tl.store(part_l_ptr + row, l_i, mask=r_mask)
         if SCHEDULE == 0:
             item = tl.atomic_add(counter_ptr, 1)
         elif SCHEDULE == 1:
@@ -297,17 +338,22 @@ def _merge_chunks_kernel(
     seq_lens_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sinks_ptr, out_ptr,
     max_tokens, window_left, max_cps, stride_ob, stride_oh, num_q_heads,
     CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_SINKS: tl.constexpr, MERGE: tl.constexpr, HB: tl.constexpr,
+    HAS_SINKS: tl.constexpr, MERGE: tl.constexpr, HB: tl.constexpr, DIRECT: tl.constexpr,
 ):
     """Log-sum-exp merge of one sequence's chunk partials for HB query heads (2 on a GPU: many
     small programs; all heads in the interpreter, whose cost is per program); the sink joins
     here. A head whose chunks are all still at m = -inf (never computed) is NaN. The loads
-    wait on b's length only (its chunk count): m, l and acc load together."""
+    wait on b's length only (its chunk count): m, l and acc load together. DIRECT: a
+    sequence of one chunk was written by its item; its programs do nothing."""
     b = tl.program_id(0)
     offs_h = tl.program_id(1) * HB + tl.arange(0, HB)
-    h_mask = offs_h < num_q_heads
     _, _, count = _chunk_span(tl.load(seq_lens_ptr + b), max_tokens, window_left, max_cps,
                               CHUNK)
+    heads = num_q_heads
+    if DIRECT:  # one chunk: its item wrote the output, none of its heads is merged here
+        heads = tl.where(count == 1, 0, num_q_heads)
+        count = tl.where(count == 1, 0, count)
+    h_mask = offs_h < heads
     begin = b.to(tl.int64) * max_cps
     end = begin + count
     offs_c = tl.arange(0, MERGE)
@@ -331,14 +377,7 @@ def _merge_chunks_kernel(
         part = tl.where((m > float("-inf"))[:, :, None], part * w[:, :, None], 0.0)  # unwritten
         acc = acc * keep[:, None] + tl.sum(part, axis=0)
         m_all = m_new
-    computed = m_all > float("-inf")
-    if HAS_SINKS:
-        sink = tl.load(sinks_ptr + offs_h, mask=h_mask, other=0.0) * 1.4426950408889634
-        m_fin = tl.maximum(m_all, sink)
-        scale = tl.exp2(m_all - m_fin)
-        denom = denom * scale + tl.exp2(sink - m_fin)
-        acc = acc * scale[:, None]
-    o = tl.where(computed[:, None], acc / denom[:, None], float("nan"))
+    o = _normalise(acc, m_all, denom, sinks_ptr, offs_h, h_mask, HAS_SINKS)
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh
              + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
 
@@ -574,21 +613,24 @@ def persistent_decode_attention(
             raise ValueError(f"owner must be int32 with >= {max_items} elements on {q.device}")
 
     device = q.device
-    part_acc = torch.empty(max_chunks, num_q_heads, head_dim, device=device, dtype=torch.float32)
-    # the partial maxima at -inf: what no item wrote stays -inf (the merge's NaN). The work
-    # counter is its own allocation: placed behind them (one fill for both, starting at
-    # -inf's int32 bits) the atomic kernel ran 59.8 against 41.6 us at 64 x 1K on the H200
-    # (the static schedule unchanged), inferred from the counter sharing an L2 line with
-    # the maxima the items store, not isolated.
-    # Every chunk the merge reads is written by some item (the merge reads a sequence's
-    # chunk count, every item below the total runs), so only the lab's schedule, which
-    # skips items, needs them filled: there an unwritten chunk must read as -inf (NaN out),
-    # not as whatever a previous call left. One launch fewer (~1.5 us of fill plus its gap).
+    # A sequence of one chunk is normalised by its item (DIRECT; not under the lab's
+    # schedule, whose skipped items must come out NaN through the merge), so where no
+    # sequence can have two (max_cps 1) no merge runs and no partials are kept.
+    direct = schedule != "lab_bug"
+    merged = not direct or max_cps > 1
+    kept = max_chunks if merged else 1  # partials kept (one unused row without a merge)
+    part_acc = torch.empty(kept, num_q_heads, head_dim, device=device, dtype=torch.float32)
+    # The partial maxima start at -inf only under the lab's schedule, which skips items: an
+    # unwritten chunk must read as -inf (NaN out), not as whatever a previous call left; under
+    # the others every chunk the merge reads is written (one fill fewer: ~1.5 us plus its
+    # gap). The work counter is its own allocation: placed behind the maxima (one fill for
+    # both) the atomic kernel ran 59.8 against 41.6 us at 64 x 1K on the H200, inferred from
+    # the counter sharing an L2 line with the maxima the items store, not isolated.
     if schedule == "lab_bug":
-        part_m = torch.full((max_chunks, num_q_heads), float("-inf"), device=device,
+        part_m = torch.full((kept, num_q_heads), float("-inf"), device=device,
                             dtype=torch.float32)
     else:
-        part_m = torch.empty(max_chunks, num_q_heads, device=device, dtype=torch.float32)
+        part_m = torch.empty(kept, num_q_heads, device=device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     counter = torch.zeros(1, device=device, dtype=torch.int32)
     if maxnreg is None:  # the cap was timed at one head per item (two need ~200 registers)
@@ -609,10 +651,12 @@ def persistent_decode_attention(
     _persistent_decode_kernel[(num_programs,)](
         q, k_arg, v_arg, ks, vs, block_tables, seq_lens, counter,
         owner if owner is not None else counter, part_acc, part_m, part_l,
+        sinks if sinks is not None else part_m, out,
         batch, capacity, min(num_pages, 2**31 - 1), max_items, max_cps, sm_scale * LOG2E,
         window_left,
         k_scale_v, v_scale_v,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *scale_strides,
         block_tables.stride(0), num_q_heads, num_kv_heads // hp,
         GROUP=group, HP=hp, ROWS=max(16, triton.next_power_of_2(group * hp)),
@@ -628,15 +672,19 @@ def persistent_decode_attention(
         # the interpreter computes 16-bit tl.dot wrongly (Triton 3.9): fp32 operands there
         DOT=tl.float32 if interpreted() else tile,
         PRECISION="ieee" if kv_format == _FP32 else "tf32", K_SCALE_MODE=k_mode,
-        V_SCALE_MODE=v_mode, NAN_PATCH=interpreted(), num_warps=num_warps,
+        V_SCALE_MODE=v_mode, NAN_PATCH=interpreted(), HAS_SINKS=sinks is not None,
+        DIRECT=direct, MERGED=merged, num_warps=num_warps,
         num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg and not interpreted() else {}),
     )
+    if not merged:
+        return out
     hb = max(2, triton.next_power_of_2(num_q_heads)) if interpreted() else 2
     _merge_chunks_kernel[(batch, triton.cdiv(num_q_heads, hb))](
         seq_lens, part_acc, part_m, part_l, sinks if sinks is not None else part_m, out,
         capacity, window_left, max_cps, out.stride(0), out.stride(1), num_q_heads,
         CHUNK=chunk_tokens, HEAD_DIM=head_dim, HAS_SINKS=sinks is not None,
-        MERGE=min(MERGE_BLOCK, max(2, triton.next_power_of_2(max_cps))), HB=hb, num_warps=4,
+        MERGE=min(MERGE_BLOCK, max(2, triton.next_power_of_2(max_cps))), HB=hb,
+        DIRECT=direct, num_warps=4,
     )
     return out
 
@@ -655,8 +703,8 @@ def host_loop_decode(q, k_cache, v_cache, block_tables, seq_lens, **kwargs) -> t
     return out
 
 
-_ALIGNED_STRIDES = ("stride_qb", "stride_kp", "stride_ks", "stride_kh", "stride_vp",
-                    "stride_vs", "stride_vh")
+_ALIGNED_STRIDES = ("stride_qb", "stride_ob", "stride_oh", "stride_kp", "stride_ks", "stride_kh",
+                    "stride_vp", "stride_vs", "stride_vh")
 
 
 def sm_compile_report(capability: int = 90) -> dict[str, dict]:
@@ -685,15 +733,16 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
         types = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, ks_ptr=scale, vs_ptr=scale,
                      block_tables_ptr="*i32", seq_lens_ptr="*i32", counter_ptr="*i32",
                      owner_ptr="*i32", part_acc_ptr="*fp32", part_m_ptr="*fp32",
-                     part_l_ptr="*fp32", sm_scale_log2="fp32", k_scale_value="fp32",
-                     v_scale_value="fp32")
+                     part_l_ptr="*fp32", sinks_ptr="*fp32", out_ptr="*bf16",
+                     sm_scale_log2="fp32", k_scale_value="fp32", v_scale_value="fp32")
         const = dict(GROUP=8, HP=hp, ROWS=16, HEAD_DIM=64, PAGE_SIZE=16, BLOCK_N=64,
                      CHUNK=DEFAULT_CHUNK_TOKENS, B_PAD=64, SCHEDULE=schedule,
                      RECORD_OWNER=True, KV_FORMAT=fmt, INT4_GROUP=32 if fmt == _INT4 else 1,
-                     Q_RESCALE=fmt in (_INT4, _FP8), PRECISE_PV=fmt not in (_FP32, _FP8), TILE=tile,
-                     DOT=tile, PRECISION="ieee" if fmt == _FP32 else "tf32",
+                     Q_RESCALE=fmt in (_INT4, _FP8), PRECISE_PV=fmt not in (_FP32, _FP8),
+                     TILE=tile, DOT=tile, PRECISION="ieee" if fmt == _FP32 else "tf32",
                      K_SCALE_MODE=mode, V_SCALE_MODE=mode, NAN_PATCH=False,
-                     V_OPAQUE=fmt == _FP8, LAZY_RESCALE=False)
+                     V_OPAQUE=fmt == _FP8, LAZY_RESCALE=False, HAS_SINKS=True,
+                     DIRECT=name != "lab_bug", MERGED=True)
         # the cache strides are multiples of 16 elements at these shapes, as a launch
         # declares them (then tile rows vectorise and load through cp.async)
         asm = compile_offline(_persistent_decode_kernel, types, const, capability=capability,
@@ -709,7 +758,7 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
                  part_l_ptr="*fp32", sinks_ptr="*fp32", out_ptr="*bf16")
     ptx = compile_offline(_merge_chunks_kernel, types,
                           dict(CHUNK=DEFAULT_CHUNK_TOKENS, HEAD_DIM=64,
-                               HAS_SINKS=True, MERGE=MERGE_BLOCK, HB=2),
+                               HAS_SINKS=True, MERGE=MERGE_BLOCK, HB=2, DIRECT=True),
                           capability=capability)["ptx"]
     report["merge"] = {"atomics": ptx.count("atom.")}
     return report

@@ -82,6 +82,37 @@ def test_merge_over_more_chunks_than_one_step(decode_case):
     assert_matches_reference(out, _reference(case, kv, sinks=case.sinks), "18-chunk merge")
 
 
+@pytest.mark.parametrize("schedule", ["atomic", "static"])
+def test_single_chunk_batch_writes_without_a_merge(schedule, decode_case, monkeypatch):
+    """Every sequence within one chunk (max_seq_len <= chunk_tokens): each item normalises its
+    own sequence's output and no merge is launched, so a missing write would leave the
+    stale 7s. Unchecked, a sequence of length 0 comes out NaN, as the merge would write it."""
+    import kvperf_kernels.attention.persistent_decode as pd
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("a merge was launched for a batch of single-chunk sequences")
+
+    monkeypatch.setattr(pd, "_merge_chunks_kernel", type("NoMerge", (), {"__getitem__":
+                                                                         no_merge})())
+    case = decode_case([5, CHUNK, 1, 33], hq=8, hkv=2, head_dim=64, page_size=16, seed=13)
+    kv = case.pack()
+    ref = _reference(case, kv, sinks=case.sinks)
+    out = torch.full_like(case.q, 7.0)
+    opts = dict(sinks=case.sinks, chunk_tokens=CHUNK, max_seq_len=CHUNK, schedule=schedule,
+                out=out)
+    persistent_decode_attention(case.q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens,
+                                **opts)
+    assert_matches_reference(out, ref, f"single-chunk {schedule}")
+    lens = kv.seq_lens.clone()
+    lens[2] = 0
+    out.fill_(7.0)
+    persistent_decode_attention(case.q, kv.k_cache, kv.v_cache, kv.block_tables, lens,
+                                checked=False, **opts)
+    assert torch.isnan(out[2].float()).all()
+    keep = [0, 1, 3]
+    assert_matches_reference(out[keep], ref[keep], f"single-chunk {schedule}, one empty")
+
+
 @pytest.mark.parametrize("num_programs", [3, 64])
 @pytest.mark.parametrize("schedule", ["atomic", "static"])
 def test_persistent_covers_every_item_once(num_programs, schedule, decode_case):
