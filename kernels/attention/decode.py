@@ -160,6 +160,24 @@ def _pow2_neg_f16(k):
     return tl.where(k <= 24, bits, 0).to(tl.uint16).to(tl.float16, bitcast=True)
 
 
+# _e2m1_bytes_to_f16x2's PTX: a byte pair spread into 16-bit halves (t0: bytes 0, 1; t1: 2, 3),
+# then per output one field placed in both halves: the low nibbles (shift 9: the 3 magnitude
+# bits, 12: the sign) into $0/$1, the high ones (5, 8) into $2/$3
+_E2M1_FIELD = """
+        shl.b32 x, {src}, {mag};
+        shl.b32 y, {src}, {sign};
+        and.b32 x, x, 0x0E000E00;
+        and.b32 y, y, 0x80008000;
+        or.b32 ${out}, x, y;"""
+_E2M1_BYTES_ASM = tl.constexpr("""{
+        .reg .b32 t0, t1, x, y;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;""" + "".join(
+    _E2M1_FIELD.format(src=src, mag=mag, sign=mag + 3, out=out)
+    for out, (src, mag) in enumerate([("t0", 9), ("t1", 9), ("t0", 5), ("t1", 5)])) + """
+        }""")
+
+
 @triton.jit
 def _e2m1_bytes_to_f16x2(raw):
     """Packed E2M1 bytes (uint8) -> (low nibble, high nibble) as _e2m1_codes_to_f16 places
@@ -167,31 +185,7 @@ def _e2m1_bytes_to_f16x2(raw):
     one shift-and-mask per field serves both halves (~2 instructions per code, where the
     per-element integer path took ~8 on sm90). Impure, like the FP8 decode: not hoisted."""
     return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t0, t1, x, y;
-        prmt.b32 t0, $4, 0, 0x4140;
-        prmt.b32 t1, $4, 0, 0x4342;
-        shl.b32 x, t0, 9;
-        shl.b32 y, t0, 12;
-        and.b32 x, x, 0x0E000E00;
-        and.b32 y, y, 0x80008000;
-        or.b32 $0, x, y;
-        shl.b32 x, t1, 9;
-        shl.b32 y, t1, 12;
-        and.b32 x, x, 0x0E000E00;
-        and.b32 y, y, 0x80008000;
-        or.b32 $1, x, y;
-        shl.b32 x, t0, 5;
-        shl.b32 y, t0, 8;
-        and.b32 x, x, 0x0E000E00;
-        and.b32 y, y, 0x80008000;
-        or.b32 $2, x, y;
-        shl.b32 x, t1, 5;
-        shl.b32 y, t1, 8;
-        and.b32 x, x, 0x0E000E00;
-        and.b32 y, y, 0x80008000;
-        or.b32 $3, x, y;
-        }""",
+        asm=_E2M1_BYTES_ASM,
         constraints="=r,=r,=r,=r,r", args=[raw], dtype=(tl.float16, tl.float16),
         is_pure=False, pack=4,
     )

@@ -47,6 +47,7 @@ CONFIGS = {
     "hp1_s2_c1024": functools.partial(P, num_stages=2),
     "hp1_s3_c512": functools.partial(P, chunk_tokens=512),
     "hp1_s3_c2048": functools.partial(P, chunk_tokens=2048),
+    "hp1_s3_c4096": functools.partial(P, chunk_tokens=4096),
     "uncapped": functools.partial(P, maxnreg=0),
     "hp2_s2_r168": functools.partial(P, max_tile_cols=128, num_stages=2, maxnreg=168),
 }
