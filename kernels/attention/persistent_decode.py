@@ -721,13 +721,15 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
     tiles = {_SAME: ("*bf16", "*bf16", tl.bfloat16), _FP32: ("*fp32", "*fp32", tl.float32),
              _INT4: ("*u8", "*fp16", tl.float16), _FP8: ("*u8", "*fp32", tl.float16)}
     # every schedule in 16-bit, every format with the atomic one, FP8 with per-token and
-    # per-tensor (tensor) scales (compiles take ~1.5 s each); (format, schedule, scale mode)
-    # (format, schedule, scale mode, KV heads per item): the default's one head, and two for
-    # 16-bit and FP8 per-token (max_tile_cols=128)
-    variants = [(_SAME, name, 0, 1) for name in SCHEDULES] + [
-        (_FP32, "atomic", 0, 1), (_INT4, "atomic", 0, 1), (_FP8, "atomic", 2, 1),
-        (_FP8, "atomic", 1, 1), (_SAME, "atomic", 0, 2), (_FP8, "atomic", 2, 2)]
-    for fmt, name, mode, hp in variants:
+    # per-tensor (tensor) scales (compiles take ~1.5 s each); (format, schedule, scale mode,
+    # KV heads per item, a merge follows): the default's one head, and two for 16-bit and
+    # FP8 per-token (max_tile_cols=128); 16-bit without a merge (single-chunk batches)
+    variants = [(_SAME, name, 0, 1, True) for name in SCHEDULES] + [
+        (_FP32, "atomic", 0, 1, True), (_INT4, "atomic", 0, 1, True),
+        (_FP8, "atomic", 2, 1, True), (_FP8, "atomic", 1, 1, True),
+        (_SAME, "atomic", 0, 2, True), (_FP8, "atomic", 2, 2, True),
+        (_SAME, "atomic", 0, 1, False)]
+    for fmt, name, mode, hp, merged in variants:
         cache, scale, tile = tiles[fmt]
         schedule = SCHEDULES[name]
         types = dict(q_ptr="*bf16", k_ptr=cache, v_ptr=cache, ks_ptr=scale, vs_ptr=scale,
@@ -742,14 +744,14 @@ def sm_compile_report(capability: int = 90) -> dict[str, dict]:
                      TILE=tile, DOT=tile, PRECISION="ieee" if fmt == _FP32 else "tf32",
                      K_SCALE_MODE=mode, V_SCALE_MODE=mode, NAN_PATCH=False,
                      V_OPAQUE=fmt == _FP8, LAZY_RESCALE=False, HAS_SINKS=True,
-                     DIRECT=name != "lab_bug", MERGED=True)
+                     DIRECT=name != "lab_bug", MERGED=merged)
         # the cache strides are multiples of 16 elements at these shapes, as a launch
         # declares them (then tile rows vectorise and load through cp.async)
         asm = compile_offline(_persistent_decode_kernel, types, const, capability=capability,
                               num_stages=DEFAULT_STAGES, aligned=_ALIGNED_STRIDES)
         ptx = asm["ptx"]
         label = (KV_FORMAT_NAMES[fmt] + {0: "", 1: "_per_tensor", 2: "_per_token"}[mode]
-                 + ("_2heads" if hp == 2 else ""))
+                 + ("_2heads" if hp == 2 else "") + ("" if merged else "_unmerged"))
         report[f"{label}-{name}"] = {"atomics": ptx.count("atom."),
                                      "e4m3_converts": ptx.count("cvt.rn.f16x2.e4m3x2"),
                                      "async_copies": ptx.count("cp.async."),

@@ -384,8 +384,8 @@ def test_persistent_atomic_spreads_the_work(decode_case, kvperf):
 
 def test_persistent_kernels_compile_for_sm90(kvperf):
     """Every KV format x schedule of the persistent kernel (FP8 with per-token and per-tensor
-    scales; 16-bit and FP8 per-token with two KV heads per item too), and its merge, compiled
-    offline for sm90 (no GPU): the atomic schedule's PTX has
+    scales; 16-bit and FP8 per-token with two KV heads per item too; 16-bit where no merge
+    follows), and its merge, compiled offline for sm90 (no GPU): the atomic schedule's PTX has
     its atomics (one site per counter read), the others none; FP8 tiles are decoded by the
     packed hardware convert (cvt.rn.f16x2.e4m3x2), which no other format has; every
     variant's tiles but INT4's load through cp.async (Triton pipelined its token loop), and
@@ -404,6 +404,6 @@ def test_persistent_kernels_compile_for_sm90(kvperf):
         assert (facts["async_copies"] > 0) == (not variant.startswith("int4")), (variant, facts)
         # ... and keeps the next tiles' copies in flight while it waits for this one's
         assert (facts["prefetch_depth"] > 0) == (not variant.startswith("int4")), (variant, facts)
-    assert len(report) == 9
+    assert len(report) == 10
     assert {"fp8_per_token-atomic", "fp8_per_tensor-atomic", "16bit_2heads-atomic",
-            "fp8_per_token_2heads-atomic"} <= set(report)
+            "fp8_per_token_2heads-atomic", "16bit_unmerged-atomic"} <= set(report)

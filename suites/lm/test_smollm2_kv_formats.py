@@ -96,8 +96,12 @@ QUANTISED_PPL_RTOL = 0.01
 PPL_CHANGE_ATOL, PPL_CHANGE_RTOL = 0.01, 0.05
 # Greedy match over 27 prompts x 32 new tokens (864): a prompt that diverges early moves it
 # by up to 1/27; between those hosts K FP8 + V NVFP4 0.473 / 0.514 (spread 0.041), the
-# others <= 0.02.
-MATCH_ATOL = 0.06
+# others <= 0.02; on a third, an AMD EPYC with AVX2 only (no avx512_bf16: torch's own bf16
+# GEMM instead of oneDNN's), MXFP8 0.550 against 0.619 (spread 0.069).
+MATCH_ATOL = 0.08
+# Top-1 agreement with BF16 KV's logits on the same 2048 positions: on the AVX2 host NVFP4
+# 0.8252 against 0.8408 (spread 0.016), the others within 0.01.
+TOP1_ATOL = 0.02
 MATCH_UNDECIDED = 0.03
 
 
@@ -139,7 +143,7 @@ def test_perplexity_change_vs_bf16(config, attention, n_tokens, lm, kvperf):
     kvperf.accuracy("logits_rel_l2_vs_bf16", d.rel_l2, better="lower", rtol=0.1, atol=0.002)
     kvperf.accuracy("mean_kl_vs_bf16", d.mean_kl, better="lower", rtol=0.15, atol=5e-4)
     kvperf.accuracy("top1_agreement_vs_bf16", d.top1_agreement, better="higher", rtol=0,
-                    atol=0.01)
+                    atol=TOP1_ATOL)
     kvperf.info("bytes_per_token", r.bytes_per_token)
     kvperf.info("saturated_elements", r.saturated)
     assert r.bytes_per_token == EXPECTED_BYTES_PER_TOKEN[config]
