@@ -5,7 +5,8 @@ attention with rotate-half RoPE, SwiGLU MLP), final RMSNorm, LM head tied to the
 when the file ties them. Weights come from ``gguf_weights.load`` (float32, Q/K rows already
 un-permuted to Hugging Face's layout). ``dtype`` is the dtype of the blocks' matmuls:
 float32 (default), or bfloat16 as a serving engine runs them (weights, inputs and outputs
-BF16, float32 accumulation); norms, RoPE, softmax, the residual stream and the LM head
+BF16, float32 accumulation; on a CPU without oneDNN's bf16 GEMM as float32 GEMMs on those
+values, ``bf16_gemm_is_generic``); norms, RoPE, softmax, the residual stream and the LM head
 (float32 logits) are float32 either way.
 
 Two ways to run it:
@@ -92,6 +93,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
     return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)
 
 
+def bf16_gemm_is_generic(device: torch.device) -> bool:
+    """True on a CPU whose bf16 GEMM is torch's generic loop (no oneDNN bf16: x86 without
+    avx512_bf16 or AMX, e.g. an AVX2-only AMD EPYC, where it ran 2.5x slower than float32).
+    There the model's bf16 matmuls run as float32 GEMMs on the bf16-rounded operands, the
+    result rounded to bf16: a bf16 GEMM's values up to the order of its float32
+    accumulation, which differs between hosts anyway."""
+    if device.type != "cpu":
+        return False
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return True
+
+
 class Llama:
     """SmolLM2 in plain torch (no nn.Module: inference only). Weights on ``device``."""
 
@@ -103,10 +118,14 @@ class Llama:
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
         self.cfg, self.dtype, self.rope_style = cfg, dtype, rope_style
         self.device = torch.device(device or "cpu")
+        self.bf16_as_fp32 = dtype == torch.bfloat16 and bf16_gemm_is_generic(self.device)
 
         def w(name, mm=True):
             t = tensors[name].to(self.device)
-            return t.to(dtype) if mm else t.float()
+            if not mm:
+                return t.float()
+            # bf16 values; held as float32 where the bf16 GEMM is torch's generic one
+            return t.to(dtype).float() if self.bf16_as_fp32 else t.to(dtype)
 
         self.embed = w("model.embed_tokens.weight", mm=False)
         # float32 logits whatever ``dtype``: BF16 logits (an ulp of 0.25-0.5 at the logits'
@@ -164,6 +183,8 @@ class Llama:
 
     # --- pieces ------------------------------------------------------------------------------
     def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.bf16_as_fp32:  # bf16 operands, float32 accumulation, a bf16 result
+            return F.linear(x.to(self.dtype).float(), w).to(self.dtype).float()
         return F.linear(x.to(self.dtype), w).float()
 
     def _qkv(self, layer, h: torch.Tensor, positions: torch.Tensor):

@@ -423,3 +423,23 @@ def test_kernel_path_matches_reference_truncated(config, lm, kvperf):
     flips = (kernel.tokens != ref.tokens).to(clear.device)
     assert not (flips & clear).any(), (kernel.tokens, ref.tokens)
     assert d.rel_l2 < 5e-3, d
+
+
+def test_bf16_matmuls_as_float32_gemms_match_the_bf16_gemm(lm, monkeypatch):
+    """Where torch's CPU bf16 GEMM is its generic loop, the BF16-weight model runs its
+    matmuls as float32 GEMMs on the bf16 values, rounded back to bf16
+    (``llama.bf16_gemm_is_generic``): the bf16 GEMM's logits up to the order of the float32
+    accumulation (2 layers, 256 tokens of the text). The float32-weight model's logits,
+    which differ by the weights' BF16 rounding, must lie outside that tolerance."""
+    tokens = torch.tensor(lm.runs.text_tokens[:256])[None]
+    logits = {}
+    for generic in (False, True):
+        monkeypatch.setattr(llama, "bf16_gemm_is_generic", lambda device, g=generic: g)
+        model = llama.Llama.from_loaded(lm.loaded, dtype=torch.bfloat16).truncated(2)
+        assert model.bf16_as_fp32 == generic
+        logits[generic] = model.forward(tokens)[0]
+    fp32 = llama.Llama.from_loaded(lm.loaded).truncated(2).forward(tokens)[0]
+    same, control = Drift.of(logits[True], logits[False]), Drift.of(fp32, logits[False])
+    # AVX2-only host: rel L2 5.2e-4 between the two GEMMs, 2.0e-3 to the float32 weights
+    assert same.rel_l2 < 1e-3 and same.top1_agreement > 0.99, same
+    assert control.rel_l2 > 1e-3, control
