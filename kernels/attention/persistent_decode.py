@@ -28,7 +28,9 @@ whole batch, whatever its size:
   its chunk), which a merge kernel combines by log-sum-exp per (sequence, query head),
   adding the sink there once; it needs its sequence's length only (no prefix sum), so its
   partials load at once (H200, 64 x 1K: 9.5 us, the batched merge 3.7; the rest of the gap
-  is in tests/evidence/persistent_breakdown.py).
+  is in tests/evidence/persistent_breakdown.py); the item of a sequence's only chunk
+  normalises and writes its output itself, which the merge skips, and a batch whose
+  sequences all fit one chunk launches no merge.
 
 Semantics as ``paged_decode_attention`` (FlashInfer's sinks, sliding window, GQA); KV is
 q's dtype, float32, packed INT4 or FP8 E4M3 (per-tensor or per-token scales; decode.py's
