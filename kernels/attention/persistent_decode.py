@@ -129,6 +129,12 @@ def _chunk_layout(seq_lens_ptr, batch, max_tokens, window_left, max_cps, CHUNK: 
 
 
 @triton.jit
+def _of_sequence(values, own_b):
+    """One sequence's entry of a per-sequence vector ([B_PAD]; own_b: offs_b == b)."""
+    return tl.sum(tl.where(own_b, values, 0), axis=0)
+
+
+@triton.jit
 def _normalise(acc, m, denom, sinks_ptr, heads, h_mask, HAS_SINKS: tl.constexpr):
     """acc / denom per row, the sink joined to the denominator (log2 units: m, the running
     maximum; denom, the sum of exp2(s - m)). Rows whose m is -inf (nothing computed) are
@@ -212,7 +218,7 @@ def _persistent_decode_kernel(
     total = tl.minimum(tl.max(incl, axis=0) * num_kv_blocks, max_items)
     if not MERGED:  # no merge follows: a sequence with no chunk (length 0) is NaN here
         for bz in range(pid, batch, programs):
-            if tl.sum(tl.where(offs_b == bz, counts, 0), axis=0) == 0:
+            if _of_sequence(counts, offs_b == bz) == 0:
                 _store_nan_rows(out_ptr + tl.cast(bz, tl.int64) * stride_ob, stride_oh,
                                 num_q_heads, HEAD_DIM)
     # An item's HP consecutive KV heads and their HP * GROUP query heads (rows) as decode.py's
@@ -242,9 +248,9 @@ def _persistent_decode_kernel(
         c = item // num_kv_blocks
         b = tl.sum((incl <= c).to(tl.int32), axis=0)  # the sequence whose chunks hold c
         own_b = offs_b == b
-        chunk0 = tl.sum(tl.where(own_b, incl - counts, 0), axis=0)  # b's first chunk
-        seq_len = tl.sum(tl.where(own_b, lens, 0), axis=0)
-        lo = tl.sum(tl.where(own_b, firsts, 0), axis=0) + (c - chunk0) * CHUNK
+        chunk0 = _of_sequence(incl - counts, own_b)  # b's first chunk
+        seq_len = _of_sequence(lens, own_b)
+        lo = _of_sequence(firsts, own_b) + (c - chunk0) * CHUNK
         hi = tl.minimum(lo + CHUNK, seq_len)
         if SCHEDULE == 2:  # the lab's defect: program p owns sequence p, nothing else
             lo = tl.where(b == pid, lo, hi)
@@ -315,7 +321,7 @@ def _persistent_decode_kernel(
         else:
             acc = acc * out_mult
 
-        single = tl.sum(tl.where(own_b, counts, 0), axis=0) == 1
+        single = _of_sequence(counts, own_b) == 1
         if lo < hi:
             if DIRECT and single:  # b's only chunk: normalised here, the merge skips b
                 o = _normalise(acc, m_i, l_i, sinks_ptr, heads, r_mask, HAS_SINKS)
@@ -351,6 +357,8 @@ def _merge_chunks_kernel(
     offs_h = tl.program_id(1) * HB + tl.arange(0, HB)
     _, _, count = _chunk_span(tl.load(seq_lens_ptr + b), max_tokens, window_left, max_cps,
                               CHUNK)
+    # (a head bound, not h_mask & (count != 1): the interpreter rejects a mask and-ed with
+    # a scalar condition)
     heads = num_q_heads
     if DIRECT:  # one chunk: its item wrote the output, none of its heads is merged here
         heads = tl.where(count == 1, 0, num_q_heads)
